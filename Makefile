@@ -1,0 +1,55 @@
+# pacs-ai: the two commands of the README's Quick start are `make serve` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch/torchvision pair known to work together here (see README); override on other platforms.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEBIAN_TEST_PACKAGES := dcmtk orthanc dicom3tools postgresql systemd
+CONFIG ?=
+
+.PHONY: serve test install-deps install-test-deps debian-test-deps install lint clean bench
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install-deps: $(VENV)/.installed
+
+install-test-deps: $(VENV)/.installed-test debian-test-deps
+
+# The real peers the tests run against: dcmtk (storescu/storescp/dcmdump), Orthanc, dciodvfy, PostgreSQL.
+debian-test-deps:
+	@missing=""; \
+	for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+## Start the daemon in the foreground with the embedded defaults (or CONFIG=FILE).
+serve: install-deps
+	$(VENV)/bin/pacs-ai serve $(if $(CONFIG),--config $(CONFIG),)
+
+## Install what the tests need (Python and Debian packages) and run the whole suite.
+test: install-test-deps
+	$(PY) -m pytest
+
+bench: install-test-deps
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+install: install-deps
+	bash systemd/install.sh
+
+clean:
+	rm -rf $(VENV) pacs-ai-data var .pytest_cache

@@ -1,0 +1,9 @@
+"""pacs-ai sub-commands: jobs (being written)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add this module's sub-commands to the parser."""

@@ -1,0 +1,283 @@
+"""Configuration: one TOML file, validated eagerly into frozen dataclasses.
+
+``load_config(path)`` reads ``path`` (or returns the embedded defaults when ``path`` is None). A wrong key,
+type or value raises :class:`~pacs_ai.errors.ConfigError` naming the key. Relative paths are resolved
+against the folder of the config file (against the current directory for the embedded defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pacs_ai.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO_ROOT / "models" / "reference"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS. ``ca_file`` set on the listener means mutual TLS (client certificates required)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str = "PACSAI"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 10
+    max_pdu_size: int = 0
+    network_timeout_s: float = 60.0
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: Path = Path("pacs-ai-data")
+    spool_dir: Path | None = None
+    results_dir: Path | None = None
+    outbox_dir: Path | None = None
+    retention_days: float = 30.0
+
+    @property
+    def spool(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
+
+    @property
+    def results(self) -> Path:
+        return self.results_dir or self.data_dir / "results"
+
+    @property
+    def outbox(self) -> Path:
+        return self.outbox_dir or self.data_dir / "outbox"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: tuple[Path, ...] = (BUNDLED_MODEL,)
+    device: str = "auto"
+    batch_size: int = 8
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    enabled: bool = True
+    poll_interval_s: float = 0.5
+    lease_seconds: float = 300.0
+    max_attempts: int = 5
+    backoff_base_s: float = 10.0
+    backoff_max_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    poll_interval_s: float = 1.0
+    max_attempts: int = 10
+    backoff_base_s: float = 15.0
+    backoff_max_s: float = 3600.0
+    timeout_s: float = 30.0
+    calling_ae_title: str = ""
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "plain"
+    level: str = "INFO"
+    log_phi: bool = False
+    audit_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9110
+
+
+@dataclass(frozen=True)
+class Config:
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    destinations: tuple[Destination, ...] = ()
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    source: Path | None = None
+
+    @property
+    def database_url(self) -> str:
+        """The database URL, defaulting to SQLite under ``data_dir``."""
+        return self.database.url or f"sqlite:///{self.storage.data_dir / 'pacs-ai.db'}"
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.device": ("auto", "cpu", "cuda"),
+    "logging.format": ("plain", "json"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(key, f"must be one of {', '.join(_CHOICES[key])}, not {value!r}")
+    name = key.rsplit(".", 1)[-1]
+    if name == "port" and not 0 < value < 65536:
+        raise ConfigError(key, f"must be a TCP port between 1 and 65535, not {value}")
+    if name == "ae_title" or name == "calling_ae_title":
+        if len(value) > 16 or (name == "ae_title" and not value.strip()) or "\\" in value:
+            raise ConfigError(key, f"must be a DICOM AE title of 1 to 16 characters, not {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        positive = ("max_associations", "batch_size", "max_attempts", "lease_seconds", "timeout_s")
+        if name in positive and value <= 0:
+            raise ConfigError(key, f"must be greater than 0, not {value}")
+        if value < 0:
+            raise ConfigError(key, f"must not be negative, not {value}")
+
+
+def _convert(key: str, tp: Any, raw: Any, base: Path) -> Any:
+    """Convert one TOML value to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(key, args[0], raw, base)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        items = raw if isinstance(raw, list) else [raw] if item is Path and isinstance(raw, str) else None
+        if items is None:
+            raise ConfigError(key, f"must be a list, not {type(raw).__name__}")
+        return tuple(_convert(f"{key}[{i}]", item, v, base) for i, v in enumerate(items))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(raw, dict):
+            raise ConfigError(key, f"must be a table, not {type(raw).__name__}")
+        return _build(tp, raw, key, base)
+    if tp is Path:
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(key, "must be a non-empty path string")
+        path = Path(raw).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+    if tp is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(key, f"must be a number, not {type(raw).__name__}")
+        value: Any = float(raw)
+    elif tp is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(key, f"must be an integer, not {type(raw).__name__}")
+        value = raw
+    elif tp is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(key, f"must be true or false, not {raw!r}")
+        value = raw
+    elif tp is str:
+        if not isinstance(raw, str):
+            raise ConfigError(key, f"must be a string, not {type(raw).__name__}")
+        value = raw
+    else:  # pragma: no cover - a programming error in the dataclasses above
+        raise TypeError(f"unsupported config type {tp!r} for {key}")
+    _check_value(key, value)
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, raw in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(full, f"unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _convert(full, hints[key], raw, base)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        raise ConfigError(f"{prefix}.{missing[0]}" if missing else prefix, "is required") from exc
+
+
+def _validate(config: Config) -> Config:
+    names = [d.name for d in config.destinations]
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise ConfigError(f"destinations[{i}].name", "must not be empty")
+        if names.count(name) > 1:
+            raise ConfigError(f"destinations[{i}].name", f"duplicate destination name {name!r}")
+    for key, tls in [("listener.tls", config.listener.tls)] + [
+        (f"destinations[{i}].tls", d.tls) for i, d in enumerate(config.destinations)
+    ]:
+        if tls is None:
+            continue
+        if key == "listener.tls" and (tls.cert_file is None or tls.key_file is None):
+            raise ConfigError(key, "the listener needs both cert_file and key_file")
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ConfigError(key, "cert_file and key_file go together")
+    if not config.model.path:
+        raise ConfigError("model.path", "must name at least one model folder")
+    return config
+
+
+def default_config(base: Path | None = None) -> Config:
+    """The embedded defaults: SQLite and spool under ./pacs-ai-data, the bundled model, 127.0.0.1:11112."""
+    base = (base or Path.cwd()).resolve()
+    return _validate(Config(storage=StorageConfig(data_dir=base / "pacs-ai-data")))
+
+
+def parse_config(table: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Build a validated Config from an already-parsed TOML table."""
+    table = dict(table)
+    if "destinations" in table and not isinstance(table["destinations"], list):
+        raise ConfigError("destinations", "must be an array of tables ([[destinations]])")
+    if "storage" not in table or "data_dir" not in table.get("storage", {}):
+        table.setdefault("storage", {})
+        table["storage"] = {**table["storage"], "data_dir": "pacs-ai-data"}
+    config = _build(Config, table, "", base)
+    return _validate(dataclasses.replace(config, source=source))
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate ``path``; None gives :func:`default_config`."""
+    if path is None:
+        return default_config()
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("(file)", f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
+    return parse_config(table, path.parent, source=path)

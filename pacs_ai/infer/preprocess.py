@@ -1,0 +1,378 @@
+"""The one preprocessing shared by serving and training.
+
+Pipeline: pixels -> grey levels in [0, 1] with bone bright (``dicom_to_gray`` / ``image_file_to_gray``)
+-> ``prepare``: letterbox to the model's square input (resize keeping the aspect ratio, pad, never
+stretch), CLAHE, three identical channels, mean/std normalisation.
+
+``letterbox`` (uint8, not normalised) and ``normalise`` are the two halves of ``prepare``; the training
+package caches ``letterbox`` output and augments it before ``normalise``, so training and serving run
+the same code. ``cam_to_original`` maps a heat map on the network grid back onto the original pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from pacs_ai.errors import InputError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Geometry",
+    "InputSpec",
+    "Prepared",
+    "cam_to_original",
+    "dicom_to_gray",
+    "image_file_to_gray",
+    "letterbox",
+    "normalise",
+    "prepare",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+MIN_SIDE = 16
+"""Images with a side shorter than this many pixels are refused (``unsupported_image``)."""
+MAX_SIDE = 16384
+"""Images with a side longer than this are refused (``unsupported_image``)."""
+MAX_ASPECT = 20.0
+"""Images more elongated than this are refused (``unsupported_image``)."""
+
+_PERCENTILES = (0.5, 99.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Specification and geometry
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects as input: square side, normalisation and contrast enhancement."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    clahe: bool = True
+    clahe_clip: float = 2.0
+    clahe_grid: int = 8
+
+    def __post_init__(self) -> None:
+        # Normalise lists (from JSON) into tuples so the spec stays hashable and comparable.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Return one message per invalid field (empty when valid); each message starts with the field."""
+        out: list[str] = []
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 16 <= self.size <= 4096:
+            out.append(f"size: must be an integer in 16..4096, got {self.size!r}")
+        if len(self.mean) != 3:
+            out.append(f"mean: must have 3 values, got {len(self.mean)}")
+        if len(self.std) != 3 or any(not np.isfinite(s) or s <= 0 for s in self.std):
+            out.append(f"std: must be 3 positive numbers, got {self.std!r}")
+        if not isinstance(self.clahe, bool):
+            out.append(f"clahe: must be true or false, got {self.clahe!r}")
+        if not (isinstance(self.clahe_clip, (int, float)) and 0 < float(self.clahe_clip) <= 100):
+            out.append(f"clahe_clip: must be a number in (0, 100], got {self.clahe_clip!r}")
+        if isinstance(self.clahe_grid, bool) or not isinstance(self.clahe_grid, int) or not 1 <= self.clahe_grid <= 64:
+            out.append(f"clahe_grid: must be an integer in 1..64, got {self.clahe_grid!r}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        """Build from a dict; unknown keys raise ``ValueError`` naming them."""
+        unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an original image was placed on the square network input (letterbox)."""
+
+    orig_h: int
+    orig_w: int
+    scale: float
+    pad_top: int
+    pad_left: int
+    size: int
+
+    @property
+    def new_h(self) -> int:
+        """Height of the resized image inside the square (without padding)."""
+        return max(1, min(self.size, round(self.orig_h * self.scale)))
+
+    @property
+    def new_w(self) -> int:
+        """Width of the resized image inside the square (without padding)."""
+        return max(1, min(self.size, round(self.orig_w * self.scale)))
+
+    @classmethod
+    def for_image(cls, orig_h: int, orig_w: int, size: int) -> Geometry:
+        scale = size / max(orig_h, orig_w)
+        new_h = max(1, min(size, round(orig_h * scale)))
+        new_w = max(1, min(size, round(orig_w * scale)))
+        return cls(orig_h, orig_w, scale, (size - new_h) // 2, (size - new_w) // 2, size)
+
+
+@dataclass
+class Prepared:
+    """Network input plus what is needed to show results on the original image."""
+
+    tensor: torch.Tensor
+    """(3, size, size) float32, normalised."""
+    display: np.ndarray
+    """uint8 (orig_h, orig_w), bone bright, after the VOI LUT/window, without CLAHE: for overlays."""
+    geometry: Geometry
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding to grey levels
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_size(h: int, w: int) -> None:
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+        raise InputError("unsupported_image", f"image size {w}x{h} is outside {MIN_SIDE}..{MAX_SIDE} pixels")
+    if max(h, w) / min(h, w) > MAX_ASPECT:
+        raise InputError("unsupported_image", f"image size {w}x{h} has an aspect ratio above {MAX_ASPECT:g}")
+
+
+def _percentile_scale(arr: np.ndarray) -> np.ndarray:
+    """Map the robust range (0.5th..99.5th percentile) to [0, 1]; estimated on a pixel subsample."""
+    step = max(1, int(np.sqrt(arr.size / 250_000)))
+    sample = arr[::step, ::step]
+    lo, hi = np.percentile(sample, _PERCENTILES)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float32)
+    out = (arr.astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _first(value: Any) -> float:
+    """First value of a possibly multi-valued DICOM number (DS/IS with VM > 1)."""
+    try:
+        return float(value[0])  # MultiValue
+    except TypeError:
+        return float(value)
+
+
+def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
+    """Apply the first VOI LUT or window of ``ds`` mapping to [0, 1]; None when there is none."""
+    from pydicom.pixels import apply_voi_lut
+
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        item = ds.VOILUTSequence[0]
+        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
+        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        top = float(2**bits - 1)
+        if out.max() > top or top <= 0:
+            top = float(out.max()) or 1.0
+        return np.clip(out / np.float32(top), 0.0, 1.0)
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        center = _first(ds.WindowCenter)
+        width = _first(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError):
+        return None
+    func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    x = arr.astype(np.float32, copy=False)
+    # DICOM PS3.3 C.11.2.1.2 / C.11.2.1.3
+    if func == "SIGMOID":
+        if width <= 0:
+            return None
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if func == "LINEAR_EXACT":
+        if width <= 0:
+            return None
+        out = (x - np.float32(center)) * np.float32(1.0 / width) + np.float32(0.5)
+    else:
+        if width < 1:
+            return None
+        if width == 1:
+            return (x > center - 0.5).astype(np.float32)
+        out = (x - np.float32(center - 0.5)) * np.float32(1.0 / (width - 1)) + np.float32(0.5)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def dicom_to_gray(ds: Any) -> np.ndarray:
+    """Decode a single-frame greyscale DICOM image to float32 (H, W) in [0, 1] with bone bright.
+
+    Applies the Modality LUT (rescale or LUT sequence), then the first VOI LUT or window
+    (LINEAR, LINEAR_EXACT, SIGMOID); without one, a robust 0.5-99.5 percentile range is used.
+    MONOCHROME1 (and a Presentation LUT Shape of INVERSE) is inverted. Any bit depth and signedness
+    that pydicom decodes is supported.
+
+    Raises ``InputError`` with reason ``missing_pixel_data``, ``unsupported_photometric``,
+    ``multi_frame``, ``unsupported_image`` or ``undecodable_pixel_data``.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InputError("missing_pixel_data", "the dataset has no Pixel Data element")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InputError(
+            "unsupported_photometric",
+            f"photometric interpretation {photometric or '(missing)'!s} is not MONOCHROME1 or MONOCHROME2",
+        )
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if spp != 1:
+        raise InputError("unsupported_photometric", f"{spp} samples per pixel; only greyscale is supported")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        raise InputError("multi_frame", f"{frames} frames; only single-frame images are supported")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_size(rows, cols)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the same input error
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        detail = f"{type(exc).__name__}: {exc}".strip()
+        if ts is not None:
+            detail = f"transfer syntax {ts.name if hasattr(ts, 'name') else ts}: {detail}"
+        raise InputError("undecodable_pixel_data", detail[:500]) from exc
+    if arr.ndim != 2:
+        raise InputError("unsupported_image", f"decoded pixel array has shape {arr.shape}, expected 2-D")
+    _check_size(*arr.shape)
+    try:
+        values = apply_modality_lut(arr, ds)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError("undecodable_pixel_data", f"modality LUT failed: {exc}") from exc
+    try:
+        gray = _window(values, ds)
+    except Exception:  # noqa: BLE001 - a broken VOI LUT falls back to the robust range
+        gray = None
+    if gray is None:
+        gray = _percentile_scale(values)
+    invert = photometric == "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "") or "").upper() == "INVERSE":
+        invert = not invert
+    if invert:
+        gray = np.float32(1.0) - gray
+    return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def image_file_to_gray(path: str | Path) -> np.ndarray:
+    """Read a JPEG/PNG/TIFF file as float32 (H, W) greyscale in [0, 1] (8- and 16-bit, EXIF orientation).
+
+    Raises ``InputError('unreadable_image', ...)`` when the file cannot be decoded and
+    ``InputError('unsupported_image', ...)`` for absurd sizes.
+    """
+    p = Path(path)
+    data = np.fromfile(p, dtype=np.uint8) if p.is_file() else None
+    img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) if data is not None and data.size else None
+    if img is None:
+        raise InputError("unreadable_image", f"{p.name}: not a readable image file")
+    if img.ndim != 2:
+        raise InputError("unsupported_image", f"{p.name}: decoded shape {img.shape}")
+    _check_size(*img.shape)
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) * np.float32(1.0 / 255.0)
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) * np.float32(1.0 / 65535.0)
+    return _percentile_scale(img.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Network input
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_uint8(gray: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 [0, 255] (rounded, clipped; NaN becomes 0)."""
+    g = np.nan_to_num(gray.astype(np.float32, copy=False), nan=0.0)
+    return np.clip(g * np.float32(255.0) + np.float32(0.5), 0, 255).astype(np.uint8)
+
+
+def letterbox(gray: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
+    """Grey image in [0, 1] -> uint8 (size, size) network image before normalisation, and its geometry.
+
+    The image is resized (INTER_AREA when shrinking, INTER_LINEAR when enlarging) so that its long side
+    equals ``spec.size``, contrast-enhanced with CLAHE *after* the resize (so CLAHE always works at the
+    network's scale whatever the original resolution, and costs almost nothing), then centred on a black
+    square. Aspect ratio is kept; nothing is stretched.
+    """
+    if gray.ndim != 2:
+        raise InputError("unsupported_image", f"expected a 2-D grey image, got shape {gray.shape}")
+    h, w = gray.shape
+    geom = Geometry.for_image(h, w, spec.size)
+    small = to_uint8(gray)
+    if (geom.new_h, geom.new_w) != (h, w):
+        interp = cv2.INTER_AREA if geom.scale < 1 else cv2.INTER_LINEAR
+        small = cv2.resize(small, (geom.new_w, geom.new_h), interpolation=interp)
+    if spec.clahe:
+        clahe = cv2.createCLAHE(clipLimit=float(spec.clahe_clip), tileGridSize=(spec.clahe_grid, spec.clahe_grid))
+        small = clahe.apply(small)
+    out = np.zeros((spec.size, spec.size), dtype=np.uint8)
+    out[geom.pad_top : geom.pad_top + geom.new_h, geom.pad_left : geom.pad_left + geom.new_w] = small
+    return out, geom
+
+
+def normalise(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (size, size) or (N, size, size) letterboxed images -> float32 (3, S, S) or (N, 3, S, S).
+
+    The grey level is replicated to three channels and normalised with ``spec.mean``/``spec.std``.
+    """
+    t = torch.as_tensor(images)
+    single = t.ndim == 2
+    if single:
+        t = t.unsqueeze(0)
+    if t.ndim != 3:
+        raise ValueError(f"expected (S, S) or (N, S, S) images, got shape {tuple(t.shape)}")
+    x = t.to(torch.float32).div_(255.0).unsqueeze(1)  # (N, 1, S, S)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    out = (x - mean) / std  # broadcast to (N, 3, S, S)
+    return out[0] if single else out
+
+
+def prepare(gray: np.ndarray, spec: InputSpec) -> Prepared:
+    """Grey image in [0, 1] (from ``dicom_to_gray`` or ``image_file_to_gray``) -> network input.
+
+    ``Prepared.tensor`` is ``normalise(letterbox(gray))``; ``Prepared.display`` is the full-resolution
+    uint8 image for overlays; ``Prepared.geometry`` maps heat maps back (``cam_to_original``).
+    """
+    img, geom = letterbox(gray, spec)
+    return Prepared(tensor=normalise(img, spec), display=to_uint8(gray), geometry=geom)
+
+
+def cam_to_original(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Map a heat map on the network grid (size, size) back onto the original (orig_h, orig_w) pixels.
+
+    A map of another shape (for example the raw 7x7 of the last layer) is first resized to the network
+    grid. The padding is cropped, then the map is resized (bilinear) to the original size. float32 out.
+    """
+    c = np.asarray(cam, dtype=np.float32)
+    if c.ndim != 2:
+        raise ValueError(f"expected a 2-D heat map, got shape {c.shape}")
+    s = geometry.size
+    if c.shape != (s, s):
+        c = cv2.resize(c, (s, s), interpolation=cv2.INTER_LINEAR)
+    crop = c[geometry.pad_top : geometry.pad_top + geometry.new_h, geometry.pad_left : geometry.pad_left + geometry.new_w]
+    return cv2.resize(np.ascontiguousarray(crop), (geometry.orig_w, geometry.orig_h), interpolation=cv2.INTER_LINEAR)
