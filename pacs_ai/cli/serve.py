@@ -1,9 +1,47 @@
-"""pacs-ai sub-commands: serve (being written)."""
+"""``pacs-ai serve`` (listener + worker + deliveries) and ``pacs-ai worker`` (worker only, e.g. GPU hosts)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from pacs_ai.cli.common import add_config_argument, config_from_args
+from pacs_ai.daemon.service import Roles, Service
+from pacs_ai.ops.logging_setup import configure_logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this module's sub-commands to the parser."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the daemon in the foreground: DICOM listener, worker and result delivery",
+        description="Run the daemon in the foreground. Without --config it uses the embedded defaults: "
+        "AE PACSAI on 127.0.0.1:11112, SQLite and spool under ./pacs-ai-data, the bundled model.",
+    )
+    add_config_argument(serve)
+    serve.add_argument("--port", type=int, help="override [listener] port")
+    serve.add_argument("--no-worker", action="store_true", help="do not run the worker here")
+    serve.set_defaults(func=run_serve)
+
+    worker = subparsers.add_parser(
+        "worker",
+        help="run only the worker (no listener): claims jobs from the shared job store",
+        description="Run a worker without a listener, for scale-out on a shared database and spool.",
+    )
+    add_config_argument(worker)
+    worker.add_argument("--deliver", action="store_true", help="also deliver results from this process")
+    worker.set_defaults(func=run_worker)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.port:
+        config = dataclasses.replace(config, listener=dataclasses.replace(config.listener, port=args.port))
+    configure_logging(config.logging)
+    roles = Roles(listener=True, worker=config.worker.enabled and not args.no_worker, deliveries=True)
+    return Service(config, roles).run_forever()
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    configure_logging(config.logging)
+    return Service(config, Roles(listener=False, worker=True, deliveries=args.deliver)).run_forever()

@@ -1,0 +1,302 @@
+"""The daemon: wires receive -> store -> queue -> infer -> explain -> write -> send in one process.
+
+``Service`` builds every component from the configuration, runs the periodic work on an APScheduler
+background scheduler (worker loop, delivery loop, retention, queue gauges, watchdog) and stops in a
+bounded time on SIGTERM: the listener stops accepting associations and finishes the C-STOREs in flight,
+the worker finishes its batch or returns its jobs to the queue, and nothing is left half-written (every
+file is written with temp file + fsync + rename, every state change is one transaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from pacs_ai import __version__
+from pacs_ai.config import Config
+from pacs_ai.errors import PacsAiError
+from pacs_ai.ops.audit import AuditLog
+from pacs_ai.ops.events import CompositeObserver, Observer
+from pacs_ai.ops.health import HealthCheck
+from pacs_ai.ops.metrics import Metrics, MetricsServer
+from pacs_ai.ops.notify import SystemdNotifier
+from pacs_ai.ops.tls import client_context, server_context
+from pacs_ai.queue.jobstore import JobStore, RetryPolicy
+
+log = logging.getLogger(__name__)
+# APScheduler logs every run of every interval job at INFO: keep its warnings and errors only.
+logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which parts this process runs: ``serve`` runs all, ``worker`` only the worker."""
+
+    listener: bool = True
+    worker: bool = True
+    deliveries: bool = True
+
+
+def process_owner(role: str) -> str:
+    """A lease owner name unique to this process: host, pid and role."""
+    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+
+
+def open_job_store(config: Config) -> JobStore:
+    """The job store named by the configuration, with its retry policies."""
+    worker, delivery = config.worker, config.delivery
+    return JobStore(
+        config.database_url,
+        job_policy=RetryPolicy(worker.max_attempts, worker.backoff_base_s, worker.backoff_max_s),
+        delivery_policy=RetryPolicy(
+            delivery.max_attempts, delivery.backoff_base_s, delivery.backoff_max_s
+        ),
+    )
+
+
+def torch_threads(config: Config, roles: Roles) -> int:
+    """CPU threads for inference: as configured, else all cores less one kept for the listener."""
+    if config.model.threads:
+        return config.model.threads
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if roles.listener else cores
+
+
+class Service:
+    """One pacs-ai process. ``start()`` returns once everything runs; ``stop()`` shuts down in order."""
+
+    def __init__(self, config: Config, roles: Roles = Roles()) -> None:
+        self.config = config
+        self.roles = roles
+        self._stop = threading.Event()
+        self._loop_locks = {"worker": threading.Lock(), "deliveries": threading.Lock()}
+        self._stopped = threading.Event()
+        self.notifier = SystemdNotifier()
+        self.metrics = Metrics()
+        storage = config.storage
+        for folder in (storage.data_dir, storage.spool, storage.results, storage.outbox):
+            folder.mkdir(parents=True, exist_ok=True)
+        audit_path = config.logging.audit_file or storage.data_dir / "audit.log"
+        self.audit = AuditLog(audit_path)
+        self.observer: Observer = CompositeObserver(self.metrics, self.audit)
+        self.jobs = open_job_store(config)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        silence = max(60.0, config.worker.lease_seconds)
+        self.health = HealthCheck(
+            {name: silence for name, on in (("worker", roles.worker), ("deliveries", roles.deliveries)) if on}
+        )
+        self.listener = self._build_listener() if roles.listener else None
+        self.worker = self._build_worker() if roles.worker else None
+        self.deliveries = self._build_deliveries() if roles.deliveries else None
+        self.metrics_server = (
+            MetricsServer(self.metrics, self.health, config.metrics.host, config.metrics.port)
+            if config.metrics.enabled
+            else None
+        )
+
+    # -- construction -------------------------------------------------------------------------------
+
+    def _build_listener(self):  # type: ignore[no-untyped-def]
+        from pacs_ai.receive.listener import Listener
+        from pacs_ai.store.spool import Spool
+
+        tls = self.config.listener.tls
+        listener = Listener(
+            self.config.listener,
+            Spool(self.config.storage.spool),
+            self.jobs,
+            observer=self.observer,
+            ssl_context=server_context(tls) if tls else None,
+        )
+        self.health.register_probe("listener", lambda: listener.running or self._stop.is_set())
+        return listener
+
+    def _build_worker(self):  # type: ignore[no-untyped-def]
+        from pacs_ai.daemon.worker import Worker
+        from pacs_ai.infer.engine import InferenceEngine
+        from pacs_ai.send.deliveries import destination_names
+        from pacs_ai.write.results import write_results
+
+        model = self.config.model
+        engine = InferenceEngine(
+            model.path,
+            device=model.device,
+            batch_size=model.batch_size,
+            threads=torch_threads(self.config, self.roles),
+        )
+        info = engine.describe()
+        self.metrics.set_model_info({k: str(v) for k, v in info.items()})
+        log.info("model loaded: %s", info)
+        return Worker(
+            self.jobs,
+            engine,
+            write_results,
+            self.config.storage.results,
+            destination_names(self.config.destinations),
+            owner=process_owner("worker"),
+            batch_size=model.batch_size,
+            lease_seconds=self.config.worker.lease_seconds,
+            observer=self.observer,
+        )
+
+    def _build_deliveries(self):  # type: ignore[no-untyped-def]
+        from pacs_ai.send.deliveries import DeliveryProcessor
+
+        delivery = self.config.delivery
+        contexts = {d.name: client_context(d.tls) for d in self.config.destinations if d.tls}
+        return DeliveryProcessor(
+            self.jobs,
+            self.config.destinations,
+            self.config.storage.outbox,
+            calling_ae_title=delivery.calling_ae_title or self.config.listener.ae_title,
+            owner=process_owner("deliveries"),
+            timeout_s=delivery.timeout_s,
+            ssl_contexts=contexts,
+            observer=self.observer,
+        )
+
+    # -- periodic work ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        assert self.worker is not None
+        self.health.beat("worker")
+        if self._stop.is_set() or not self._loop_locks["worker"].acquire(blocking=False):
+            return
+        try:
+            self.worker.drain(self._stop)
+        except PacsAiError as exc:
+            log.error("worker: %s", exc)
+        except Exception:  # the loop must survive anything a job throws at it
+            log.exception("worker loop failed; will run again")
+        finally:
+            self._loop_locks["worker"].release()
+        self.health.beat("worker")
+
+    def _deliver(self) -> None:
+        assert self.deliveries is not None
+        self.health.beat("deliveries")
+        if self._stop.is_set() or not self._loop_locks["deliveries"].acquire(blocking=False):
+            return
+        try:
+            while not self._stop.is_set() and self.deliveries.run_once():
+                self.health.beat("deliveries")
+        except PacsAiError as exc:
+            log.error("deliveries: %s", exc)
+        except Exception:
+            log.exception("delivery loop failed; will run again")
+        finally:
+            self._loop_locks["deliveries"].release()
+        self.health.beat("deliveries")
+
+    def _update_gauges(self) -> None:
+        try:
+            self.metrics.update_queue(self.jobs.counts(), self.jobs.delivery_counts())
+        except Exception:
+            log.exception("could not read queue depth")
+
+    def _watchdog(self) -> None:
+        healthy, detail = self.health.check()
+        counts = self.jobs.counts() if healthy else {}
+        if healthy:
+            self.notifier.watchdog()
+            queued = counts.get("queued", 0) + counts.get("failed", 0)
+            self.notifier.status(f"running; {queued} job(s) waiting, {counts.get('done', 0)} done")
+        else:
+            log.warning("health check failing: %s", detail)
+
+    def run_retention(self) -> int:
+        """Remove jobs older than ``retention_days`` whose results were delivered, with their files."""
+        age = timedelta(days=self.config.storage.retention_days)
+        removed = 0
+        for job in self.jobs.purge(age):
+            Path(job.spool_path).unlink(missing_ok=True)
+            shutil.rmtree(self.config.storage.results / str(job.id), ignore_errors=True)
+            removed += 1
+        if removed:
+            log.info("retention: removed %d job(s) older than %s", removed, age)
+        return removed
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every part this process runs, then tell systemd we are ready."""
+        if self.metrics_server:
+            self.metrics_server.start()
+        if self.listener:
+            self.listener.start()
+            log.info(
+                "listening as %s on %s:%d",
+                self.config.listener.ae_title,
+                self.config.listener.host,
+                self.listener.port,
+            )
+        sched = self.scheduler
+        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        if self.worker:
+            sched.add_job(self._work, "interval", seconds=self.config.worker.poll_interval_s, id="worker", **common)
+        if self.deliveries:
+            sched.add_job(
+                self._deliver, "interval", seconds=self.config.delivery.poll_interval_s, id="deliveries", **common
+            )
+            sched.add_job(self.run_retention, "interval", hours=1, id="retention", **common)
+        sched.add_job(self._update_gauges, "interval", seconds=5, id="gauges", **common)
+        watchdog = self.notifier.watchdog_interval()
+        if watchdog:
+            sched.add_job(self._watchdog, "interval", seconds=max(1.0, watchdog / 2), id="watchdog", **common)
+        sched.start()
+        self._update_gauges()
+        self.notifier.ready()
+        self.notifier.status("running")
+        log.info("pacs-ai %s started (pid %d)", __version__, os.getpid())
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop in order: no new associations, finish in-flight work, close the store."""
+        if self._stopped.is_set():
+            return
+        self._stop.set()
+        self.notifier.stopping()
+        log.info("stopping: no new associations; finishing work in flight")
+        started = time.monotonic()
+        if self.listener:
+            self.listener.stop()
+        self.scheduler.shutdown(wait=False)
+        for name, lock in self._loop_locks.items():
+            # Wait for a running loop to notice the stop event; its jobs are released or finished.
+            remaining = max(0.1, timeout_s - (time.monotonic() - started))
+            if not lock.acquire(timeout=remaining):
+                log.warning("%s loop did not finish within %.0f s; its leases will expire", name, timeout_s)
+        if self.metrics_server:
+            self.metrics_server.stop()
+        self.jobs.close()
+        self._stopped.set()
+        log.info("stopped in %.1f s", time.monotonic() - started)
+
+    def run_forever(self) -> int:
+        """Start, block until SIGTERM or SIGINT, stop. Returns the exit status."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+        return 0

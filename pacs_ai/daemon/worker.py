@@ -1,0 +1,231 @@
+"""The worker: claim queued jobs, classify and explain them in batches, store the results.
+
+``Worker.run_once()`` claims up to ``batch_size`` jobs and, for each one:
+
+1. reads the spooled DICOM file and preprocesses it with the engine's ``InputSpec``. An image that can
+   never be processed (``InputError``: undecodable pixel data, unsupported photometric interpretation,
+   not DICOM at all, ...) fails its job *permanently* (straight to dead) with ``"reason: detail"``;
+2. runs the engine on all the good images of the batch at once (one forward + Grad-CAM);
+3. calls the result writer (Secondary Capture, SR, overlay PNG...) with a folder
+   ``results_dir/<job id>`` and marks the job done with its result and one delivery per destination.
+
+Anything unexpected fails only the job it happened to, as a retryable failure (backoff, then dead after
+the store's ``max_attempts``); when the batched forward itself fails, each image is retried alone so one
+bad image cannot take the others down. A job whose lease was lost (another worker took it over) is left
+alone. ``drain(stop)`` repeats ``run_once`` until the queue is empty or ``stop`` is set; jobs claimed but
+not yet classified when ``stop`` is set are released back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pacs_ai.errors import InputError, LeaseLostError
+from pacs_ai.infer.engine import InferenceEngine, Prediction
+from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
+from pacs_ai.ops.events import NullObserver, Observer
+from pacs_ai.queue.jobstore import Job, JobStore
+
+__all__ = ["ResultWriter", "Worker", "job_result"]
+
+log = logging.getLogger(__name__)
+
+ResultWriter = Callable[[pydicom.Dataset, Prepared, Prediction, Path], dict]
+"""``writer(source_dataset, prepared, prediction, folder) -> dict`` of written files/info."""
+
+
+def _jsonable(value: Any) -> Any:
+    """Paths to strings, tuples to lists, recursively (results are stored as JSON)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return str(value)
+    return value
+
+
+def job_result(prediction: Prediction, files: dict) -> dict[str, Any]:
+    """The result stored with a done job."""
+    return {
+        "probability": prediction.probability,
+        "fractured": prediction.fractured,
+        "label": prediction.label,
+        "threshold": prediction.threshold,
+        "model_name": prediction.model_name,
+        "model_version": prediction.model_version,
+        "architecture": prediction.architecture,
+        "timings": {k: round(float(v), 6) for k, v in prediction.timings.items()},
+        "files": _jsonable(files or {}),
+    }
+
+
+@dataclass
+class _Item:
+    job: Job
+    dataset: pydicom.Dataset
+    prepared: Prepared
+
+
+class Worker:
+    """Turns claimed jobs into results; one instance per process, used from one thread at a time."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        engine: InferenceEngine,
+        writer: ResultWriter,
+        results_dir: Path,
+        destinations: Sequence[str],
+        *,
+        owner: str,
+        batch_size: int = 8,
+        lease_seconds: float = 300.0,
+        observer: Observer | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.jobs = jobs
+        self.engine = engine
+        self.writer = writer
+        self.results_dir = Path(results_dir)
+        self.destinations = tuple(destinations)
+        self.owner = owner
+        self.batch_size = int(batch_size)
+        self.lease_seconds = float(lease_seconds)
+        self.observer: Observer = observer or NullObserver()
+        self._stop: threading.Event | None = None
+
+    # -- loop ---------------------------------------------------------------------------------------
+
+    def drain(self, stop: threading.Event | None = None) -> int:
+        """``run_once`` until nothing is claimable or ``stop`` is set; returns the number of jobs claimed."""
+        total = 0
+        self._stop = stop
+        try:
+            while not (stop is not None and stop.is_set()):
+                n = self.run_once()
+                total += n
+                if n == 0:
+                    break
+        finally:
+            self._stop = None
+        return total
+
+    def run_once(self) -> int:
+        """Claim up to ``batch_size`` jobs and process them as one batch; returns how many were claimed."""
+        claimed = self.jobs.claim(self.owner, self.batch_size, self.lease_seconds)
+        if not claimed:
+            return 0
+        items: list[_Item] = []
+        for job in claimed:
+            item = self._load(job)
+            if item is not None:
+                items.append(item)
+        if items and self._stop is not None and self._stop.is_set():
+            for item in items:
+                self._release(item.job)
+            return len(claimed)
+        if items:
+            for item, prediction in zip(items, self._predict(items)):
+                if prediction is not None:
+                    self._finish(item, prediction)
+        return len(claimed)
+
+    # -- steps --------------------------------------------------------------------------------------
+
+    def _load(self, job: Job) -> _Item | None:
+        """Read and preprocess one job's image; on failure fail the job and return None."""
+        t0 = time.perf_counter()
+        try:
+            try:
+                ds = pydicom.dcmread(job.spool_path)
+            except InvalidDicomError as exc:
+                raise InputError("unreadable_dicom", f"the spooled file is not DICOM: {exc}") from exc
+            gray = dicom_to_gray(ds)
+            prepared = prepare(gray, self.engine.spec)
+            del gray
+        except InputError as exc:
+            self._fail(job, str(exc), permanent=True)
+            return None
+        except Exception as exc:  # noqa: BLE001 - anything else is retried later
+            self._fail(job, f"preprocessing failed: {type(exc).__name__}: {exc}", permanent=False)
+            return None
+        prepared.extra["preprocess_s"] = time.perf_counter() - t0
+        return _Item(job, ds, prepared)
+
+    def _predict(self, items: list[_Item]) -> list[Prediction | None]:
+        """Predictions in order; an image the engine fails on is failed alone (None in its slot)."""
+        try:
+            return list(self.engine.predict([it.prepared for it in items]))
+        except Exception as exc:  # noqa: BLE001
+            if len(items) == 1:
+                self._fail(items[0].job, f"inference failed: {type(exc).__name__}: {exc}", permanent=False)
+                return [None]
+            log.warning("batched inference of %d images failed (%s); retrying one by one", len(items), exc)
+        out: list[Prediction | None] = []
+        for item in items:
+            try:
+                out.append(self.engine.predict([item.prepared])[0])
+            except Exception as exc:  # noqa: BLE001
+                self._fail(item.job, f"inference failed: {type(exc).__name__}: {exc}", permanent=False)
+                out.append(None)
+        return out
+
+    def _finish(self, item: _Item, prediction: Prediction) -> None:
+        job = item.job
+        folder = self.results_dir / str(job.id)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            files = self.writer(item.dataset, item.prepared, prediction, folder)
+            result = job_result(prediction, files)
+        except InputError as exc:
+            self._fail(job, str(exc), permanent=True)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}", permanent=False)
+            return
+        try:
+            self.jobs.complete(job.id, self.owner, result, self.destinations)
+        except LeaseLostError as exc:
+            log.warning("job %s: result not stored: %s", job.id, exc)
+            return
+        log.info(
+            "job %s done: %s (p=%.3f, threshold %.3f) in %.2f s",
+            job.id,
+            prediction.label,
+            prediction.probability,
+            prediction.threshold,
+            sum(prediction.timings.values()),
+        )
+        self.observer.job_finished(job.id, "done", prediction.timings.get("forward", 0.0), prediction.timings.get("cam", 0.0))
+
+    def _fail(self, job: Job, reason: str, *, permanent: bool) -> None:
+        try:
+            state = self.jobs.fail(job.id, self.owner, reason, permanent=permanent)
+        except LeaseLostError as exc:
+            log.warning("job %s: failure not recorded: %s", job.id, exc)
+            return
+        state_name = str(getattr(state, "value", state) or ("dead" if permanent else "failed"))
+        log.warning("job %s %s: %s", job.id, state_name, reason)
+        self.observer.job_finished(job.id, state_name, 0.0, 0.0)
+
+    def _release(self, job: Job) -> None:
+        try:
+            self.jobs.release(job.id, self.owner)
+        except LeaseLostError as exc:
+            log.warning("job %s: not released: %s", job.id, exc)

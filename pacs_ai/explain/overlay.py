@@ -1,0 +1,222 @@
+"""Heat-map overlay rendering: the picture that goes into the Secondary Capture.
+
+``render_result_image`` turns the original grey image (``Prepared.display``, bone bright, original
+resolution) and the Grad-CAM heat map on the same grid into an 8-bit RGB picture:
+
+- the grey radiograph, downscaled so its long side is at most ``max_side`` pixels;
+- the heat map blended in colour (turbo colour map) with an opacity that grows with the heat, so cold
+  areas keep the plain grey image and only the hot areas are tinted;
+- the hottest region's bounding box (``hottest_region``) drawn as a thin rectangle when one is given;
+- a burned-in caption in a dark box (finding, probability, threshold, model, the "not for diagnostic use"
+  warning) and a small colour-scale legend with low/high labels, both scaled with the image size.
+
+Everything is plain numpy + OpenCV; a 2140x1760 image renders in well under a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DISCLAIMER",
+    "Caption",
+    "blend_heatmap",
+    "hottest_region",
+    "normalise_heat",
+    "render_result_image",
+]
+
+DISCLAIMER = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+COLORMAP = cv2.COLORMAP_TURBO
+MAX_SIDE = 2048
+ALPHA_MAX = 0.55
+"""Opacity of the colour at the hottest point."""
+ALPHA_FLOOR = 0.15
+"""Heat (relative to the maximum) below which the image stays plain grey."""
+
+_FONT = cv2.FONT_HERSHEY_DUPLEX
+_WHITE = (255, 255, 255)
+_YELLOW = (255, 214, 0)
+_RED = (255, 72, 56)
+_GREEN = (96, 224, 96)
+_ROI = (0, 255, 255)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What the burned-in caption says."""
+
+    fractured: bool
+    probability: float
+    threshold: float
+    model: str
+    """Model name and version as shown, e.g. ``resnet50 fracture 1.0.0``."""
+
+    @property
+    def finding(self) -> str:
+        return "FRACTURE SUSPECTED" if self.fractured else "NO FRACTURE DETECTED"
+
+    def lines(self) -> list[tuple[str, tuple[int, int, int], float]]:
+        """(text, RGB colour, relative size) per line, top to bottom."""
+        return [
+            (self.finding, _RED if self.fractured else _GREEN, 1.35),
+            (f"P(fracture) {100.0 * self.probability:.1f}%  (threshold {100.0 * self.threshold:.1f}%)", _WHITE, 1.0),
+            (f"Model: {self.model}", _WHITE, 0.85),
+            (DISCLAIMER, _YELLOW, 1.0),
+        ]
+
+
+def normalise_heat(heat: np.ndarray) -> np.ndarray:
+    """float32 copy of ``heat`` scaled to [0, 1] by its maximum (NaN/negative become 0; all-zero stays 0)."""
+    h = np.array(heat, dtype=np.float32, copy=True)
+    if h.size == 0:
+        return h
+    if not np.isfinite(h).all():
+        h = np.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+    np.maximum(h, 0.0, out=h)
+    top = float(h.max())
+    if top <= 0.0:
+        return np.zeros(h.shape, dtype=np.float32)
+    h *= np.float32(1.0 / top)
+    return h
+
+
+def hottest_region(heat: np.ndarray, rel_threshold: float = 0.5) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(x0, y0, x1, y1)`` of the hottest blob of ``heat`` (pixel-edge coordinates, end exclusive).
+
+    The blob is the connected component (8-connectivity) of ``heat >= rel_threshold * max`` that contains
+    the maximum. Returns None for an empty or all-zero map.
+    """
+    h = normalise_heat(heat)
+    if h.ndim != 2 or h.size == 0 or float(h.max()) <= 0.0:
+        return None
+    mask = (h >= np.float32(rel_threshold)).astype(np.uint8)
+    _, labels = cv2.connectedComponents(mask, connectivity=8)
+    y, x = np.unravel_index(int(np.argmax(h)), h.shape)
+    ys, xs = np.nonzero(labels == labels[y, x])
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def blend_heatmap(grey: np.ndarray, heat: np.ndarray, *, alpha_max: float = ALPHA_MAX) -> np.ndarray:
+    """Grey uint8 (H, W) + heat in [0, 1] (H, W) -> RGB uint8 (H, W, 3), colour opacity scaled by heat."""
+    if grey.shape != heat.shape:
+        raise ValueError(f"image {grey.shape} and heat map {heat.shape} differ in shape")
+    h = np.clip(heat.astype(np.float32, copy=False), 0.0, 1.0)
+    colour = cv2.applyColorMap(cv2.convertScaleAbs(h, alpha=255.0), COLORMAP)  # BGR
+    cv2.cvtColor(colour, cv2.COLOR_BGR2RGB, dst=colour)
+    # alpha = alpha_max * clip((h - floor) / (1 - floor), 0, 1): zero on cold areas, which stay exactly grey.
+    scale = float(alpha_max) / (1.0 - ALPHA_FLOOR)
+    alpha = np.clip((h - np.float32(ALPHA_FLOOR)) * np.float32(scale), 0.0, float(alpha_max))
+    base = cv2.cvtColor(np.ascontiguousarray(grey, dtype=np.uint8), cv2.COLOR_GRAY2RGB)
+    return cv2.blendLinear(base, colour, np.float32(1.0) - alpha, alpha)
+
+
+def _shade(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, darkness: float = 0.78) -> None:
+    """Darken a rectangle of ``img`` in place (a translucent dark box behind text)."""
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 > x0 and y1 > y0:
+        region = img[y0:y1, x0:x1].astype(np.float32) * np.float32(1.0 - darkness)
+        img[y0:y1, x0:x1] = region.astype(np.uint8)
+
+
+def _font_scale(lines: Sequence[tuple[str, tuple[int, int, int], float]], width: int, height: int) -> float:
+    """A font scale that makes text readable at a glance yet keeps the caption within ~70 % of the width."""
+    wanted = max(0.5, min(width, height) / 1100.0)
+    widest = max(cv2.getTextSize(text, _FONT, rel, 1)[0][0] for text, _, rel in lines)
+    return max(0.3, min(wanted, 0.9 * width / max(1, widest)))
+
+
+def _draw_caption(img: np.ndarray, caption: Caption) -> None:
+    h, w = img.shape[:2]
+    lines = caption.lines()
+    scale = _font_scale(lines, w, h)
+    thickness = max(1, round(scale * 1.6))
+    pad = max(4, round(12 * scale))
+    sizes = [cv2.getTextSize(t, _FONT, scale * rel, thickness) for t, _, rel in lines]
+    box_w = max(s[0][0] for s in sizes) + 2 * pad
+    box_h = sum(s[0][1] + s[1] + pad for s in sizes) + pad
+    margin = max(2, round(8 * scale))
+    _shade(img, margin, margin, margin + box_w, margin + box_h)
+    y = margin + pad
+    for (text, colour, rel), ((_, th), base) in zip(lines, sizes):
+        y += th
+        cv2.putText(img, text, (margin + pad, y), _FONT, scale * rel, colour, thickness, cv2.LINE_AA)
+        y += base + pad
+
+
+def _draw_legend(img: np.ndarray) -> None:
+    """A horizontal colour bar (the part of the colour map that is actually shown) with low/high labels."""
+    h, w = img.shape[:2]
+    scale = max(0.4, min(w, h) / 1400.0)
+    thickness = max(1, round(scale * 1.5))
+    bar_w = max(40, w // 5)
+    bar_h = max(6, round(h / 70))
+    pad = max(3, round(10 * scale))
+    (lw, lh), lb = cv2.getTextSize("low", _FONT, scale, thickness)
+    (hw, _), _ = cv2.getTextSize("high", _FONT, scale, thickness)
+    (tw, th), tb = cv2.getTextSize("Grad-CAM heat", _FONT, scale, thickness)
+    box_w = lw + hw + bar_w + 4 * pad
+    box_w = max(box_w, tw + 2 * pad)
+    box_h = th + tb + max(bar_h, lh + lb) + 3 * pad
+    margin = max(2, round(8 * scale))
+    x0, y0 = w - margin - box_w, h - margin - box_h
+    if x0 < 0 or y0 < 0:
+        return
+    _shade(img, x0, y0, x0 + box_w, y0 + box_h)
+    cv2.putText(img, "Grad-CAM heat", (x0 + pad, y0 + pad + th), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
+    row_top = y0 + 2 * pad + th + tb
+    row_h = max(bar_h, lh + lb)
+    bx = x0 + 2 * pad + lw
+    ramp = np.linspace(0.0, 1.0, bar_w, dtype=np.float32)[None, :].repeat(bar_h, axis=0)
+    grey = np.full(ramp.shape, 128, dtype=np.uint8)
+    by = row_top + (row_h - bar_h) // 2
+    img[by : by + bar_h, bx : bx + bar_w] = blend_heatmap(grey, ramp, alpha_max=1.0)
+    text_y = row_top + (row_h + lh) // 2
+    cv2.putText(img, "low", (x0 + pad, text_y), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
+    cv2.putText(img, "high", (bx + bar_w + pad, text_y), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
+
+
+def render_result_image(
+    display: np.ndarray,
+    heat: np.ndarray | None,
+    caption: Caption,
+    *,
+    roi: Sequence[int] | None = None,
+    max_side: int = MAX_SIDE,
+) -> np.ndarray:
+    """Render the Secondary Capture picture; returns RGB uint8 (h, w, 3) with ``max(h, w) <= max_side``.
+
+    ``display`` is the uint8 grey image at the original resolution, ``heat`` a heat map on the same grid
+    (any non-negative scale; it is normalised by its maximum; None or all-zero gives no tint), ``roi``
+    an ``(x0, y0, x1, y1)`` box in original pixel coordinates to outline.
+    """
+    grey = np.asarray(display)
+    if grey.ndim != 2:
+        raise ValueError(f"expected a 2-D grey image, got shape {grey.shape}")
+    if grey.dtype != np.uint8:
+        grey = np.clip(grey.astype(np.float32), 0, 255).astype(np.uint8)
+    oh, ow = grey.shape
+    factor = min(1.0, max_side / max(oh, ow))
+    nh, nw = max(1, round(oh * factor)), max(1, round(ow * factor))
+    h = normalise_heat(heat) if heat is not None else np.zeros((oh, ow), np.float32)
+    if h.shape != (oh, ow):
+        h = cv2.resize(h, (ow, oh), interpolation=cv2.INTER_LINEAR)
+    if (nh, nw) != (oh, ow):
+        grey = cv2.resize(grey, (nw, nh), interpolation=cv2.INTER_AREA)
+        h = cv2.resize(h, (nw, nh), interpolation=cv2.INTER_AREA)
+    img = blend_heatmap(grey, h)
+    if roi is not None:
+        x0, y0, x1, y1 = (float(v) * factor for v in roi)
+        t = max(1, round(min(nh, nw) / 500))
+        cv2.rectangle(
+            img, (round(x0), round(y0)), (max(round(x0), round(x1) - 1), max(round(y0), round(y1) - 1)), _ROI, t,
+            cv2.LINE_AA,
+        )
+    _draw_caption(img, caption)
+    _draw_legend(img)
+    return np.ascontiguousarray(img)

@@ -1,0 +1,175 @@
+"""The three supported backbones (torchvision), with a new classification head.
+
+``build_model`` never downloads anything (``weights=None``); ImageNet weights come from a local file via
+``load_backbone_weights``. ``cam_target_layers`` names the layer Grad-CAM hooks for each architecture and
+``layer_groups`` orders the backbone from stem to head so training can freeze the early layers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pacs_ai.errors import ModelError
+
+__all__ = [
+    "ARCHITECTURES",
+    "build_model",
+    "cam_target_layers",
+    "count_parameters",
+    "head_prefix",
+    "layer_groups",
+    "load_backbone_weights",
+]
+
+ARCHITECTURES: tuple[str, ...] = ("resnet50", "vgg16", "densenet121")
+
+_HEAD_PREFIX = {"resnet50": "fc.", "vgg16": "classifier.6.", "densenet121": "classifier."}
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def head_prefix(arch: str) -> str:
+    """State-dict key prefix of the classification head that ``build_model`` replaces."""
+    _check_arch(arch)
+    return _HEAD_PREFIX[arch]
+
+
+def build_model(arch: str, num_classes: int = 2) -> nn.Module:
+    """Build a torchvision ``arch`` with random weights and a new ``num_classes`` linear head."""
+    import torchvision.models as tvm
+
+    _check_arch(arch)
+    if num_classes < 2:
+        raise ModelError(f"num_classes must be at least 2, got {num_classes}")
+    if arch == "resnet50":
+        model = tvm.resnet50(weights=None)
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    elif arch == "vgg16":
+        model = tvm.vgg16(weights=None)
+        last = model.classifier[6]
+        assert isinstance(last, nn.Linear)
+        model.classifier[6] = nn.Linear(last.in_features, num_classes)
+    else:
+        model = tvm.densenet121(weights=None)
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    return model
+
+
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"backbone weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot read backbone weights {path}: {exc}") from exc
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_weights(model: nn.Module, arch: str, path: Path) -> list[str]:
+    """Load a local (ImageNet) state dict into ``model``, skipping the classification head.
+
+    Accepts torchvision's files (including DenseNet's old ``norm.1`` key style), ``.pth``/``.pt`` or
+    ``.safetensors``. Every backbone tensor must be present with the right shape, else ``ModelError``.
+    Returns the skipped keys (the old head).
+    """
+    _check_arch(arch)
+    state = _read_state_dict(Path(path))
+    if arch == "densenet121":
+        state = {_DENSENET_OLD_KEY.sub(lambda m: m.group(1) + m.group(2), k): v for k, v in state.items()}
+    prefix = _HEAD_PREFIX[arch]
+    skipped = sorted(k for k in state if k.startswith(prefix))
+    backbone = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    own = model.state_dict()
+    # old torchvision files have no BatchNorm num_batches_tracked: those may be missing
+    missing = sorted(k for k in own if not k.startswith(prefix) and k not in backbone and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in backbone if k not in own)
+    bad_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in backbone.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if bad_shape:
+            parts.append(f"shape mismatch: {'; '.join(bad_shape[:3])}")
+        raise ModelError(f"{path} is not a {arch} backbone: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in backbone.items()}, strict=False)
+    return skipped
+
+
+def cam_target_layers(model: nn.Module, arch: str) -> list[nn.Module]:
+    """Layer(s) whose activations Grad-CAM uses.
+
+    - resnet50: ``model.layer4[-1]`` (last bottleneck).
+    - densenet121: ``model.features[-1]`` (``norm5``). DenseNet's forward applies ``F.relu(inplace=True)``
+      to this output, so a forward hook that keeps the activation must clone it.
+    - vgg16: the last ReLU of ``features`` before the final max-pool (end of the last conv block);
+      use HiResCAM with it (VGG's dense head makes plain Grad-CAM unfaithful). The hooked ReLU's output
+      is not modified in place afterwards.
+    """
+    _check_arch(arch)
+    if arch == "resnet50":
+        return [model.layer4[-1]]  # type: ignore[index]
+    if arch == "densenet121":
+        return [model.features[-1]]  # type: ignore[index]
+    feats = list(model.features)  # type: ignore[arg-type]
+    last_pool = max(i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d))
+    for m in reversed(feats[:last_pool]):
+        if isinstance(m, (nn.ReLU, nn.Conv2d)):
+            return [m]
+    raise ModelError("vgg16 features have no conv layer before the last max-pool")
+
+
+def layer_groups(model: nn.Module, arch: str) -> list[nn.Module]:
+    """The model's parts ordered from input (stem) to output (head); the last one is the head.
+
+    Training freezes a prefix of this list for transfer learning ("freeze early layers").
+    """
+    _check_arch(arch)
+    if arch == "resnet50":
+        stem = nn.ModuleList([model.conv1, model.bn1])  # type: ignore[list-item]
+        return [stem, model.layer1, model.layer2, model.layer3, model.layer4, model.fc]  # type: ignore[list-item]
+    if arch == "densenet121":
+        f = model.features  # type: ignore[assignment]
+        stem = nn.ModuleList([f.conv0, f.norm0])
+        blocks = [
+            nn.ModuleList([f.denseblock1, f.transition1]),
+            nn.ModuleList([f.denseblock2, f.transition2]),
+            nn.ModuleList([f.denseblock3, f.transition3]),
+            nn.ModuleList([f.denseblock4, f.norm5]),
+        ]
+        return [stem, *blocks, model.classifier]  # type: ignore[list-item]
+    feats = list(model.features)  # type: ignore[arg-type]
+    pools = [i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
+    groups: list[nn.Module] = []
+    start = 0
+    for p in pools:
+        groups.append(nn.ModuleList(feats[start : p + 1]))
+        start = p + 1
+    groups.append(model.classifier)  # type: ignore[arg-type]
+    return groups
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,68 @@
+"""Device selection for inference: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
+
+On the CPU the engine runs channels-last float32 with ``torch.set_num_threads``; on CUDA it batches and
+runs the forward under autocast (bfloat16 where the GPU supports it, else float16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pacs_ai.errors import ConfigError
+
+__all__ = ["DEVICE_CHOICES", "autocast_dtype", "configure_threads", "default_threads", "select_device"]
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when a CUDA device is usable, else ``cpu``; ``cuda`` without one is an error.
+
+    ``cuda:N`` is accepted too. Raises ``ConfigError`` (key ``model.device``) for anything else.
+    """
+    text = (name or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device", f"{name!r} requested but no CUDA device is available (use auto or cpu)")
+        dev = torch.device(text)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("model.device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    raise ConfigError("model.device", f"must be one of {', '.join(DEVICE_CHOICES)}, not {name!r}")
+
+
+def default_threads() -> int:
+    """The CPU cores this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Set torch's intra-op thread count (``threads`` or :func:`default_threads`); returns the count.
+
+    Process-wide: every model in the process shares it.
+    """
+    n = int(threads) if threads and threads > 0 else default_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed-precision dtype for ``device``: bfloat16 or float16 on CUDA, None (float32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+    except Exception:  # noqa: BLE001 - an old driver: fall back to float16
+        pass
+    return torch.float16

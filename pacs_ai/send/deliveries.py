@@ -1,0 +1,279 @@
+"""Delivery processing: the job store's delivery records -> C-STORE to each destination (or the outbox).
+
+Each finished job has one delivery record per destination (created by the job store when the job is
+done). ``DeliveryProcessor.run_once()`` gives every destination its own worker thread, which claims
+that destination's due deliveries (up to ``batch_size``), sends each job's SC and SR over one
+association, and records the outcome:
+
+- success -> ``jobs.complete_delivery`` and ``observer.delivered`` (seconds since the image was received);
+- failure -> ``jobs.fail_delivery`` (the store applies exponential backoff and dead-letters after the
+  configured attempts, or at once for a permanent error) and ``observer.delivery_failed``. When the
+  destination cannot be reached at all, the rest of its batch is failed with the same reason without
+  trying again in this round.
+
+A destination that is down or slow never blocks the others: ``run_once`` waits at most ``max_wait_s``
+for the destinations' threads and collects a slow one's outcome in a later call, while the other
+destinations go on being served; a destination is never worked on by two threads at once.
+
+With no destination configured, the only destination is the pseudo-destination ``OUTBOX``: "delivering"
+copies ``sc.dcm`` and ``sr.dcm`` into ``outbox_dir/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import read_file_meta_info
+
+from pacs_ai.config import Destination
+from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError
+from pacs_ai.ops.events import NullObserver, Observer
+from pacs_ai.send.sender import DestinationUnreachable, send_files
+
+__all__ = ["OUTBOX", "DeliveryProcessor", "destination_names", "result_files"]
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "outbox"
+"""The pseudo-destination used when no ``[[destinations]]`` are configured."""
+
+_CLEAN_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def destination_names(destinations: Sequence[Destination]) -> list[str]:
+    """The delivery destinations for a job: the configured names, or ``[OUTBOX]`` when there are none."""
+    names = [d.name for d in destinations]
+    return names or [OUTBOX]
+
+
+def result_files(result: Mapping[str, Any] | None) -> list[Path]:
+    """The DICOM files to deliver (SC then SR) from a job's result.
+
+    Accepts ``result["files"]`` as the dict returned by ``write_results`` (keys ``sc``/``sr``) or as a
+    list of paths (``.dcm`` files are taken), or ``sc``/``sr`` at the top level.
+    Raises DeliveryError (permanent) when there is nothing to deliver.
+    """
+    if not result:
+        raise DeliveryError("-", "the job has no result", permanent=True)
+    files = result.get("files", result)
+    paths: list[Path] = []
+    if isinstance(files, Mapping):
+        paths = [Path(str(files[k])) for k in ("sc", "sr") if files.get(k)]
+    elif isinstance(files, (list, tuple)):
+        paths = [Path(str(p)) for p in files if str(p).lower().endswith(".dcm")]
+    if not paths:
+        raise DeliveryError("-", "the job's result names no DICOM files to deliver", permanent=True)
+    return paths
+
+
+def _safe_name(uid: str) -> str:
+    uid = uid.strip().rstrip("\x00")
+    return uid if _CLEAN_UID.match(uid) else re.sub(r"[^0-9A-Za-z.\-]", "_", uid)[:64] or "unknown"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from pacs_ai.store.spool import write_atomic
+
+    write_atomic(path, data)
+
+
+def _seconds_since(now: datetime, then: datetime | None) -> float:
+    if then is None:
+        return 0.0
+    if (now.tzinfo is None) != (then.tzinfo is None):
+        now = now.replace(tzinfo=None) if then.tzinfo is None else now.replace(tzinfo=timezone.utc)
+    return max(0.0, (now - then).total_seconds())
+
+
+class DeliveryProcessor:
+    """Claims due deliveries and sends them; see the module docstring."""
+
+    def __init__(
+        self,
+        jobs: Any,
+        destinations: Sequence[Destination],
+        outbox_dir: Path,
+        *,
+        calling_ae_title: str,
+        owner: str,
+        timeout_s: float = 30.0,
+        ssl_contexts: Mapping[str, ssl.SSLContext] | None = None,
+        observer: Observer | None = None,
+        batch_size: int = 8,
+        max_wait_s: float | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.destinations: dict[str, Destination | None] = {d.name: d for d in destinations}
+        if not self.destinations:
+            self.destinations = {OUTBOX: None}
+        self.outbox_dir = Path(outbox_dir)
+        self.calling_ae_title = calling_ae_title
+        self.owner = owner
+        self.timeout_s = float(timeout_s)
+        self.ssl_contexts = dict(ssl_contexts or {})
+        self.observer: Observer = observer or NullObserver()
+        self.batch_size = max(1, int(batch_size))
+        # One association per job: connect + negotiate + two C-STOREs, each bounded by timeout_s.
+        self.lease_seconds = 60.0 + 4.0 * self.timeout_s * self.batch_size
+        self.max_wait_s = float(max_wait_s) if max_wait_s is not None else self.timeout_s + 5.0
+        self._lock = threading.Lock()
+        self._threads: dict[str, threading.Thread] = {}
+        self._done: list[int] = []
+
+    # -- the round ---------------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """One delivery round; returns the number of deliveries attempted whose outcome was collected.
+
+        Starts a thread for every destination that has none running, then waits up to ``max_wait_s`` for
+        the threads; outcomes of threads still running are counted by a later call.
+        """
+        started: list[threading.Thread] = []
+        with self._lock:
+            for name in self.destinations:
+                running = self._threads.get(name)
+                if running is not None and running.is_alive():
+                    continue
+                thread = threading.Thread(
+                    target=self._run_destination, args=(name,), name=f"deliver-{name}", daemon=True
+                )
+                self._threads[name] = thread
+                started.append(thread)
+        for thread in started:
+            thread.start()
+        deadline = time.monotonic() + self.max_wait_s
+        for thread in started:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            handled = sum(self._done)
+            self._done.clear()
+        return handled
+
+    def busy(self) -> list[str]:
+        """Destinations whose delivery thread is still running."""
+        with self._lock:
+            return [n for n, t in self._threads.items() if t.is_alive()]
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no delivery thread runs (for shutdown and tests); True when idle."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._threads.values())
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.busy()
+
+    def _run_destination(self, name: str) -> None:
+        handled = 0
+        try:
+            handled = self._deliver_batch(name)
+        except Exception:  # a broken database must not kill the thread silently
+            log.exception("delivery round for %s failed", name)
+        finally:
+            with self._lock:
+                self._done.append(handled)
+
+    def _deliver_batch(self, name: str) -> int:
+        deliveries = self.jobs.claim_deliveries(
+            self.owner, limit=self.batch_size, lease_seconds=self.lease_seconds, destination=name
+        )
+        unreachable: DeliveryError | None = None
+        for delivery in deliveries:
+            if unreachable is not None:
+                self._failed(delivery, DeliveryError(name, f"not attempted: {unreachable.detail}"))
+                continue
+            try:
+                job = self.jobs.get(delivery.job_id)
+                self._deliver_job(name, job)
+            except DeliveryError as exc:
+                if isinstance(exc, DestinationUnreachable):
+                    unreachable = exc
+                self._failed(delivery, exc if exc.destination == name else DeliveryError(name, exc.detail, permanent=exc.permanent))
+            except LeaseLostError as exc:
+                log.warning("delivery %d to %s: %s", delivery.id, name, exc)
+            except PacsAiError as exc:
+                self._failed(delivery, DeliveryError(name, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - any other failure is retried with backoff
+                log.exception("delivery %d to %s failed unexpectedly", delivery.id, name)
+                self._failed(delivery, DeliveryError(name, f"{type(exc).__name__}: {exc}"))
+            else:
+                self._succeeded(delivery, job)
+        return len(deliveries)
+
+    # -- one job -----------------------------------------------------------------------------------
+
+    def _deliver_job(self, name: str, job: Any) -> None:
+        try:
+            paths = result_files(job.result)
+        except DeliveryError as exc:
+            raise DeliveryError(name, f"job {job.id}: {exc.detail}", permanent=True) from exc
+        destination = self.destinations.get(name)
+        if destination is None:
+            self._to_outbox(job, paths)
+            return
+        send_files(
+            destination,
+            paths,
+            calling_ae_title=self.calling_ae_title,
+            timeout_s=self.timeout_s,
+            ssl_context=self.ssl_contexts.get(name),
+        )
+
+    def _to_outbox(self, job: Any, paths: Sequence[Path]) -> None:
+        folder = self.outbox_dir / _safe_name(str(job.study_instance_uid or "unknown-study"))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DeliveryError(OUTBOX, f"cannot create {folder}: {exc.strerror or exc}") from exc
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError as exc:
+                raise DeliveryError(OUTBOX, f"{path} does not exist", permanent=True) from exc
+            except OSError as exc:
+                raise DeliveryError(OUTBOX, f"cannot read {path}: {exc.strerror or exc}") from exc
+            try:
+                uid = str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
+            except Exception:  # noqa: BLE001 - fall back to the file's own name
+                uid = f"{job.id}-{path.stem}"
+            try:
+                _write_atomic(folder / f"{_safe_name(uid)}.dcm", data)
+            except PacsAiError as exc:
+                raise DeliveryError(OUTBOX, str(exc)) from exc
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    def _succeeded(self, delivery: Any, job: Any) -> None:
+        try:
+            self.jobs.complete_delivery(delivery.id, self.owner)
+        except LeaseLostError as exc:
+            log.warning("delivery %d to %s was stored but: %s", delivery.id, delivery.destination, exc)
+            return
+        now = self.jobs.now() if hasattr(self.jobs, "now") else datetime.now(timezone.utc)
+        seconds = _seconds_since(now, getattr(job, "received_at", None))
+        log.info("job %d delivered to %s (%.1f s after receipt)", job.id, delivery.destination, seconds)
+        self.observer.delivered(job.id, delivery.destination, seconds)
+
+    def _failed(self, delivery: Any, exc: DeliveryError) -> None:
+        try:
+            state = self.jobs.fail_delivery(delivery.id, self.owner, exc.detail, permanent=exc.permanent)
+        except LeaseLostError as lost:
+            log.warning("delivery %d to %s: %s", delivery.id, delivery.destination, lost)
+            return
+        dead = str(getattr(state, "value", state)) == "dead"
+        log.warning(
+            "delivery of job %d to %s failed%s: %s",
+            delivery.job_id,
+            delivery.destination,
+            " (dead, no more attempts)" if dead else " (will retry)",
+            exc.detail,
+        )
+        self.observer.delivery_failed(delivery.job_id, delivery.destination, exc.detail, dead)

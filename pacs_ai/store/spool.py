@@ -1,0 +1,142 @@
+"""The durable spool: every received instance is written here before it is acknowledged.
+
+``write_atomic`` writes a temporary file in the destination folder, fsyncs it, renames it over the
+destination and fsyncs the folder, so after it returns the file survives a crash or power loss, and a
+reader never sees a half-written file. ``Spool`` lays instances out as ``root/<2 hex>/<uid>.dcm``, the
+two hex digits being the start of the SHA-1 of the SOP Instance UID (256 folders, evenly filled).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacs_ai.errors import StorageError
+
+TEMP_SUFFIX = ".tmp"
+_CLEAN_UID = re.compile(r"^[0-9.]{1,64}$")
+
+_PROBLEMS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied (operation not permitted)",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EEXIST: "a file is in the way of a directory",
+    errno.EISDIR: "a directory is in the way of the file",
+    errno.EIO: "input/output error",
+}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    sha256: str
+    size: int
+
+
+def describe_os_error(exc: OSError, path: Path | str) -> str:
+    """A one-line description of ``exc`` naming the problem (disk full, read-only, permission) and path."""
+    problem = _PROBLEMS.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"cannot write {path}: {problem} ({exc.strerror or exc})"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably and atomically; raise StorageError on any OSError."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    fd = -1
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StorageError(describe_os_error(exc, path)) from exc
+
+
+def spool_name(sop_instance_uid: str) -> str:
+    """The file name for a UID: the UID itself when it is a plain UID, else a sanitised name + hash."""
+    uid = sop_instance_uid.strip().rstrip("\x00")
+    if _CLEAN_UID.match(uid) and uid not in (".", ".."):
+        return f"{uid}.dcm"
+    clean = re.sub(r"[^0-9A-Za-z.\-]", "_", uid)[:64].strip(".") or "uid"
+    digest = hashlib.sha1(uid.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{clean}_{digest}.dcm"
+
+
+class Spool:
+    """Received instances, one file per SOP Instance UID, written with :func:`write_atomic`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, sop_instance_uid: str) -> Path:
+        uid = sop_instance_uid.strip().rstrip("\x00")
+        prefix = hashlib.sha1(uid.encode("utf-8", "surrogateescape")).hexdigest()[:2]
+        return self.root / prefix / spool_name(uid)
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder.is_dir():
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(exist_ok=True)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise StorageError(describe_os_error(exc, folder)) from exc
+
+    def store(self, sop_instance_uid: str, data: bytes) -> StoredFile:
+        """Write ``data`` as the file of ``sop_instance_uid`` (replacing an older copy) durably."""
+        if not sop_instance_uid or not sop_instance_uid.strip():
+            raise StorageError("cannot store an instance without a SOP Instance UID")
+        path = self.path_for(sop_instance_uid)
+        self._ensure_dir(path.parent)
+        sha256 = hashlib.sha256(data).hexdigest()
+        write_atomic(path, data)
+        return StoredFile(path=path, sha256=sha256, size=len(data))
+
+    def remove_stale_temp(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporary files left by a crash in the middle of a write; returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        if not self.root.is_dir():
+            return 0
+        for tmp in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed

@@ -1,0 +1,171 @@
+"""The worker's ResultWriter: one classified image in, the SC, the SR and a PNG preview on disk.
+
+``write_results(source, prepared, prediction, folder)`` maps the heat map back onto the original pixels,
+finds the hottest region (only reported when a fracture is suspected), renders the overlay, builds the
+Secondary Capture and the Structured Report with deterministic UIDs, and writes ``sc.dcm``, ``sr.dcm``
+and ``overlay.png`` (the SC picture, long side at most 1024 px) into ``folder`` atomically (temporary
+file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+
+from pacs_ai.errors import DicomWriteError, StorageError
+from pacs_ai.explain.overlay import Caption, hottest_region, render_result_image
+from pacs_ai.write.common import ModelInfo
+from pacs_ai.write.secondary_capture import build_secondary_capture
+from pacs_ai.write.structured_report import build_structured_report
+from pacs_ai.write.uids import derive_uid
+
+__all__ = ["ROI_REL_THRESHOLD", "encode_dataset", "write_results"]
+
+ROI_REL_THRESHOLD = 0.5
+"""The hottest region is the blob of heat >= this fraction of the maximum around the maximum."""
+
+try:  # the spool's atomic writer (temp + fsync + rename), when the store package provides it
+    from pacs_ai.store.spool import write_atomic as _write_atomic
+except ImportError:  # pragma: no cover - the local equivalent
+    _write_atomic = None
+
+
+def _write_atomic_local(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - directories cannot be fsynced on some file systems
+        pass
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if _write_atomic is not None:
+            _write_atomic(path, data)
+        else:
+            _write_atomic_local(path, data)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def encode_dataset(ds: pydicom.Dataset) -> bytes:
+    """A DICOM file (preamble, file meta, data set) as bytes."""
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+PREVIEW_MAX_SIDE = 1024
+"""overlay.png is the SC picture downscaled to this long side (PNG-encoding 2048 px costs most of a second)."""
+
+
+def _preview(rgb: np.ndarray) -> np.ndarray:
+    """The SC picture as BGR for OpenCV, downscaled to PREVIEW_MAX_SIDE."""
+    h, w = rgb.shape[:2]
+    factor = PREVIEW_MAX_SIDE / max(h, w)
+    if factor < 1.0:
+        rgb = cv2.resize(rgb, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+def _heat_on_original(prepared: Any, prediction: Any) -> np.ndarray | None:
+    cam = getattr(prediction, "cam", None)
+    if cam is None:
+        return None
+    from pacs_ai.infer.preprocess import cam_to_original
+
+    heat = np.asarray(cam_to_original(np.asarray(cam, dtype=np.float32), prepared.geometry), dtype=np.float32)
+    if heat.shape != prepared.display.shape:
+        heat = cv2.resize(heat, (prepared.display.shape[1], prepared.display.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return heat
+
+
+def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folder: Path) -> dict[str, Any]:
+    """Build and save the results of one classification; returns where they are and their UIDs.
+
+    Returns ``{"sc", "sr", "overlay"}`` (paths as strings), ``sc_sop_instance_uid``,
+    ``sr_sop_instance_uid``, ``series_instance_uids`` (``{"sc": ..., "sr": ...}``) and ``roi``
+    (``[x0, y0, x1, y1]`` in source pixel coordinates, end exclusive, or None when no fracture is suspected).
+    Raises DicomWriteError (the objects cannot be built) or StorageError (they cannot be written).
+    """
+    folder = Path(folder)
+    model = ModelInfo.from_prediction(prediction)
+    try:
+        probability = float(prediction.probability)
+        threshold = float(prediction.threshold)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DicomWriteError(f"the prediction has no usable probability/threshold: {exc}") from exc
+    fractured = bool(prediction.fractured)
+    src_uid = str(source.get("SOPInstanceUID", "") or "")
+    if not src_uid:
+        raise DicomWriteError("the source image has no SOPInstanceUID")
+
+    heat = _heat_on_original(prepared, prediction)
+    roi = hottest_region(heat, ROI_REL_THRESHOLD) if (fractured and heat is not None) else None
+    rgb = render_result_image(
+        prepared.display, heat, Caption(fractured, probability, threshold, model.display), roi=roi
+    )
+
+    uids = {kind: derive_uid(src_uid, model.version, kind) for kind in ("sc-series", "sc", "sr-series", "sr")}
+    sc = build_secondary_capture(
+        source, rgb, model, series_instance_uid=uids["sc-series"], sop_instance_uid=uids["sc"]
+    )
+    sr = build_structured_report(
+        source,
+        model,
+        probability=probability,
+        threshold=threshold,
+        fractured=fractured,
+        roi=roi,
+        series_instance_uid=uids["sr-series"],
+        sop_instance_uid=uids["sr"],
+    )
+    try:
+        sc_bytes = encode_dataset(sc)
+        sr_bytes = encode_dataset(sr)
+    except Exception as exc:  # noqa: BLE001 - any encoder failure means the object is unusable
+        raise DicomWriteError(f"cannot encode the result objects: {exc}") from exc
+    ok, png = cv2.imencode(".png", _preview(rgb), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB image
+        raise DicomWriteError("cannot encode the overlay PNG")
+
+    paths = {"sc": folder / "sc.dcm", "sr": folder / "sr.dcm", "overlay": folder / "overlay.png"}
+    _write(paths["sc"], sc_bytes)
+    _write(paths["sr"], sr_bytes)
+    _write(paths["overlay"], png.tobytes())
+    return {
+        "sc": str(paths["sc"]),
+        "sr": str(paths["sr"]),
+        "overlay": str(paths["overlay"]),
+        "sc_sop_instance_uid": uids["sc"],
+        "sr_sop_instance_uid": uids["sr"],
+        "series_instance_uids": {"sc": uids["sc-series"], "sr": uids["sr-series"]},
+        "roi": [int(v) for v in roi] if roi is not None else None,
+    }

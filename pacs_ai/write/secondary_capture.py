@@ -1,0 +1,127 @@
+"""The Secondary Capture: the heat-map picture as an RGB image in the source image's study.
+
+Same Patient and Study as the source (every patient/study attribute copied), a new Series
+(``SERIES_DESCRIPTION``, ``SERIES_NUMBER``), ImageType DERIVED\\SECONDARY, BurnedInAnnotation YES,
+Referenced/Source Image Sequences pointing at the source, and pacs-ai as contributing equipment
+(purpose "Processing Algorithm"). Explicit VR Little Endian, 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+import pacs_ai
+from pacs_ai.errors import DicomWriteError
+from pacs_ai.write.common import MANUFACTURER, ModelInfo, contributing_equipment, copy_patient_study
+
+__all__ = ["SERIES_DESCRIPTION", "SERIES_NUMBER", "build_secondary_capture"]
+
+SERIES_DESCRIPTION = "AI Fracture Heatmap - NOT FOR DIAGNOSTIC USE"
+SERIES_NUMBER = 9901
+DERIVATION = "Grad-CAM heat map of an AI fracture classifier blended over the source image; burned-in text"
+
+_BIPED = {"A", "P", "R", "L", "H", "F"}
+
+
+def _orientation(source: pydicom.Dataset) -> list[str] | None:
+    """The source's Patient Orientation when it is two valid biped values, else None."""
+    value = source.get("PatientOrientation")
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    values = [str(v) for v in value]
+    if all(v and set(v) <= _BIPED for v in values):
+        return values
+    return None
+
+
+def _reference(source: pydicom.Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item
+
+
+def build_secondary_capture(
+    source: pydicom.Dataset,
+    rgb: np.ndarray,
+    model: ModelInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int = SERIES_NUMBER,
+) -> hd.sc.SCImage:
+    """Build the SC image of ``rgb`` (uint8 (H, W, 3)) in the study of ``source``.
+
+    Raises DicomWriteError when highdicom refuses the inputs.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise DicomWriteError(f"the SC picture must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    orientation = _orientation(source)
+    try:
+        sc = hd.sc.SCImage(
+            pixel_array=np.ascontiguousarray(rgb),
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            study_instance_uid=source.StudyInstanceUID,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            patient_id=source.get("PatientID"),
+            patient_name=source.get("PatientName"),
+            patient_birth_date=source.get("PatientBirthDate") or None,
+            patient_sex=source.get("PatientSex") or None,
+            accession_number=source.get("AccessionNumber"),
+            study_id=source.get("StudyID"),
+            study_date=source.get("StudyDate") or None,
+            study_time=source.get("StudyTime") or None,
+            referring_physician_name=source.get("ReferringPhysicianName"),
+            patient_orientation=tuple(orientation) if orientation else ("L", "F"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[contributing_equipment(model, "Grad-CAM heat map overlay")],
+            series_description=SERIES_DESCRIPTION,
+            manufacturer_model_name=model.model_name_lo,
+            software_versions=model.software_versions,
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DicomWriteError(f"cannot build the Secondary Capture: {exc}") from exc
+
+    # Every patient/study attribute of the source, not only those highdicom knows.
+    copy_patient_study(source, sc)
+    sc.PatientOrientation = orientation if orientation else None  # Type 2C: empty when unknown
+
+    now = datetime.datetime.now(datetime.timezone.utc).astimezone()
+    sc.SeriesDate = now.strftime("%Y%m%d")
+    sc.SeriesTime = now.strftime("%H%M%S")
+    sc.ContentDate = sc.SeriesDate
+    sc.ContentTime = sc.SeriesTime
+    sc.InstanceCreationDate = sc.SeriesDate
+    sc.InstanceCreationTime = sc.SeriesTime
+    if "BodyPartExamined" in source and source.BodyPartExamined:
+        sc.BodyPartExamined = source.BodyPartExamined
+        # Laterality is Type 2C (required, possibly empty) for paired body parts.
+        laterality = str(source.get("Laterality", "") or "")
+        sc.Laterality = laterality if laterality in ("R", "L") else None
+
+    sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    sc.BurnedInAnnotation = "YES"
+    sc.LossyImageCompression = "01" if str(source.get("LossyImageCompression", "")) == "01" else "00"
+    sc.DerivationDescription = DERIVATION
+    sc.ImageComments = "AI result - not for diagnostic use"
+    sc.ReferencedImageSequence = [_reference(source)]
+    sc.SourceImageSequence = [_reference(source)]
+
+    # SC Equipment: made on a workstation by pacs-ai.
+    sc.ConversionType = "WSD"
+    sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
+    sc.SecondaryCaptureDeviceManufacturerModelName = model.model_name_lo
+    sc.SecondaryCaptureDeviceSoftwareVersions = [f"pacs-ai {pacs_ai.__version__}", f"model {model.version}"[:64]]
+    return sc

@@ -1,0 +1,104 @@
+"""Shared test helpers and fixtures. Keep this generic: test-specific fixtures go in their own test files.
+
+Helpers importable from any test (``from conftest import free_port, TEST_DATA``):
+- ``free_port()``: a TCP port on 127.0.0.1 free right now.
+- ``REPO_ROOT``, ``TEST_DATA`` (the committed samples), ``SHARED_DATA`` (../shared/data, may be absent).
+Fixtures: ``shared_dicom`` (../shared/data/dicom or skip), ``wg04_files`` (the ten WG-04 files or skip),
+``sample_files`` (the committed tests/data/*.dcm), ``sample_file`` (the small MONOCHROME2 CR).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = REPO_ROOT / "tests" / "data"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DICOM = SHARED_DATA / "dicom"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def have_tool(name: str) -> bool:
+    return shutil.which(name) is not None
+
+
+@pytest.fixture(scope="session")
+def shared_dicom() -> Path:
+    if not SHARED_DICOM.is_dir():
+        pytest.skip(f"shared DICOM data not found at {SHARED_DICOM} (only on the project machine)")
+    return SHARED_DICOM
+
+
+@pytest.fixture(scope="session")
+def wg04_files(shared_dicom: Path) -> list[Path]:
+    files = sorted(shared_dicom.glob("wg04_*/*.dcm"))
+    if not files:
+        pytest.skip(f"no wg04_* files under {shared_dicom}")
+    return files
+
+
+@pytest.fixture(scope="session")
+def sample_files() -> list[Path]:
+    files = sorted(TEST_DATA.glob("*.dcm"))
+    assert files, f"the committed samples are missing from {TEST_DATA}"
+    return files
+
+
+@pytest.fixture(scope="session")
+def sample_file() -> Path:
+    return TEST_DATA / "cr_hip_mono2_small.dcm"
+
+
+class Tmpfs:
+    """A small tmpfs mounted for one test: a real full disk (ENOSPC) or read-only file system (EROFS)."""
+
+    def __init__(self, path: Path, size_kb: int) -> None:
+        self.path = path
+        self.size_kb = size_kb
+
+    def _mount(self, *options: str) -> None:
+        import subprocess
+
+        subprocess.run(["mount", *options, self.path], check=True, capture_output=True, timeout=10)
+
+    def resize(self, size_kb: int) -> None:
+        self._mount("-o", f"remount,size={size_kb}k")
+        self.size_kb = size_kb
+
+    def read_only(self, flag: bool = True) -> None:
+        self._mount("-o", "remount," + ("ro" if flag else "rw"))
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory ``tmpfs(size_kb) -> Tmpfs``; skips where mounting is not permitted (needs root)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size_kb: int = 512) -> Tmpfs:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            timeout=10,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return Tmpfs(path, size_kb)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)

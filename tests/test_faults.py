@@ -1,0 +1,403 @@
+"""Faults, nothing lost: the real daemon under SIGKILL, a PACS that is down or refuses, a locked database,
+a full or read-only spool.
+
+Every test runs ``pacs-ai serve`` (tests/daemon_harness.py) with a recording pynetdicom destination
+(tests/dest_scp.py), sends small real-derived radiographs (the committed sample, shrunk and re-UID'd, one
+study per image) and prints its figures:
+
+    sent, acknowledged (0x0000 at least once), delivered (SC and SR stored at the destination),
+    duplicates (result objects stored more than once), lost (acknowledged but never delivered)
+
+A sender in these tests behaves like a PACS router: what was not acknowledged is sent again later.
+Every wait is bounded; the whole module takes about two to three minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bad_inputs.corpus import small_images
+from daemon_harness import Daemon, Sent, file_identity, shared_model
+from dest_scp import DestSCP, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+BURST = int(os.environ.get("PACS_AI_FAULT_BURST", "200"))
+DELIVERY_TIMEOUT_S = 180.0
+FIGURES: list[tuple[str, dict[str, int]]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_figures():
+    yield
+    if FIGURES:
+        print("\nfault tests: figures")
+        print(f"  {'test':34s} {'sent':>5s} {'acked':>6s} {'delivered':>9s} {'dups':>5s} {'lost':>5s}  other")
+        for name, f in FIGURES:
+            other = ", ".join(f"{k}={v}" for k, v in f.items() if k not in ("sent", "acknowledged", "delivered",
+                                                                            "duplicates", "lost"))
+            print(f"  {name:34s} {f['sent']:5d} {f['acknowledged']:6d} {f['delivered']:9d} {f['duplicates']:5d} "
+                  f"{f['lost']:5d}  {other}")
+
+
+@dataclass
+class Image:
+    path: Path
+    sop_uid: str
+    study_uid: str
+    statuses: list[int | None] = field(default_factory=list)
+
+    @property
+    def acked(self) -> bool:
+        return 0x0000 in self.statuses
+
+
+def make_images(folder: Path, n: int, prefix: str) -> list[Image]:
+    from pydicom import dcmread
+
+    out = []
+    for path in small_images(folder, n, max_side=64, prefix=prefix):
+        ds = dcmread(path, stop_before_pixels=True)
+        out.append(Image(path, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)))
+    return out
+
+
+def record(images: list[Image], sent: list[Sent]) -> None:
+    by_path = {im.path: im for im in images}
+    for s in sent:
+        by_path[s.path].statuses.append(s.status)
+
+
+def send_until_acked(daemon: Daemon, images: list[Image], timeout: float, pause: float = 0.5) -> None:
+    """Send, then resend what was not acknowledged, until everything is or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        todo = [im for im in images if not im.acked]
+        if not todo:
+            return
+        result = daemon.send([im.path for im in todo], timeout=90)
+        record(images, result.sent)
+        if any(not im.acked for im in todo):
+            time.sleep(pause)
+
+
+def figures(name: str, images: list[Image], dest: DestSCP, **other: int) -> dict[str, int]:
+    acked = [im for im in images if im.acked]
+    complete = dest.complete_studies({im.study_uid for im in acked})
+    f = {
+        "sent": len(images),
+        "acknowledged": len(acked),
+        "delivered": len(complete),
+        "duplicates": sum(n - 1 for n in dest.duplicates().values()),
+        "lost": len(acked) - len(complete),
+        **other,
+    }
+    FIGURES.append((name, f))
+    print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in f.items()))
+    return f
+
+
+def wait_delivered(dest: DestSCP, images: list[Image], timeout: float = DELIVERY_TIMEOUT_S) -> bool:
+    studies = {im.study_uid for im in images if im.acked}
+    return dest.wait_for(lambda d: d.complete_studies(studies) == studies, timeout)
+
+
+def assert_jobs_consistent(daemon: Daemon, images: list[Image]) -> None:
+    """One job per acknowledged image, every job done, none left running."""
+    jobs = daemon.all_jobs()
+    by_uid: dict[str, int] = {}
+    for j in jobs:
+        by_uid[j.sop_instance_uid] = by_uid.get(j.sop_instance_uid, 0) + 1
+    missing = [im.sop_uid for im in images if im.acked and im.sop_uid not in by_uid]
+    assert not missing, f"{len(missing)} acknowledged image(s) have no job: {missing[:3]}"
+    states: dict[str, int] = {}
+    for j in jobs:
+        states[str(j.state)] = states.get(str(j.state), 0) + 1
+    assert states.get("running", 0) == 0, f"jobs stuck in running: {states}"
+    assert set(states) <= {"done"}, f"job states: {states}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# SIGKILL in the middle of a burst
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_burst_then_restart(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "in", BURST, "burst")
+    with DestSCP(ae_title="DESTSCP") as dest:
+        daemon = Daemon(tmp_path / "daemon", model=shared_model(), destinations=[dest],
+                        overrides={"worker": {"lease_seconds": 15.0}})
+        daemon.start()
+        try:
+            acks = 0
+            kill_at = BURST // 2
+            killed = threading.Event()
+
+            def on_sent(s: Sent) -> None:
+                nonlocal acks
+                if s.status == 0x0000:
+                    acks += 1
+                if acks >= kill_at and not killed.is_set():
+                    killed.set()
+                    daemon.kill()  # SIGKILL from the sender's thread, between two C-STOREs
+
+            started = time.monotonic()
+            result = daemon.send([im.path for im in images], on_sent=on_sent, timeout=30)
+            record(images, result.sent)
+            acked_before_kill = sum(im.acked for im in images)
+            assert killed.is_set(), "the burst ended before the daemon was killed"
+            assert not daemon.alive
+            in_flight = [s for s in result.sent if s.status is None]
+            assert in_flight, "no C-STORE was cut by the kill"
+
+            daemon.start()  # same data folder, same port
+            send_until_acked(daemon, images, timeout=120)  # the sender resends what was not acknowledged
+            assert all(im.acked for im in images), "some images were never acknowledged after the restart"
+            ok = wait_delivered(dest, images)
+            elapsed = time.monotonic() - started
+            f = figures("sigkill mid-burst + restart", images, dest, acked_before_kill=acked_before_kill,
+                        unacked_at_kill=len(in_flight), seconds=round(elapsed))
+            assert ok, f"not every acknowledged image was delivered: {f}\n{daemon.log_tail(2000)}"
+            assert f["lost"] == 0
+            # Results have deterministic UIDs, so a PACS replaces rather than duplicates them; still, only the
+            # delivery cut by the kill may have been repeated (one job: its SC and SR).
+            assert f["duplicates"] <= 2, f"results delivered more than once: {dest.duplicates()}"
+            assert daemon.wait_until(lambda: daemon.jobs().counts().get("running", 0) == 0, 30)
+            assert_jobs_consistent(daemon, images)
+            deliveries = daemon.jobs().delivery_counts()
+            assert set(deliveries.get(dest.ae_title.lower(), {})) == {"done"}, deliveries
+        finally:
+            daemon.stop()
+            daemon.close_store()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The destination
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_destination_down_for_the_whole_burst_then_up(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "in", 40, "down")
+    dest = DestSCP(ae_title="DESTSCP", port=free_port())  # not started: the PACS is down
+    daemon = Daemon(tmp_path / "daemon", model=shared_model(), destinations=[dest],
+                    overrides={"delivery": {"max_attempts": 200, "backoff_base_s": 0.2, "backoff_max_s": 2.0}})
+    daemon.start()
+    try:
+        send_until_acked(daemon, images, timeout=60)
+        assert all(im.acked for im in images)
+        uids = [im.sop_uid for im in images]
+        jobs = daemon.wait_settled(uids, timeout=90)
+        assert all(j is not None and str(j.state) == "done" for j in jobs.values()), "processing waited for the PACS"
+        time.sleep(2.0)  # a few delivery attempts against the closed port
+        counts = daemon.jobs().delivery_counts().get("destscp", {})
+        assert counts.get("done", 0) == 0 and sum(counts.values()) == len(images), counts
+        attempts_while_down = max(d.attempts for d in daemon.jobs().list_deliveries(limit=1000))
+        dest.start()  # the PACS comes back
+        ok = wait_delivered(dest, images, timeout=90)
+        f = figures("destination down, then up", images, dest, max_attempts_while_down=attempts_while_down)
+        assert ok and f["lost"] == 0, f
+        assert f["duplicates"] == 0, dest.duplicates()
+        assert_jobs_consistent(daemon, images)
+    finally:
+        daemon.stop()
+        daemon.close_store()
+        dest.stop()
+
+
+def test_destination_refusing_some_objects(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "in", 30, "refuse")
+    permanent = {im.study_uid for im in images[:5]}  # 0xA900: retrying cannot help
+    transient = {im.study_uid for im in images[5:8]}  # 0xA700 every time: retried, then dead-lettered
+    with DestSCP(ae_title="DESTSCP") as dest:
+        dest.refuse_studies(permanent, 0xA900)
+        dest.refuse_studies(transient, 0xA700)
+        daemon = Daemon(tmp_path / "daemon", model=shared_model(), destinations=[dest],
+                        overrides={"delivery": {"max_attempts": 3, "backoff_base_s": 0.2, "backoff_max_s": 0.5}})
+        daemon.start()
+        try:
+            send_until_acked(daemon, images, timeout=60)
+            store = daemon.jobs()
+            refused = permanent | transient
+            flowing = [im for im in images if im.study_uid not in refused]
+            ok = wait_delivered(dest, flowing, timeout=90)
+            settled = daemon.wait_until(
+                lambda: set(store.delivery_counts().get("destscp", {})) <= {"done", "dead"}
+                and sum(store.delivery_counts().get("destscp", {}).values()) == len(images),
+                timeout=60,
+            )
+            dead = {d.job_id: d for d in store.list_deliveries(state="dead", limit=1000)}
+            by_job = {j.id: j for j in store.list_jobs(limit=1000)}
+            dead_studies = {by_job[i].study_instance_uid for i in dead}
+            f = figures("destination refusing 8 of 30", images, dest, dead_lettered=len(dead),
+                        refusals_received=len(dest.refused()))
+            assert ok, f"the objects that were not refused did not all flow: {f}"
+            assert settled, store.delivery_counts()
+            assert dead_studies == refused, "the dead-lettered deliveries are not exactly the refused ones"
+            for d in dead.values():
+                study = by_job[d.job_id].study_instance_uid
+                code = "0xA900" if study in permanent else "0xA700"
+                assert code in (d.last_error or ""), f"dead delivery without the refusal reason: {d.last_error!r}"
+                if study in permanent:
+                    assert d.attempts == 1, f"a permanent refusal was retried: {d.attempts} attempts"
+                else:
+                    assert d.attempts == 3, f"a transient refusal used {d.attempts} attempts, max_attempts is 3"
+            assert f["delivered"] == len(flowing)
+            assert f["duplicates"] == 0, dest.duplicates()
+        finally:
+            daemon.stop()
+            daemon.close_store()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Storage and database faults (one daemon, its spool on a small tmpfs)
+# ----------------------------------------------------------------------------------------------------
+
+
+class Mount:
+    """A small tmpfs (root only): a real ENOSPC when full, a real EROFS when remounted read-only."""
+
+    def __init__(self, path: Path, size_kb: int) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._run("mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0755", "tmpfs", str(path))
+
+    @staticmethod
+    def _run(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=15)
+
+    def read_only(self, flag: bool) -> None:
+        self._run("mount", "-o", "remount," + ("ro" if flag else "rw"), str(self.path))
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=15)
+
+
+@pytest.fixture(scope="module")
+def storage_rig(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("storage-faults")
+    try:
+        mount: Mount | None = Mount(root / "spool", 4096)
+    except (subprocess.CalledProcessError, FileNotFoundError, PermissionError) as exc:
+        mount = None
+        print(f"no tmpfs ({exc}): disk-full test skipped, read-only uses permissions")
+        (root / "spool").mkdir(exist_ok=True)
+    dest = DestSCP(ae_title="DESTSCP").start()
+    daemon = Daemon(root / "daemon", model=shared_model(), destinations=[dest],
+                    overrides={"storage": {"spool_dir": str(root / "spool")}})
+    daemon.start()
+    try:
+        yield daemon, dest, mount, root
+    finally:
+        daemon.stop()
+        daemon.close_store()
+        dest.stop()
+        if mount is not None:
+            mount.unmount()
+
+
+def _fault_round(name: str, rig, images: list[Image], fault_on, fault_off, **extra: int) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    daemon, dest, _mount, _root = rig
+    fault_on()
+    try:
+        result = daemon.send([im.path for im in images], timeout=90)
+        record(images, result.sent)
+        during = [s.status for s in result.sent]
+        assert daemon.alive and daemon.echo(), "the daemon stopped serving during the fault"
+    finally:
+        fault_off()
+    send_until_acked(daemon, images, timeout=60)
+    ok = wait_delivered(dest, images, timeout=90)
+    f = figures(name, images, dest, refused_with_A700=sum(s == 0xA700 for s in during),
+                acked_during_fault=sum(s == 0x0000 for s in during), **extra)
+    assert set(during) <= {0xA700}, f"expected 0xA700 during the fault, got {sorted({hex(s or 0) for s in during})}"
+    assert all(im.acked for im in images) and ok and f["lost"] == 0, f
+    return f
+
+
+def test_spool_disk_full(storage_rig, tmp_path: Path) -> None:
+    daemon, dest, mount, root = storage_rig
+    if mount is None:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    images = make_images(tmp_path / "in", 8, "full")
+    filler = mount.path / "filler.bin"
+
+    def fill() -> None:
+        with open(filler, "wb") as fh:
+            chunk = b"\0" * 65536
+            try:
+                while True:
+                    fh.write(chunk)
+                    fh.flush()
+            except OSError:
+                pass
+        with open(filler, "ab") as fh:  # the last few bytes too
+            try:
+                while True:
+                    fh.write(b"\0" * 512)
+                    fh.flush()
+            except OSError:
+                pass
+
+    _fault_round("spool disk full", storage_rig, images, fill, lambda: filler.unlink(missing_ok=True))
+
+
+def test_spool_read_only(storage_rig, tmp_path: Path) -> None:
+    daemon, dest, mount, root = storage_rig
+    images = make_images(tmp_path / "in", 8, "ro")
+    if mount is not None:
+        on, off = (lambda: mount.read_only(True)), (lambda: mount.read_only(False))
+    else:
+        spool = root / "spool"
+        on, off = (lambda: spool.chmod(0o555)), (lambda: spool.chmod(0o755))
+    _fault_round("spool read-only", storage_rig, images, on, off)
+
+
+def test_database_locked(storage_rig, tmp_path: Path) -> None:
+    """Another connection holds SQLite's write lock longer than the daemon's busy timeout (30 s)."""
+    daemon, dest, _mount, _root = storage_rig
+    db = daemon.data_dir / "pacs-ai.db"
+    hold_s = float(os.environ.get("PACS_AI_DB_LOCK_S", "32"))
+    images = make_images(tmp_path / "in", 3, "locked")
+    lock = sqlite3.connect(db, timeout=10, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    released = threading.Event()
+
+    def release_later() -> None:
+        released.wait(hold_s)
+        lock.execute("COMMIT")
+        released.set()
+
+    holder = threading.Thread(target=release_later, daemon=True)
+    holder.start()
+    statuses: list[int | None] = []
+    try:
+        started = time.monotonic()
+        while not released.is_set() and time.monotonic() - started < hold_s + 30:
+            todo = [im for im in images if not im.acked]
+            if not todo:
+                break
+            result = daemon.send([todo[0].path], timeout=90)  # one at a time: each waits the busy timeout
+            record(images, result.sent)
+            statuses += [s.status for s in result.sent]
+            assert daemon.alive, "the daemon died while the database was locked"
+    finally:
+        released.set()
+        holder.join(10)
+        lock.close()
+    assert daemon.echo()
+    send_until_acked(daemon, images, timeout=60)
+    ok = wait_delivered(dest, images, timeout=90)
+    f = figures("database locked", images, dest, refused_with_A700=sum(s == 0xA700 for s in statuses),
+                lock_s=int(hold_s))
+    assert set(statuses) <= {0x0000, 0xA700}, f"unexpected statuses while locked: {statuses}"
+    if hold_s > 31:
+        assert 0xA700 in statuses, "a lock longer than the busy timeout should have answered 0xA700"
+    assert ok and f["lost"] == 0, f

@@ -1,0 +1,304 @@
+"""The result objects: Secondary Capture + TID 1500 Structured Report, validated by dciodvfy and dcmdump.
+
+Runs ``write_results`` on the real radiographs of ``../shared/data/dicom`` (a MONOCHROME2 hip and a
+MONOCHROME1 tibia) and on any committed sample in ``tests/data``, once per architecture name, with a
+synthetic heat map (the writer does not care where the map comes from), and checks every object with
+``dciodvfy`` (no "Error" line), ``dcmdump`` and a read-back of its content.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+
+from pacs_ai.errors import DicomWriteError
+from pacs_ai.explain.overlay import Caption, hottest_region, normalise_heat, render_result_image
+from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
+from pacs_ai.write.results import write_results
+from pacs_ai.write.structured_report import read_finding
+from pacs_ai.write.uids import derive_uid
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+ARCHITECTURES = ("resnet50", "vgg16", "densenet121")
+
+try:  # the real Prediction when the engine is there; the writer only reads attributes
+    from pacs_ai.infer.engine import Prediction
+except ImportError:  # pragma: no cover
+
+    @dataclass(frozen=True)
+    class Prediction:  # type: ignore[no-redef]
+        probability: float
+        fractured: bool
+        threshold: float
+        label: str
+        cam: np.ndarray
+        model_name: str
+        model_version: str
+        architecture: str
+        timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sources() -> list[Any]:
+    found: list[Any] = []
+    for name in ("wg04_RG2_hip_CR/RG2_UNC.dcm", "wg04_RG3_tibia_CR/RG3_UNC.dcm"):
+        path = SHARED_DICOM / name
+        found.append(
+            pytest.param(path, id=path.stem, marks=[] if path.is_file() else [
+                pytest.mark.skip(reason=f"{path} not found (shared test data absent)")
+            ])
+        )
+    for path in sorted((REPO / "tests" / "data").rglob("*.dcm")):
+        found.append(pytest.param(path, id=f"sample-{path.stem}"))
+    return found
+
+
+SOURCES = _sources()
+
+
+def _cam(size: int = 224, cx: float = 0.6, cy: float = 0.4) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    main = np.exp(-(((xx - cx) / 0.08) ** 2 + ((yy - cy) / 0.06) ** 2))
+    side = 0.45 * np.exp(-(((xx - 0.25) / 0.12) ** 2 + ((yy - 0.75) / 0.1) ** 2))
+    return (main + side).astype(np.float32)
+
+
+def _prediction(arch: str, fractured: bool, probability: float | None = None) -> Prediction:
+    p = probability if probability is not None else (0.873 if fractured else 0.062)
+    return Prediction(
+        probability=p,
+        fractured=fractured,
+        threshold=0.42,
+        label="fractured" if fractured else "not fractured",
+        cam=_cam(),
+        model_name=f"fracture-{arch}",
+        model_version="1.2.3",
+        architecture=arch,
+        timings={"preprocess": 0.0, "forward": 0.0, "cam": 0.0},
+    )
+
+
+_PREPARED: dict[Path, tuple[pydicom.Dataset, Any]] = {}
+
+
+def _load(path: Path) -> tuple[pydicom.Dataset, Any]:
+    """Decode each source once per test session (decoding a 2140x1760 image costs about half a second)."""
+    if path not in _PREPARED:
+        ds = pydicom.dcmread(path)
+        try:
+            prepared = prepare(dicom_to_gray(ds), InputSpec())
+        except Exception as exc:  # a committed sample that is not a greyscale image
+            pytest.skip(f"{path.name} cannot be prepared: {exc}")
+        _PREPARED[path] = (ds, prepared)
+    return _PREPARED[path]
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def _dcmdump_ok(path: Path) -> None:
+    out = subprocess.run(["dcmdump", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "E: " not in out.stderr, out.stderr
+
+
+needs_dicom3tools = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+needs_dcmtk = pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmdump (dcmtk) not installed")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The full objects, per architecture and source
+# ----------------------------------------------------------------------------------------------------
+
+
+@needs_dicom3tools
+@needs_dcmtk
+@pytest.mark.parametrize("source_path", SOURCES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -> None:
+    ds, prepared = _load(source_path)
+    # Every source gets both outcomes across the three architectures.
+    source_index = [p.values[0] for p in SOURCES].index(source_path)
+    fractured = (ARCHITECTURES.index(arch) + source_index) % 2 == 0
+    prediction = _prediction(arch, fractured)
+    out = write_results(ds, prepared, prediction, tmp_path / "r")
+
+    sc_path, sr_path = Path(out["sc"]), Path(out["sr"])
+    for path in (sc_path, sr_path):
+        assert path.is_file()
+        assert _dciodvfy_errors(path) == [], f"{path.name}: dciodvfy errors"
+        _dcmdump_ok(path)
+    assert not list((tmp_path / "r").glob(".*.tmp")), "temporary files left behind"
+
+    sc = pydicom.dcmread(sc_path)
+    sr = pydicom.dcmread(sr_path)
+    # Same patient and study, new series, deterministic UIDs.
+    for obj in (sc, sr):
+        for keyword in ("PatientName", "PatientID", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyID",
+                        "AccessionNumber", "StudyDescription", "TimezoneOffsetFromUTC"):
+            if keyword in ds:
+                assert obj.get(keyword) == ds.get(keyword), keyword
+        assert obj.SeriesInstanceUID != ds.SeriesInstanceUID
+        assert "NOT FOR DIAGNOSTIC USE" in obj.SeriesDescription
+        assert obj.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        ours = [e for e in obj.ContributingEquipmentSequence if e.Manufacturer == "pacs-ai"]
+        assert len(ours) == 1
+        equipment = ours[0]
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+        assert arch in equipment.ManufacturerModelName
+        assert any("1.2.3" in v for v in equipment.SoftwareVersions)
+    src_uid = ds.SOPInstanceUID
+    assert sc.SOPInstanceUID == out["sc_sop_instance_uid"] == derive_uid(src_uid, "1.2.3", "sc")
+    assert sr.SOPInstanceUID == out["sr_sop_instance_uid"] == derive_uid(src_uid, "1.2.3", "sr")
+    assert sc.SeriesInstanceUID == out["series_instance_uids"]["sc"] == derive_uid(src_uid, "1.2.3", "sc-series")
+    assert sr.SeriesInstanceUID == out["series_instance_uids"]["sr"] == derive_uid(src_uid, "1.2.3", "sr-series")
+
+    # The Secondary Capture.
+    assert sc.SOPClassUID == SC_CLASS
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.SeriesNumber == 9901
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.BitsAllocated == 8
+    assert max(sc.Rows, sc.Columns) <= 2048
+    assert abs(sc.Rows / sc.Columns - ds.Rows / ds.Columns) < 0.01, "aspect ratio changed"
+    for seq in (sc.ReferencedImageSequence, sc.SourceImageSequence):
+        assert seq[0].ReferencedSOPInstanceUID == src_uid
+        assert seq[0].ReferencedSOPClassUID == ds.SOPClassUID
+
+    # The Structured Report says what was decided.
+    assert sr.SOPClassUID == SR_3D_CLASS
+    finding = read_finding(sr)
+    assert finding.fractured is fractured
+    assert finding.probability == pytest.approx(prediction.probability)
+    assert finding.threshold == pytest.approx(0.42)
+    assert finding.algorithm_name == f"fracture-{arch}"
+    assert finding.algorithm_version == "1.2.3"
+    assert finding.source_sop_instance_uid == src_uid
+    if fractured:
+        assert out["roi"] is not None and finding.roi == pytest.approx(tuple(out["roi"]))
+        x0, y0, x1, y1 = out["roi"]
+        assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows
+        # The synthetic map's maximum, (0.6, 0.4) of the network input, mapped back: inside the box.
+        g = prepared.geometry
+        peak_x = (0.6 * g.size - g.pad_left) / g.scale
+        peak_y = (0.4 * g.size - g.pad_top) / g.scale
+        assert x0 <= peak_x <= x1 and y0 <= peak_y <= y1
+    else:
+        assert out["roi"] is None and finding.roi is None
+
+    png = cv2.imread(out["overlay"], cv2.IMREAD_COLOR)
+    assert png is not None and max(png.shape[:2]) <= 1024
+    assert abs(png.shape[0] / png.shape[1] - sc.Rows / sc.Columns) < 0.01
+
+
+@pytest.mark.skipif(not (SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm").is_file(), reason="shared data absent")
+def test_highdicom_reads_the_report_and_roi(tmp_path: Path) -> None:
+    import highdicom as hd
+
+    ds, prepared = _load(SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm")
+    out = write_results(ds, prepared, _prediction("resnet50", True), tmp_path)
+    sr = hd.sr.srread(out["sr"])
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    group = groups[0]
+    assert group.tracking_uid == derive_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
+    assert group.finding_type.value == "72704001"
+    rois = sr.content.get_planar_roi_measurement_groups()
+    assert len(rois) == 1 and rois[0].roi is not None
+    assert str(rois[0].roi.GraphicType) == "POLYLINE"
+
+
+@pytest.mark.skipif(not (SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm").is_file(), reason="shared data absent")
+def test_reprocessing_gives_the_same_uids_and_replaces_files(tmp_path: Path) -> None:
+    ds, prepared = _load(SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm")
+    first = write_results(ds, prepared, _prediction("densenet121", True), tmp_path)
+    second = write_results(ds, prepared, _prediction("densenet121", False, 0.2), tmp_path)
+    for key in ("sc_sop_instance_uid", "sr_sop_instance_uid", "series_instance_uids"):
+        assert first[key] == second[key]
+    assert read_finding(pydicom.dcmread(second["sr"])).fractured is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay.png", "sc.dcm", "sr.dcm"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_derive_uid_is_deterministic_and_distinct() -> None:
+    src = "1.2.3.4.5"
+    uids = {kind: derive_uid(src, "1.0.0", kind) for kind in ("sc-series", "sc", "sr-series", "sr")}
+    assert len(set(uids.values())) == 4
+    assert uids == {kind: derive_uid(src, "1.0.0", kind) for kind in uids}
+    assert derive_uid(src, "1.0.1", "sc") != uids["sc"]
+    assert derive_uid("1.2.3.4.6", "1.0.0", "sc") != uids["sc"]
+    for uid in uids.values():
+        assert pydicom.uid.UID(uid).is_valid and len(uid) <= 64 and uid.startswith("2.25.")
+    with pytest.raises(ValueError):
+        derive_uid(src, "1.0.0", "bogus")
+
+
+def test_hottest_region_is_the_blob_around_the_maximum() -> None:
+    heat = np.zeros((100, 200), np.float32)
+    heat[10:20, 30:50] = 1.0  # hottest blob
+    heat[60:90, 100:180] = 0.8  # bigger but cooler blob, above half the maximum
+    assert hottest_region(heat) == (30, 10, 50, 20)
+    assert hottest_region(np.zeros((10, 10), np.float32)) is None
+    assert normalise_heat(np.full((3, 3), np.nan)).max() == 0.0
+
+
+def test_overlay_keeps_cold_areas_grey_and_caption_readable() -> None:
+    grey = np.tile(np.linspace(20, 230, 300, dtype=np.float32), (400, 1)).astype(np.uint8)
+    heat = np.zeros((400, 300), np.float32)
+    heat[250:300, 150:200] = 1.0
+    img = render_result_image(grey, heat, Caption(True, 0.9, 0.5, "fracture-resnet50 1.0.0"), roi=(150, 250, 200, 300))
+    assert img.shape == (400, 300, 3) and img.dtype == np.uint8
+    cold = img[200, 100]
+    assert cold[0] == cold[1] == cold[2], "cold areas must stay grey"
+    hot = img[275, 175].astype(int)
+    assert hot.max() - hot.min() > 40, "hot areas must be coloured"
+    assert (img[5:60, 5:200] < 60).mean() > 0.5, "caption sits in a dark box"
+    big = render_result_image(np.zeros((3000, 2500), np.uint8), None, Caption(False, 0.1, 0.5, "m 1"))
+    assert big.shape == (2048, round(2500 * 2048 / 3000), 3)
+
+
+def test_missing_source_uid_is_a_write_error(tmp_path: Path) -> None:
+    from pacs_ai.infer.preprocess import Geometry, Prepared
+
+    ds = pydicom.Dataset()
+    ds.StudyInstanceUID = "1.2.3"
+    display = np.zeros((64, 64), np.uint8)
+    prepared = Prepared(tensor=None, display=display, geometry=Geometry.for_image(64, 64, 224))  # type: ignore[arg-type]
+    with pytest.raises(DicomWriteError):
+        write_results(ds, prepared, _prediction("resnet50", True), tmp_path)
+
+
+SMALL = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
+
+
+@pytest.mark.skipif(not SMALL.is_file(), reason="tests/data sample absent")
+def test_all_zero_heat_map_gives_no_roi_and_no_tint(tmp_path: Path) -> None:
+    """Grad-CAM maps can come out all zero: the writer still writes both objects, without a region."""
+    ds, prepared = _load(SMALL)
+    prediction = _prediction("vgg16", True)
+    prediction = Prediction(**{**{f: getattr(prediction, f) for f in prediction.__dataclass_fields__},
+                               "cam": np.zeros((224, 224), np.float32)})
+    out = write_results(ds, prepared, prediction, tmp_path)
+    assert out["roi"] is None
+    finding = read_finding(pydicom.dcmread(out["sr"]))
+    assert finding.fractured is True and finding.roi is None
+    rgb = pydicom.dcmread(out["sc"]).pixel_array
+    middle = rgb[rgb.shape[0] // 2, :].astype(int)
+    assert (middle[:, 0] == middle[:, 1]).all() and (middle[:, 1] == middle[:, 2]).all()

@@ -1,0 +1,186 @@
+"""``python -m training <command>`` / ``pacs-ai-train``: split, train, evaluate, calibrate, compare, cam-review, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pacs_ai.errors import PacsAiError
+from pacs_ai.infer.architectures import ARCHITECTURES
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default: auto)")
+
+
+def _add_eval_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="folder with fractured/ and not_fractured/ (DICOM, JPEG or PNG)")
+    p.add_argument("--split", type=Path, default=None, help="split CSV from `split`; evaluate only its --subset rows")
+    p.add_argument("--subset", default="val", help="which split rows to use with --split (default: val)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="cache of letterboxed images (speeds up repeated runs)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacs-ai-train", description="Train, evaluate, calibrate, compare and export pacs-ai fracture classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("split", help="group-aware, label-stratified train/validation split -> CSV", description="Split a dataset folder (fractured/, not_fractured/, optional manifest.csv with a group column) into train and val, keeping each group on one side and the label ratio equal. Deterministic for a seed.")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write (file,label,group,split)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train a backbone (checkpoints every epoch, --resume, early stopping)", description="Train resnet50, vgg16 or densenet121 with a two-class head on letterboxed, CLAHE-enhanced radiographs (the daemon's own preprocessing). Checkpoints every epoch to --out (last.pt, best.pt); --export writes the calibrated model folder after every improving epoch.")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="densenet121")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (fractured/, not_fractured/, optional manifest.csv)")
+    p.add_argument("--split", type=Path, default=None, help="split CSV (default: split on the fly with --val-fraction/--seed)")
+    p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, history and config")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--weights", default="none", help="none (from scratch), imagenet (torchvision's local cache only) or a local state-dict FILE (default: none)")
+    p.add_argument("--size", type=int, default=224, help="square input side in pixels (default: 224)")
+    p.add_argument("--no-clahe", action="store_true", help="disable CLAHE contrast enhancement")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--schedule", choices=("cosine", "onecycle"), default="cosine", help="cosine: warm-up + cosine, also paced by --max-minutes")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--freeze-epochs", type=int, default=0, help="epochs with the early layers frozen (transfer learning)")
+    p.add_argument("--freeze-groups", type=int, default=-2, help="how many layer groups to freeze from the stem; negative = all but the last N (default: -2)")
+    p.add_argument("--balance", choices=("loss", "sampler", "none"), default="loss", help="class imbalance: weighted loss, balanced sampler, or nothing")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without validation AUROC improvement")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; the cosine schedule is paced to end within it")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=None, help="cache letterboxed images here (.npy)")
+    p.add_argument("--export", type=Path, default=None, help="model folder to (re)write, calibrated, after every improving epoch")
+    p.add_argument("--name", default="fracture-classifier", help="model name for the card")
+    p.add_argument("--version", default="0.1.0", help="model version for the card")
+    p.add_argument("--half", action="store_true", help="export weights as float16")
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the exported card's intervals")
+    p.add_argument("--limit", type=int, default=None, help="use at most N train and N val images (smoke tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(p)
+
+    p = sub.add_parser("evaluate", help="metrics with bootstrap 95%% intervals, confusion matrix, ROC curve PNG", description="Evaluate a model folder on labelled images (DICOM, JPEG or PNG). Uses the card's temperature and threshold.")
+    p.add_argument("--model", type=Path, required=True, help="model folder (model.json + weights)")
+    _add_eval_data(p)
+    p.add_argument("--json", type=Path, default=None, help="write the metrics here")
+    p.add_argument("--out", type=Path, default=None, help="folder for roc.png and confusion.png (default: next to --json, else none)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    _add_threads(p)
+
+    p = sub.add_parser("calibrate", help="temperature scaling + threshold for a target sensitivity, written into the card", description="Fit the temperature on validation NLL and choose the threshold that reaches --target-sensitivity on validation; rewrite the model card (and its validation metrics).")
+    p.add_argument("--model", type=Path, required=True)
+    _add_eval_data(p)
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--n-boot", type=int, default=1000)
+    _add_threads(p)
+
+    p = sub.add_parser("compare", help="side-by-side report of several models (Markdown + PNG)", description="Evaluate several model folders on the same images and write report.md with metrics, parameters, ms per image, overlaid ROC curves and confusion matrices.")
+    p.add_argument("--models", type=Path, nargs="+", required=True, help="model folders")
+    _add_eval_data(p)
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--timing-images", type=int, default=20, help="images timed one by one per model (batch 1)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    _add_threads(p)
+
+    p = sub.add_parser("cam-review", help="Grad-CAM gallery and pointing-game score against fracture boxes", description="Grad-CAM (HiResCAM for vgg16) overlays for fractured images and the pointing game: the share of images whose heat-map maximum falls inside a fracture box (boxes.csv: file,x0,y0,x1,y1 as fractions).")
+    p.add_argument("--model", type=Path, required=True)
+    _add_eval_data(p)
+    p.add_argument("--boxes", type=Path, default=None, help="boxes CSV (default: DATA/boxes.csv)")
+    p.add_argument("--out", type=Path, required=True, help="folder for gallery.png and cam_review.json")
+    p.add_argument("--gallery", type=int, default=16, help="images in the gallery")
+    p.add_argument("--limit", type=int, default=None, help="score at most N boxed images")
+    _add_threads(p)
+
+    p = sub.add_parser("export", help="checkpoint -> model folder the daemon loads (calibrated on validation)", description="Write a model folder from a training checkpoint (best.pt), calibrated on the run's validation split.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt from a training run")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--name", default=None)
+    p.add_argument("--version", default=None)
+    p.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    _add_threads(p)
+    return parser
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(args)
+    try:
+        return _dispatch(args)
+    except (PacsAiError, FileNotFoundError, ValueError) as exc:
+        print(f"pacs-ai-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "split":
+        from training.data import list_dataset, split_items, write_split
+
+        items = list_dataset(args.data)
+        split = split_items(items, args.val_fraction, args.seed)
+        write_split(args.out, split)
+        for k, v in split.items():
+            print(f"{k}: {len(v)} images, {sum(i.label for i in v)} fractured, {len({i.group for i in v})} groups")
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "train":
+        from training.train import TrainConfig, train
+
+        cfg = TrainConfig(
+            data=str(args.data), out=str(args.out), arch=args.arch, split=str(args.split) if args.split else None,
+            val_fraction=args.val_fraction, seed=args.seed, size=args.size, clahe=not args.no_clahe, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+            schedule=args.schedule, warmup_epochs=args.warmup_epochs, weights=args.weights, freeze_epochs=args.freeze_epochs,
+            freeze_groups=args.freeze_groups, balance=args.balance, label_smoothing=args.label_smoothing, patience=args.patience,
+            max_minutes=args.max_minutes, threads=args.threads, device=args.device,
+            cache_dir=str(args.cache_dir) if args.cache_dir else None, export_dir=str(args.export) if args.export else None,
+            export_name=args.name, export_version=args.version, export_half=args.half,
+            target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit, progress=not args.no_progress,
+        )
+        summary = train(cfg, resume=args.resume, log=lambda m: print(m, flush=True))
+        print(json.dumps(summary))
+        return 0
+    if args.command == "evaluate":
+        from training.evaluate import evaluate_command
+
+        return evaluate_command(args)
+    if args.command == "calibrate":
+        from training.evaluate import calibrate_command
+
+        return calibrate_command(args)
+    if args.command == "compare":
+        from training.compare import compare_command
+
+        return compare_command(args)
+    if args.command == "cam-review":
+        from training.cam_review import cam_review_command
+
+        return cam_review_command(args)
+    if args.command == "export":
+        from training.evaluate import export_command
+
+        return export_command(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
