@@ -243,6 +243,17 @@ def send_files(
     return result
 
 
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections there (checked before a C-ECHO, to keep logs quiet)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def echo(port: int, host: str = "127.0.0.1", called_ae: str = DAEMON_AE, timeout: float = 5.0) -> bool:
     """True when the peer answers a C-ECHO with success within ``timeout`` seconds."""
     ae = AE(ae_title=TEST_AE)
@@ -413,7 +424,7 @@ class Daemon:
             if not self.alive:
                 raise DaemonError(f"pacs-ai serve exited with {self.proc.returncode if self.proc else '?'}:\n"
                                   f"{self.log_tail()}")
-            if echo(self.port, timeout=2.0):
+            if _port_open(self.port) and echo(self.port, timeout=2.0):
                 return
             time.sleep(0.2)
         raise DaemonError(f"pacs-ai serve did not answer C-ECHO within {timeout:.0f} s:\n{self.log_tail()}")

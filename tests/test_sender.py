@@ -270,3 +270,49 @@ def test_outbox_when_no_destination(results: list[dict[str, Any]], tmp_path: Pat
         assert names == sorted([f"{r['sc_sop_instance_uid']}.dcm", f"{r['sr_sop_instance_uid']}.dcm"])
     assert [d for _, d, _ in obs.ok] == [OUTBOX, OUTBOX]
     assert all(d.state == DeliveryState.DONE for d in store.list_deliveries())
+
+
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="openssl CLI not installed")
+def test_send_over_tls(results: list[dict[str, Any]], tmp_path: Path) -> None:
+    """The sender hands its SSL context to pynetdicom: a TLS-only SCP receives the files."""
+    import ssl
+    import subprocess
+
+    from pynetdicom import AE, evt
+
+    from pacs_ai.config import TlsConfig
+    from pacs_ai.ops.tls import client_context
+
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "server.key", "-out", "server.crt", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        cwd=tmp_path, check=True, capture_output=True, timeout=60,
+    )
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    got: list[str] = []
+
+    def on_store(event: Any) -> int:
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="TLSSCP")
+    for uid in (str(results[0]["source"].SOPClassUID), "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"):
+        ae.add_supported_context(uid, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server_ctx,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        dest = Destination(name="tls", ae_title="TLSSCP", host="127.0.0.1", port=port,
+                           tls=TlsConfig(ca_file=tmp_path / "server.crt"))
+        ctx = client_context(dest.tls)
+        r = results[1]
+        send_files(dest, [Path(r["sc"]), Path(r["sr"])], calling_ae_title="PACSAI", timeout_s=10, ssl_context=ctx)
+        assert got == [r["sc_sop_instance_uid"], r["sr_sop_instance_uid"]]
+        # Without TLS the same peer cannot be reached: a transient failure, not a silent success.
+        with pytest.raises(DeliveryError) as info:
+            send_files(dest, [Path(r["sc"])], calling_ae_title="PACSAI", timeout_s=5)
+        assert not info.value.permanent
+    finally:
+        server.shutdown()

@@ -151,6 +151,20 @@ def _sqlite_missing(url: str) -> Path | None:
     return None if path.exists() else path
 
 
+def _with_connect_timeout(url: str, seconds: int = 5) -> str:
+    """A PostgreSQL URL gets ``connect_timeout`` (unless it has one), so an unreachable server is
+    reported within seconds instead of after the TCP timeout."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - JobStore reports a malformed URL
+        return url
+    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
+        return url
+    return parsed.update_query_dict({"connect_timeout": str(seconds)}).render_as_string(hide_password=False)
+
+
 def read_queue(config: Config) -> dict[str, Any]:
     """Jobs per state, the oldest queued job, deliveries per destination (from the job store)."""
     url = config.database_url
@@ -163,7 +177,7 @@ def read_queue(config: Config) -> dict[str, Any]:
     from pacs_ai.queue.jobstore import JobStore
 
     try:
-        store = JobStore(url)
+        store = JobStore(_with_connect_timeout(url))
     except PacsAiError as exc:
         report["error"] = str(exc)
         return report

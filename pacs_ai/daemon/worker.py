@@ -74,6 +74,13 @@ def job_result(prediction: Prediction, files: dict) -> dict[str, Any]:
     }
 
 
+def _drop_decoded_pixels(ds: pydicom.Dataset) -> None:
+    """Forget pydicom's cached decoded pixel array (the writer works from ``Prepared.display``)."""
+    if getattr(ds, "_pixel_array", None) is not None:
+        ds._pixel_array = None
+        ds._pixel_id = {}
+
+
 @dataclass
 class _Item:
     job: Job
@@ -159,6 +166,7 @@ class Worker:
             gray = dicom_to_gray(ds)
             prepared = prepare(gray, self.engine.spec)
             del gray
+            _drop_decoded_pixels(ds)
         except InputError as exc:
             self._fail(job, str(exc), permanent=True)
             return None

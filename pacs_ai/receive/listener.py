@@ -236,7 +236,8 @@ class Listener:
         try:
             uids = read_header_uids(request.DataSet, transfer_syntax)
         except Exception as exc:  # pydicom raises many types on garbage
-            return refuse(cx.STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(exc).__name__}: {exc})")
+            detail = str(exc).splitlines()[0][:160] if str(exc) else ""  # no element values beyond that
+            return refuse(cx.STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(exc).__name__}: {detail})")
 
         missing = [
             name

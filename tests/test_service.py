@@ -1,0 +1,103 @@
+"""The daemon as a whole: start-up with the embedded defaults, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from daemon_harness import Daemon, echo, send_files, shared_model
+from pydicom.uid import generate_uid
+
+from pacs_ai.config import BUNDLED_MODEL
+from pacs_ai.queue.jobstore import JobState, JobStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _copies(sample: Path, folder: Path, n: int) -> list[Path]:
+    """``n`` copies of ``sample``, each with its own SOP Instance UID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(sample)
+    paths = []
+    for i in range(n):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"copy{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "model.json").is_file(), reason="no bundled model in models/reference")
+def test_serve_with_embedded_defaults_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`pacs-ai serve` without --config: data under ./pacs-ai-data, bundled model, SIGTERM exits 0."""
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacs_ai", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not echo(port, timeout=2.0):
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "daemon did not answer C-ECHO within 120 s"
+            time.sleep(0.3)
+        assert (tmp_path / "pacs-ai-data" / "pacs-ai.db").is_file()
+        assert (tmp_path / "pacs-ai-data" / "spool").is_dir()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    log = out.decode()
+    assert proc.returncode == 0, log
+    assert "stopping" in log and "stopped in" in log, log
+    assert "reference" in log or str(BUNDLED_MODEL.name) in log
+
+
+def test_sigterm_during_burst_loses_nothing_and_leaves_no_job_running(tmp_path: Path, sample_file: Path) -> None:
+    """SIGTERM while images arrive and jobs run: every acknowledged image is queued or done, none running."""
+    files = _copies(sample_file, tmp_path / "in", 200)
+    daemon = Daemon(tmp_path / "d", model=shared_model("resnet50"))
+    daemon.start()
+    results: list = []
+
+    def burst() -> None:
+        results.append(send_files(daemon.port, files))
+
+    sender = threading.Thread(target=burst)
+    sender.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    code = daemon.proc.wait(timeout=60)
+    stop_s = time.monotonic() - started
+    sender.join(timeout=60)
+    assert code == 0, daemon.log_tail()
+    assert stop_s < 45, f"stop took {stop_s:.1f} s"
+
+    sent = results[0]
+    acked = {s.sop_instance_uid for s in sent.sent if s.ok}
+    assert acked, "no image was acknowledged before SIGTERM; the test proves nothing"
+    store = JobStore(f"sqlite:///{daemon.data_dir / 'pacs-ai.db'}")
+    try:
+        jobs = store.list_jobs(limit=1000)
+        by_uid = {j.sop_instance_uid: j for j in jobs}
+        assert acked <= set(by_uid), f"acknowledged but not queued: {sorted(acked - set(by_uid))}"
+        for job in jobs:
+            assert Path(job.spool_path).is_file(), f"job {job.id}: spool file missing"
+            assert job.state is not JobState.RUNNING, f"job {job.id} left running after SIGTERM"
+    finally:
+        store.close()
+    print(f"\nSIGTERM during burst: {len(acked)} acknowledged, {len(jobs)} jobs, stopped in {stop_s:.1f} s")
