@@ -71,6 +71,15 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def make_copies(source: Path, folder: Path, count: int) -> list[Path]:
     import pydicom
     from pydicom.uid import generate_uid
@@ -113,7 +122,9 @@ def run_pacs_ai(files: list[Path], work: Path) -> tuple[float, int]:
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         if not ready or not proc.stdout.readline().startswith("READY"):
             raise RuntimeError("pacs-ai listener did not start")
+        cpu0 = cpu_seconds(proc.pid)
         elapsed = storescu(port, files, "PACSAI")
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -125,7 +136,7 @@ def run_pacs_ai(files: list[Path], work: Path) -> tuple[float, int]:
     stored = len(list((data / "spool").rglob("*.dcm")))
     if stored != len(files) or queued != len(files):
         raise RuntimeError(f"pacs-ai stored {stored} files and queued {queued} jobs of {len(files)}")
-    return elapsed, stored
+    return elapsed, cpu
 
 
 def run_storescp(files: list[Path], work: Path, extra: list[str]) -> tuple[float, int]:
@@ -138,14 +149,16 @@ def run_storescp(files: list[Path], work: Path, extra: list[str]) -> tuple[float
     )
     try:
         wait_port(port)
+        cpu0 = cpu_seconds(proc.pid)
         elapsed = storescu(port, files, "STORESCP")
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     stored = len([p for p in out.iterdir() if p.is_file()])
     if stored != len(files):
         raise RuntimeError(f"storescp stored {stored} of {len(files)}")
-    return elapsed, stored
+    return elapsed, cpu
 
 
 def main() -> int:
@@ -166,6 +179,7 @@ def main() -> int:
         images.mkdir()
         files = make_copies(source, images, args.count)
         total_mb = sum(f.stat().st_size for f in files) / 1e6
+        load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
         results = []
         for name, run in (
             ("pacs-ai listener", lambda: run_pacs_ai(files, work)),
@@ -173,19 +187,21 @@ def main() -> int:
             ("dcmtk storescp +B", lambda: run_storescp(files, work, ["+B"])),
         ):
             subprocess.run(["sync"], check=False)
-            elapsed, _ = run()
-            results.append((name, elapsed))
+            elapsed, cpu = run()
+            results.append((name, elapsed, cpu))
         print(
             f"ingest: {args.count} x {source.name} ({total_mb / args.count:.1f} MB each, {total_mb:.0f} MB), "
             f"one storescu association, 127.0.0.1; {platform.node()}, {os.cpu_count()} CPUs, "
             f"{platform.python_implementation()} {platform.python_version()}"
         )
-        print(f"{'receiver':<20} {'seconds':>8} {'images/s':>9} {'MB/s':>8} {'vs storescp':>12}")
+        print(f"load average before the runs: {load} (other work on the machine skews wall-clock figures)")
+        header = f"{'receiver':<20} {'seconds':>8} {'images/s':>9} {'MB/s':>8} {'vs storescp':>12} {'receiver CPU s':>15}"
+        print(header)
         reference = results[1][1]
-        for name, elapsed in results:
+        for name, elapsed, cpu in results:
             print(
                 f"{name:<20} {elapsed:>8.2f} {args.count / elapsed:>9.1f} {total_mb / elapsed:>8.1f} "
-                f"{reference / elapsed:>11.2f}x"
+                f"{reference / elapsed:>11.2f}x {cpu:>15.1f}"
             )
         print("(pacs-ai: fsync + rename + committed job per image; storescp: no fsync)")
     finally:

@@ -142,7 +142,11 @@ def _rss_mb() -> float:
 
 
 def test_no_memory_growth_over_hundreds_of_images() -> None:
-    """320 images through the engine (CAM and plain forwards alternating): no growth in Python or RSS."""
+    """320 images through the engine (CAM and plain forwards alternating): no growth in Python or RSS.
+
+    For scale: re-creating the CAM object for every batch (the known leak) grows Python allocations by
+    about 250 KiB and RSS by about 21 MiB over the same 40 batches; reusing one grows by < 1 KiB / ~6 MiB.
+    """
     from model_factory import model_folder
 
     from pacs_ai.infer.engine import InferenceEngine
@@ -172,5 +176,5 @@ def test_no_memory_growth_over_hundreds_of_images() -> None:
             tracemalloc.stop()
     finally:
         engine.close()
-    assert after_py - before_py < 256 * 1024, f"Python allocations grew by {(after_py - before_py) / 1024:.0f} KiB"
-    assert after_rss - before_rss < 40, f"RSS grew by {after_rss - before_rss:.1f} MiB over 320 images"
+    assert after_py - before_py < 32 * 1024, f"Python allocations grew by {(after_py - before_py) / 1024:.0f} KiB"
+    assert after_rss - before_rss < 16, f"RSS grew by {after_rss - before_rss:.1f} MiB over 320 images"

@@ -272,6 +272,18 @@ def test_outbox_when_no_destination(results: list[dict[str, Any]], tmp_path: Pat
     assert all(d.state == DeliveryState.DONE for d in store.list_deliveries())
 
 
+def test_deliveries_to_a_removed_destination_are_dead_lettered(results: list[dict[str, Any]], tmp_path: Path) -> None:
+    """Deliveries to a destination no longer configured end dead with the reason, not pending for ever."""
+    store = _store(tmp_path)
+    _finish_jobs(store, results[:2], ["old-pacs"])
+    proc = DeliveryProcessor(store, [], tmp_path / "outbox", calling_ae_title="PACSAI", owner="d")
+    assert proc.dead_letter_unconfigured() == 2
+    deliveries = store.list_deliveries()
+    assert [d.state for d in deliveries] == [DeliveryState.DEAD, DeliveryState.DEAD]
+    assert all("no longer configured" in (d.last_error or "") for d in deliveries)
+    assert proc.dead_letter_unconfigured() == 0
+
+
 @pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="openssl CLI not installed")
 def test_send_over_tls(results: list[dict[str, Any]], tmp_path: Path) -> None:
     """The sender hands its SSL context to pynetdicom: a TLS-only SCP receives the files."""

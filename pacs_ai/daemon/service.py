@@ -219,6 +219,8 @@ class Service:
 
     def run_retention(self) -> int:
         """Remove jobs older than ``retention_days`` whose results were delivered, with their files."""
+        if self.deliveries:
+            self.deliveries.dead_letter_unconfigured()
         age = timedelta(days=self.config.storage.retention_days)
         removed = 0
         for job in self.jobs.purge(age):
@@ -256,6 +258,8 @@ class Service:
         watchdog = self.notifier.watchdog_interval()
         if watchdog:
             sched.add_job(self._watchdog, "interval", seconds=max(1.0, watchdog / 2), id="watchdog", **common)
+        if self.deliveries:
+            self.deliveries.dead_letter_unconfigured()
         sched.start()
         self._update_gauges()
         self.notifier.ready()

@@ -197,10 +197,11 @@ class JobStore:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             try:
+                cur.execute(f"PRAGMA busy_timeout={busy_ms}")
                 if not memory:
                     cur.execute("PRAGMA journal_mode=WAL")
+                # FULL: a committed job survives power loss too, not only a process crash.
                 cur.execute("PRAGMA synchronous=FULL")
-                cur.execute(f"PRAGMA busy_timeout={busy_ms}")
                 cur.execute("PRAGMA foreign_keys=ON")
             finally:
                 cur.close()

@@ -128,6 +128,24 @@ class DeliveryProcessor:
         self._threads: dict[str, threading.Thread] = {}
         self._done: list[int] = []
 
+    def dead_letter_unconfigured(self) -> int:
+        """Dead-letter open deliveries to destinations no longer in the configuration; returns how many.
+
+        Without this they would wait for ever: nobody claims deliveries for a name that is not configured.
+        Adding the destination back and running ``pacs-ai jobs retry --dead --deliveries`` sends them.
+        """
+        count = 0
+        for name, states in self.jobs.delivery_counts().items():
+            if name in self.destinations or not any(states.get(s, 0) for s in ("pending", "failed", "sending")):
+                continue
+            reason = f"destination {name!r} is no longer configured"
+            for delivery in self.jobs.claim_deliveries(self.owner, limit=100_000, destination=name):
+                self.jobs.fail_delivery(delivery.id, self.owner, reason, permanent=True)
+                self.observer.delivery_failed(delivery.job_id, name, reason, True)
+                count += 1
+            log.warning("%d delivery(ies) to %r dead-lettered: %s", count, name, reason)
+        return count
+
     # -- the round ---------------------------------------------------------------------------------
 
     def run_once(self) -> int:
