@@ -5,7 +5,7 @@ For each architecture a random-weight model folder (weights do not change the sp
 temporary folder and loaded by the real ``InferenceEngine``; the benchmark times
 ``engine.predict(batch, with_cam=False)`` (inference-mode forward) and ``engine.predict(batch)`` (one
 forward + Grad-CAM/HiResCAM, probabilities from the same forward) on letterboxed 224 px inputs, after
-warm-up, and prints a table with ms/image, images/s and the CAM/forward ratio (medians).
+warm-up, alternating the two so that load from other processes hits both alike, and prints a table with ms/image, images/s and the CAM/forward ratio (medians).
 
 With ``--library`` it also times pytorch-grad-cam's default path (a fresh unfrozen model, full backward
 with parameter gradients) at batch 1, for comparison.
@@ -77,6 +77,22 @@ def timed(fn, iters: int, warmup: int, sync) -> float:  # type: ignore[no-untype
     return STAT(times)
 
 
+def timed_pair(first, second, iters: int, warmup: int, sync) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Time two functions alternately (first, second, first, ...) so machine load hits both alike."""
+    for _ in range(warmup):
+        first()
+        second()
+    sync()
+    a, b = [], []
+    for _ in range(iters):
+        for fn, acc in ((first, a), (second, b)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            acc.append(time.perf_counter() - t0)
+    return STAT(a), STAT(b)
+
+
 def library_default(arch: str, x: torch.Tensor, iters: int, warmup: int, sync) -> float:  # type: ignore[no-untyped-def]
     """pytorch-grad-cam out of the box: trainable parameters, full backward, probabilities not reused."""
     from pytorch_grad_cam import GradCAM, HiResCAM
@@ -120,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             for b in batches:
                 batch = images(spec, b)
                 iters = args.iters or (20 if dev.type == "cuda" else (5 if b == 1 else 3))
-                t_fwd = timed(lambda: engine.predict(batch, with_cam=False), iters, args.warmup, sync)
-                t_cam = timed(lambda: engine.predict(batch), iters, args.warmup, sync)
+                t_fwd, t_cam = timed_pair(
+                    lambda: engine.predict(batch, with_cam=False), lambda: engine.predict(batch), iters, args.warmup, sync
+                )
                 row = {
                     "arch": arch, "batch": b, "device": str(dev), "threads": engine.threads,
                     "precision": engine.describe()["precision"], "cam": engine.describe()["cam_method"],

@@ -233,7 +233,7 @@ def _validate(config: Config) -> Config:
     for i, name in enumerate(names):
         if not name.strip():
             raise ConfigError(f"destinations[{i}].name", "must not be empty")
-        if names.count(name) > 1:
+        if name in names[:i]:
             raise ConfigError(f"destinations[{i}].name", f"duplicate destination name {name!r}")
     for key, tls in [("listener.tls", config.listener.tls)] + [
         (f"destinations[{i}].tls", d.tls) for i, d in enumerate(config.destinations)
@@ -244,6 +244,11 @@ def _validate(config: Config) -> Config:
             raise ConfigError(key, "the listener needs both cert_file and key_file")
         if (tls.cert_file is None) != (tls.key_file is None):
             raise ConfigError(key, "cert_file and key_file go together")
+    for i, aet in enumerate(config.listener.allowed_calling_aets):
+        if not aet.strip() or len(aet) > 16 or "\\" in aet:
+            raise ConfigError(
+                f"listener.allowed_calling_aets[{i}]", f"must be a DICOM AE title of 1 to 16 characters, not {aet!r}"
+            )
     if not config.model.path:
         raise ConfigError("model.path", "must name at least one model folder")
     return config

@@ -77,7 +77,7 @@ def test_destinations_and_allow_list(tmp_path: Path) -> None:
         (
             '[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\n'
             '[[destinations]]\nname = "a"\nae_title = "B"\nhost = "h"\nport = 2\n',
-            "destinations[0].name",  # config.py names the first of the duplicates
+            "destinations[1].name",  # the second of the duplicates is the one named
         ),
         ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\ncolour = 1\n', "destinations[0].colour"),
     ],
