@@ -102,3 +102,22 @@ def tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     yield make
     for path in mounted:
         subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def copies(source: Path, folder: Path, n: int, *, new_study: bool = False) -> list[Path]:
+    """``n`` copies of ``source`` with their own SOP Instance UIDs (and Study/Series UIDs if ``new_study``)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(source)
+    out = []
+    for i in range(n):
+        if new_study:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"copy{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out

@@ -26,7 +26,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
-from conftest import REPO_ROOT, free_port, have_tool
+from conftest import REPO_ROOT, copies, free_port, have_tool
 from pacs_ai.config import ListenerConfig
 from pacs_ai.queue.jobstore import JobState, JobStore
 from pacs_ai.receive import contexts as cx
@@ -171,20 +171,6 @@ def assert_stored_exact(server: Served, original: Path, *, byte_exact: bool = Tr
     assert job is not None and job.spool_path == str(stored)
     assert job.size == stored.stat().st_size and job.state is JobState.QUEUED
     assert [j.sop_instance_uid for j in server.jobs.list_jobs(limit=10_000)].count(uid) == 1
-
-
-def copies(source: Path, folder: Path, n: int) -> list[Path]:
-    """``n`` copies of ``source`` with their own SOP Instance UIDs (written with pydicom)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(source)
-    out = []
-    for i in range(n):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"copy{i:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        out.append(path)
-    return out
 
 
 # -- real images, real senders -----------------------------------------------------------------------

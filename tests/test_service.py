@@ -10,10 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 import pytest
+from conftest import copies, free_port
 from daemon_harness import Daemon, echo, send_files, shared_model
-from pydicom.uid import generate_uid
 
 from pacs_ai.config import BUNDLED_MODEL
 from pacs_ai.queue.jobstore import JobState, JobStore
@@ -21,25 +20,9 @@ from pacs_ai.queue.jobstore import JobState, JobStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _copies(sample: Path, folder: Path, n: int) -> list[Path]:
-    """``n`` copies of ``sample``, each with its own SOP Instance UID."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(sample)
-    paths = []
-    for i in range(n):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"copy{i:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model.json").is_file(), reason="no bundled model in models/reference")
 def test_serve_with_embedded_defaults_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
     """`pacs-ai serve` without --config: data under ./pacs-ai-data, bundled model, SIGTERM exits 0."""
-    from conftest import free_port
-
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pacs_ai", "serve", "--port", str(port)],
@@ -67,7 +50,7 @@ def test_serve_with_embedded_defaults_starts_and_stops_on_sigterm(tmp_path: Path
 
 def test_sigterm_during_burst_loses_nothing_and_leaves_no_job_running(tmp_path: Path, sample_file: Path) -> None:
     """SIGTERM while images arrive and jobs run: every acknowledged image is queued or done, none running."""
-    files = _copies(sample_file, tmp_path / "in", 200)
+    files = copies(sample_file, tmp_path / "in", 200)
     daemon = Daemon(tmp_path / "d", model=shared_model("resnet50"))
     daemon.start()
     results: list = []
