@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -46,6 +47,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    """The 1-minute load average (other processes competing for the cores skew CPU timings)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
 
 
 def images(spec: InputSpec, n: int, seed: int = 0) -> list:
@@ -158,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             engine.close()
-            del engine
     dev_name = torch.cuda.get_device_name(0) if rows and rows[0]["device"].startswith("cuda") else cpu_name()
     print(f"\nInference at {args.size} px on {dev_name}; torch {torch.__version__}; "
-          f"threads {rows[0]['threads'] if rows else '?'}; {rows[0]['precision'] if rows else ''}; {args.stat} of the timed runs")
+          f"threads {rows[0]['threads'] if rows else '?'}; {rows[0]['precision'] if rows else ''}; {args.stat} of the timed runs; "
+          f"load average at the end {load_average()}")
     lib = any("library_ms" in r for r in rows)
     head = "| model | CAM | batch | forward ms/img | forward img/s | forward+CAM ms/img | forward+CAM img/s | ratio |"
     sep = "|---|---|---|---|---|---|---|---|"

@@ -16,6 +16,7 @@ process runs, samples its peak RSS (``VmHWM``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -243,19 +244,29 @@ def send_files(
     return result
 
 
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something accepts TCP connections there (checked before a C-ECHO, to keep logs quiet)."""
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
         return False
 
 
-def echo(port: int, host: str = "127.0.0.1", called_ae: str = DAEMON_AE, timeout: float = 5.0) -> bool:
-    """True when the peer answers a C-ECHO with success within ``timeout`` seconds."""
+def echo(
+    port: int, host: str = "127.0.0.1", called_ae: str = DAEMON_AE, timeout: float = 5.0, quiet: bool = False
+) -> bool:
+    """True when the peer answers a C-ECHO with success within ``timeout`` seconds.
+
+    ``quiet`` drops pynetdicom's "connection refused" errors (while waiting for a daemon to start).
+    """
+    transport = logging.getLogger("pynetdicom.transport")
+    hush = _Quiet()
+    if quiet:
+        transport.addFilter(hush)
+    try:
+        return _echo(port, host, called_ae, timeout)
+    finally:
+        transport.removeFilter(hush)
+
+
+def _echo(port: int, host: str, called_ae: str, timeout: float) -> bool:
     ae = AE(ae_title=TEST_AE)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
@@ -424,7 +435,7 @@ class Daemon:
             if not self.alive:
                 raise DaemonError(f"pacs-ai serve exited with {self.proc.returncode if self.proc else '?'}:\n"
                                   f"{self.log_tail()}")
-            if _port_open(self.port) and echo(self.port, timeout=2.0):
+            if echo(self.port, timeout=2.0, quiet=True):
                 return
             time.sleep(0.2)
         raise DaemonError(f"pacs-ai serve did not answer C-ECHO within {timeout:.0f} s:\n{self.log_tail()}")

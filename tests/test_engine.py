@@ -49,7 +49,7 @@ def test_prediction_fields_threshold_temperature_and_label(tmp_path: Path) -> No
     images = prepared_images(engine, 4)
     images[0].extra["preprocess_s"] = 0.25
     preds = engine.predict(images)
-    model, card = load_model_folder(folder)
+    model, _ = load_model_folder(folder)
     with torch.inference_mode():
         logits = model(torch.stack([p.tensor for p in images]))
     expected = torch.softmax(logits.double() / 2.0, dim=1)[:, 1].numpy()
@@ -227,7 +227,6 @@ def test_classify_cli_end_to_end(tmp_path: Path, sample_files: list[Path], capsy
     import sys
 
     import cv2
-
     from conftest import REPO_ROOT
 
     png = tmp_path / "radiograph.png"
@@ -240,7 +239,7 @@ def test_classify_cli_end_to_end(tmp_path: Path, sample_files: list[Path], capsy
     files = [*sample_files, png, broken, missing]
     cmd = [sys.executable, "-m", "pacs_ai", "classify", *map(str, files), "--model", str(model_folder("densenet121")),
            "--device", "cpu", "--threads", "1", "--batch-size", "2", "--json", "--cam-out", str(cams)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 1, done.stderr  # two files could not be classified
     records = json.loads(done.stdout)
     assert [r["file"] for r in records if r["ok"]] == [str(f) for f in [*sample_files, png]]
@@ -254,8 +253,11 @@ def test_classify_cli_end_to_end(tmp_path: Path, sample_files: list[Path], capsy
             assert 0.0 <= r["probability"] <= 1.0 and r["label"] in ("fractured", "not_fractured")
             overlay = cv2.imread(r["overlay"])
             src = Path(r["file"])
-            h, w = (cv2.imread(str(src), 0).shape if src.suffix == ".png" else
-                    (lambda d: (d.Rows, d.Columns))(pydicom.dcmread(src, stop_before_pixels=True)))
+            if src.suffix == ".png":
+                h, w = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE).shape
+            else:
+                meta = pydicom.dcmread(src, stop_before_pixels=True)
+                h, w = meta.Rows, meta.Columns
             assert overlay.shape[:2] == (h, w) and overlay.shape[2] == 3
             # a colour heat map is blended in somewhere: not a grey image any more
             assert (overlay.max(axis=2).astype(int) - overlay.min(axis=2)).max() > 30

@@ -31,7 +31,8 @@ from dest_scp import DestSCP, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 BURST = int(os.environ.get("PACS_AI_FAULT_BURST", "200"))
-DELIVERY_TIMEOUT_S = 180.0
+DELIVERY_TIMEOUT_S = 120.0
+RECOVERY_TIMEOUT_S = 60.0  # after a restart, work left by the killed process must resume within this
 FIGURES: list[tuple[str, dict[str, int]]] = []
 
 
@@ -89,7 +90,9 @@ def send_until_acked(daemon: Daemon, images: list[Image], timeout: float, pause:
             time.sleep(pause)
 
 
-def figures(name: str, images: list[Image], dest: DestSCP, **other: int) -> dict[str, int]:
+def figures(name: str, images: list[Image], dest: DestSCP, refused: frozenset[str] = frozenset(),
+            **other: int) -> dict[str, int]:
+    """The figures of a test; ``refused``: studies the PACS refuses on purpose (dead-lettered, not lost)."""
     acked = [im for im in images if im.acked]
     complete = dest.complete_studies({im.study_uid for im in acked})
     f = {
@@ -97,7 +100,7 @@ def figures(name: str, images: list[Image], dest: DestSCP, **other: int) -> dict
         "acknowledged": len(acked),
         "delivered": len(complete),
         "duplicates": sum(n - 1 for n in dest.duplicates().values()),
-        "lost": len(acked) - len(complete),
+        "lost": len([im for im in acked if im.study_uid not in complete and im.study_uid not in refused]),
         **other,
     }
     FIGURES.append((name, f))
@@ -133,8 +136,10 @@ def assert_jobs_consistent(daemon: Daemon, images: list[Image]) -> None:
 def test_sigkill_mid_burst_then_restart(tmp_path: Path) -> None:
     images = make_images(tmp_path / "in", BURST, "burst")
     with DestSCP(ae_title="DESTSCP") as dest:
+        # The worker's lease is the product default (300 s): work the killed process held must resume at once
+        # after the restart, not when its lease expires.
         daemon = Daemon(tmp_path / "daemon", model=shared_model(), destinations=[dest],
-                        overrides={"worker": {"lease_seconds": 15.0}})
+                        overrides={"worker": {"lease_seconds": 300.0}})
         daemon.start()
         try:
             acks = 0
@@ -161,19 +166,35 @@ def test_sigkill_mid_burst_then_restart(tmp_path: Path) -> None:
             daemon.start()  # same data folder, same port
             send_until_acked(daemon, images, timeout=120)  # the sender resends what was not acknowledged
             assert all(im.acked for im in images), "some images were never acknowledged after the restart"
-            ok = wait_delivered(dest, images)
+            ok = wait_delivered(dest, images, timeout=RECOVERY_TIMEOUT_S)
             elapsed = time.monotonic() - started
+            store = daemon.jobs()
+            open_deliveries = [d for d in store.list_deliveries(limit=100_000) if str(d.state) != "done"]
+            running = store.list_jobs(state="running", limit=100_000)
             f = figures("sigkill mid-burst + restart", images, dest, acked_before_kill=acked_before_kill,
-                        unacked_at_kill=len(in_flight), seconds=round(elapsed))
-            assert ok, f"not every acknowledged image was delivered: {f}\n{daemon.log_tail(2000)}"
+                        unacked_at_kill=len(in_flight), deliveries_not_done=len(open_deliveries),
+                        seconds=round(elapsed))
+            assert ok, (
+                f"{f['lost']} acknowledged image(s) not delivered {RECOVERY_TIMEOUT_S:.0f} s after the restart; "
+                f"open deliveries: "
+                + "; ".join(f"job {d.job_id} {d.state} attempts={d.attempts} owner={d.lease_owner}"
+                            for d in open_deliveries[:10])
+                + f"; jobs: {store.counts()}; jobs still running: "
+                + "; ".join(f"job {j.id} owner={j.lease_owner} lease until {j.lease_expires_at:%H:%M:%S}"
+                            for j in running[:10])
+            )
             assert f["lost"] == 0
             # Results have deterministic UIDs, so a PACS replaces rather than duplicates them; still, only the
             # delivery cut by the kill may have been repeated (one job: its SC and SR).
             assert f["duplicates"] <= 2, f"results delivered more than once: {dest.duplicates()}"
             assert daemon.wait_until(lambda: daemon.jobs().counts().get("running", 0) == 0, 30)
             assert_jobs_consistent(daemon, images)
-            deliveries = daemon.jobs().delivery_counts()
-            assert set(deliveries.get(dest.ae_title.lower(), {})) == {"done"}, deliveries
+            stuck = [d for d in daemon.jobs().list_deliveries(limit=100_000) if str(d.state) != "done"]
+            assert not stuck, (
+                "deliveries left open by the killed process after every result reached the PACS (they will be "
+                "sent again when their lease expires, i.e. delivered twice): "
+                + "; ".join(f"job {d.job_id} {d.state} attempts={d.attempts} owner={d.lease_owner}" for d in stuck)
+            )
         finally:
             daemon.stop()
             daemon.close_store()
@@ -236,7 +257,7 @@ def test_destination_refusing_some_objects(tmp_path: Path) -> None:
             dead = {d.job_id: d for d in store.list_deliveries(state="dead", limit=1000)}
             by_job = {j.id: j for j in store.list_jobs(limit=1000)}
             dead_studies = {by_job[i].study_instance_uid for i in dead}
-            f = figures("destination refusing 8 of 30", images, dest, dead_lettered=len(dead),
+            f = figures("destination refusing 8 of 30", images, dest, frozenset(refused), dead_lettered=len(dead),
                         refusals_received=len(dest.refused()))
             assert ok, f"the objects that were not refused did not all flow: {f}"
             assert settled, store.delivery_counts()
@@ -249,7 +270,7 @@ def test_destination_refusing_some_objects(tmp_path: Path) -> None:
                     assert d.attempts == 1, f"a permanent refusal was retried: {d.attempts} attempts"
                 else:
                     assert d.attempts == 3, f"a transient refusal used {d.attempts} attempts, max_attempts is 3"
-            assert f["delivered"] == len(flowing)
+            assert f["delivered"] == len(flowing) and f["lost"] == 0
             assert f["duplicates"] == 0, dest.duplicates()
         finally:
             daemon.stop()
@@ -305,8 +326,8 @@ def storage_rig(tmp_path_factory: pytest.TempPathFactory):
 
 def _fault_round(name: str, rig, images: list[Image], fault_on, fault_off, **extra: int) -> dict[str, int]:  # type: ignore[no-untyped-def]
     daemon, dest, _mount, _root = rig
-    fault_on()
     try:
+        fault_on()
         result = daemon.send([im.path for im in images], timeout=90)
         record(images, result.sent)
         during = [s.status for s in result.sent]
@@ -330,21 +351,17 @@ def test_spool_disk_full(storage_rig, tmp_path: Path) -> None:
     filler = mount.path / "filler.bin"
 
     def fill() -> None:
-        with open(filler, "wb") as fh:
-            chunk = b"\0" * 65536
-            try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for size in (65536, 4096, 512, 1):  # down to the last byte
                 while True:
-                    fh.write(chunk)
-                    fh.flush()
-            except OSError:
-                pass
-        with open(filler, "ab") as fh:  # the last few bytes too
-            try:
-                while True:
-                    fh.write(b"\0" * 512)
-                    fh.flush()
-            except OSError:
-                pass
+                    try:
+                        if os.write(fd, b"\0" * size) < size:
+                            break
+                    except OSError:
+                        break
+        finally:
+            os.close(fd)
 
     _fault_round("spool disk full", storage_rig, images, fill, lambda: filler.unlink(missing_ok=True))
 
@@ -366,7 +383,7 @@ def test_database_locked(storage_rig, tmp_path: Path) -> None:
     db = daemon.data_dir / "pacs-ai.db"
     hold_s = float(os.environ.get("PACS_AI_DB_LOCK_S", "32"))
     images = make_images(tmp_path / "in", 3, "locked")
-    lock = sqlite3.connect(db, timeout=10, isolation_level=None)
+    lock = sqlite3.connect(db, timeout=10, isolation_level=None, check_same_thread=False)
     lock.execute("BEGIN EXCLUSIVE")
     released = threading.Event()
 

@@ -136,6 +136,26 @@ def test_all_negative_evidence_gives_zero_map_not_nan() -> None:
     assert torch.isfinite(res.logits).all()
 
 
+def test_zero_map_through_engine_and_overlay(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pacs_ai.explain.overlay import Caption, render_result_image
+    from pacs_ai.infer.engine import InferenceEngine
+    from pacs_ai.infer.model_card import ModelCard, save_model_folder
+    from pacs_ai.infer.preprocess import cam_to_original, prepare
+
+    model = make_model("densenet121", SPEC, seed=5)
+    with torch.no_grad():
+        head_linear(model, "densenet121").weight[1] = -head_linear(model, "densenet121").weight[1].abs() - 1e-3
+    card = ModelCard(name="negative", architecture="densenet121", version="0", input=SPEC)
+    engine = InferenceEngine([save_model_folder(tmp_path / "m", model, card)], device="cpu", threads=1)
+    gray = np.random.default_rng(0).random((90, 70)).astype(np.float32)
+    prepared = prepare(gray, engine.spec)
+    (pred,) = engine.predict([prepared])
+    assert not pred.cam.any() and np.isfinite(pred.probability)
+    heat = cam_to_original(pred.cam, prepared.geometry)
+    rgb = render_result_image(prepared.display, heat, Caption(pred.fractured, pred.probability, pred.threshold, "x"))
+    assert rgb.shape[2] == 3
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20

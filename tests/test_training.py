@@ -253,3 +253,14 @@ def test_fracatlas_split_by_group() -> None:
     s = split_items(items, 0.2, seed=0)
     assert not {i.group for i in s["train"]} & {i.group for i in s["val"]}
     assert 0.15 < len(s["val"]) / len(items) < 0.25
+
+
+def test_imagenet_weights_absent_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacs_ai.errors import ModelError
+    from pacs_ai.infer.architectures import build_model
+    from training.train import resolve_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ModelError, match=r"resnet50-11ad3fa6\.pth.*not in torchvision's local cache"):
+        resolve_weights(build_model("resnet50"), "resnet50", "imagenet")
+    assert resolve_weights(build_model("resnet50"), "resnet50", "none").startswith("none")

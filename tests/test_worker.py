@@ -166,6 +166,21 @@ def test_writer_failure_is_retried_then_dead(store, engine, tmp_path, sample_fil
     assert calls["n"] == 3 and worker.run_once() == 0
 
 
+def test_result_object_that_cannot_be_built_goes_dead_at_once(store, engine, tmp_path, sample_files) -> None:
+    """A DicomWriteError will not change on retry: the job is dead-lettered with the reason."""
+    from pacs_ai.errors import DicomWriteError
+
+    def refusing_writer(ds, prepared, prediction, folder):  # type: ignore[no-untyped-def]
+        raise DicomWriteError("source has no Study Instance UID")
+
+    job_id = enqueue(store, sample_files[0])
+    worker = make_worker(store, engine, tmp_path, writer=refusing_writer)
+    assert worker.run_once() == 1
+    job = store.get(job_id)
+    assert job.state == JobState.DEAD
+    assert job.last_error.startswith("result_not_writable:") and "Study Instance UID" in job.last_error
+
+
 def test_drain_processes_the_queue_in_batches_and_honours_stop(store, engine, tmp_path, sample_files) -> None:
     ids = [enqueue(store, sample_files[i % len(sample_files)]) for i in range(5)]
     worker = make_worker(store, engine, tmp_path, batch_size=2)

@@ -61,7 +61,7 @@ def read_gray(path: Path) -> tuple[Any, Any]:
         ds = None  # not DICOM: try it as an image file
     except OSError as exc:
         raise InputError("unreadable_file", exc.strerror or str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - a damaged DICOM file
+    except Exception as exc:  # a damaged DICOM file
         raise InputError("unreadable_dicom", f"{type(exc).__name__}: {exc}") from exc
     if ds is None:
         return image_file_to_gray(path), None

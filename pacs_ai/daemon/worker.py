@@ -29,7 +29,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pacs_ai.errors import InputError, LeaseLostError
+from pacs_ai.errors import DicomWriteError, InputError, LeaseLostError
 from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
 from pacs_ai.ops.events import NullObserver, Observer
@@ -204,7 +204,10 @@ class Worker:
         except InputError as exc:
             self._fail(job, str(exc), permanent=True)
             return
-        except Exception as exc:  # noqa: BLE001
+        except DicomWriteError as exc:  # the source lacks what the result objects need: will not change
+            self._fail(job, f"result_not_writable: {exc}", permanent=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. StorageError (disk full): retried with backoff
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}", permanent=False)
             return
         try:

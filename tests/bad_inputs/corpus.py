@@ -569,6 +569,24 @@ def build_rle_rows_lie(folder: Path) -> CaseInput:
     return _one(folder, "rle-rows-lie", ds)
 
 
+def build_bad_vr(folder: Path) -> CaseInput:
+    """A good DX image whose Patient Orientation (0020,0020) carries the unknown VR 'CC' (a corrupted byte)."""
+    ds = image_dataset(real_pixels(128), sop_class=DX_PRESENTATION, modality="DX")
+    path = write(ds, folder / "bad-vr.dcm")
+    raw = bytearray(path.read_bytes())
+    i = raw.index(b"\x20\x00\x20\x00CS")
+    raw[i + 4 : i + 6] = b"CC"
+    path.write_bytes(bytes(raw))
+    return CaseInput([path])
+
+
+def build_no_modality(folder: Path) -> CaseInput:
+    """A good CR image without (0008,0060) Modality."""
+    ds = image_dataset()
+    del ds.Modality
+    return _one(folder, "no-modality", ds)
+
+
 def _shared_undecodable(name: str) -> Callable[[Path], CaseInput]:
     def build(folder: Path) -> CaseInput:
         # Re-UID a copy: a resend of the same instance would only be a duplicate of an earlier run.
@@ -631,6 +649,9 @@ CASES: list[Case] = [
          build_uid_mismatch),
     Case("uid_collision", "a second, different image under an already processed SOP Instance UID "
          "(acknowledged; the job is re-queued with the new content and processed again)", DONE, build_collision),
+    Case("unknown_vr_in_header", "a good DX image with an unknown VR ('CC') on Patient Orientation (must be "
+         "processed: the pixels are fine)", DONE, build_bad_vr),
+    Case("missing_modality", "a good CR image without Modality (must be processed)", DONE, build_no_modality),
     Case("wrong_modality_ct", "CT Image Storage", REFUSED, build_ct),
     Case("calling_ae_not_allowed", "a good image from a calling AE title not in allowed_calling_aets", REFUSED,
          build_ae_not_allowed),
