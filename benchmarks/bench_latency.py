@@ -32,9 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from bad_inputs.corpus import reuid_copies  # noqa: E402
-from daemon_harness import Daemon, Sent, random_model, send_files  # noqa: E402
-from dest_scp import DestSCP  # noqa: E402
+from bad_inputs.corpus import reuid_copies
+from daemon_harness import Daemon, Sent, random_model, send_files
+from dest_scp import DestSCP
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             r = send_files(daemon.port, [path])
             assert r.sent[0].status == 0, f"not acknowledged: {r.sent[0]}"
             study = studies[path]
-            if not dest.wait_for(lambda d: complete_at(d, study) is not None, args.timeout):
+            if not dest.wait_for(lambda d, s=study: complete_at(d, s) is not None, args.timeout):
                 raise SystemExit(f"no results for an idle image within {args.timeout} s:\n{daemon.log_tail()}")
             idle.append(complete_at(dest, study) - sent_at)  # type: ignore[operator]
             time.sleep(0.3)

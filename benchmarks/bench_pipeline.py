@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from bad_inputs.corpus import reuid_copies  # noqa: E402
-from daemon_harness import random_model  # noqa: E402
+from bad_inputs.corpus import reuid_copies
+from daemon_harness import random_model
 
 
 def bare_forward(folder: Path, batch: int, n: int, device: str, threads: int) -> float:

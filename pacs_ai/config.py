@@ -66,6 +66,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: str = ""
+    busy_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def _check_value(key: str, value: Any) -> None:
         if len(value) > 16 or (name == "ae_title" and not value.strip()) or "\\" in value:
             raise ConfigError(key, f"must be a DICOM AE title of 1 to 16 characters, not {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        positive = ("max_associations", "batch_size", "max_attempts", "lease_seconds", "timeout_s")
+        positive = ("max_associations", "batch_size", "max_attempts", "lease_seconds", "timeout_s", "busy_timeout_s")
         if name in positive and value <= 0:
             raise ConfigError(key, f"must be greater than 0, not {value}")
         if value < 0:

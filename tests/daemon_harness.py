@@ -15,6 +15,7 @@ process runs, samples its peak RSS (``VmHWM``).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ REPO = TESTS.parent
 if str(TESTS) not in sys.path:  # benchmarks import this module too: tests/ holds its siblings
     sys.path.insert(0, str(TESTS))
 
-from dest_scp import DestSCP, free_port  # noqa: E402
+from dest_scp import DestSCP, free_port
 
 DAEMON_AE = "PACSAI"
 TEST_AE = "TESTSCU"
@@ -328,6 +329,19 @@ class DaemonError(AssertionError):
     pass
 
 
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+
+
+def _kill_leftovers() -> None:
+    """At interpreter exit, SIGKILL daemons a crashed or interrupted test left running."""
+    for proc in list(_RUNNING):
+        if proc.poll() is None:
+            proc.kill()
+
+
+atexit.register(_kill_leftovers)
+
+
 class Daemon:
     """``pacs-ai serve`` in a subprocess, with its own data folder, config and port.
 
@@ -424,6 +438,7 @@ class Daemon:
             start_new_session=True,
         )
         log.close()
+        _RUNNING.add(self.proc)
         self._sampler = threading.Thread(target=self._sample_rss, args=(self.proc,), daemon=True)
         self._sampler.start()
         self.wait_ready(timeout)

@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from bad_inputs.corpus import ALLOWED_AE, CASES, HUGE_ASSOCIATION, Case, good_image
 from daemon_harness import Daemon, file_identity, shared_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-JOB_TIMEOUT_S = 60.0
+JOB_TIMEOUT_S = 30.0
 HUGE_TIMEOUT_S = 150.0
 MAX_DAEMON_RSS_MB = 2500  # a 20000 x 20000 image decoded would take 400 MB (8-bit) to 3.2 GB (float)
 

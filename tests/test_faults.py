@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from bad_inputs.corpus import small_images
-from daemon_harness import Daemon, Sent, file_identity, shared_model
+from daemon_harness import Daemon, Sent, shared_model
 from dest_scp import DestSCP, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -298,7 +297,7 @@ class Mount:
         self._run("mount", "-o", "remount," + ("ro" if flag else "rw"), str(self.path))
 
     def unmount(self) -> None:
-        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=15)
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=15, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +343,7 @@ def _fault_round(name: str, rig, images: list[Image], fault_on, fault_off, **ext
 
 
 def test_spool_disk_full(storage_rig, tmp_path: Path) -> None:
-    daemon, dest, mount, root = storage_rig
+    _daemon, _dest, mount, _root = storage_rig
     if mount is None:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     images = make_images(tmp_path / "in", 8, "full")
@@ -367,7 +366,7 @@ def test_spool_disk_full(storage_rig, tmp_path: Path) -> None:
 
 
 def test_spool_read_only(storage_rig, tmp_path: Path) -> None:
-    daemon, dest, mount, root = storage_rig
+    _daemon, _dest, mount, root = storage_rig
     images = make_images(tmp_path / "in", 8, "ro")
     if mount is not None:
         on, off = (lambda: mount.read_only(True)), (lambda: mount.read_only(False))

@@ -24,6 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_inputs.corpus import (
+    DX_PRESENTATION,
+    image_dataset,
+    real_pixels,
+    rewrite_meta,
+    write,
+)
+from daemon_harness import Daemon, file_identity, shared_model
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -33,9 +41,6 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-
-from bad_inputs.corpus import DX_PRESENTATION, image_dataset, real_pixels, rewrite_meta, write
-from daemon_harness import Daemon, file_identity, shared_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -109,8 +114,8 @@ def _set_extreme(ds: Dataset, rng: random.Random) -> str:
     keyword = rng.choice(sorted(_EXTREMES))
     value = rng.choice(_EXTREMES[keyword])
     if keyword in _VR:  # raw strings, as a broken modality would write them (no validation)
-        from pydicom.dataelem import DataElement
         from pydicom.datadict import tag_for_keyword
+        from pydicom.dataelem import DataElement
 
         tag = tag_for_keyword(keyword)
         raw = str(value).encode("ascii")
@@ -256,7 +261,7 @@ def test_fuzz_listener_and_worker(tmp_path: Path) -> None:
                 problems.append(f"no C-ECHO after {path.name} ({detail})")
                 break
         acked = [o for o in outcomes if o["outcome"] == "acknowledged"]
-        jobs = daemon.wait_settled([str(o["uid"]) for o in acked], timeout=90)
+        jobs = daemon.wait_settled([str(o["uid"]) for o in acked], timeout=45)
         for o in acked:
             job = jobs.get(str(o["uid"]))
             if job is None:

@@ -242,6 +242,7 @@ def test_config_check(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text(
         '[listener]\nport = 11999\n[database]\nurl = "postgresql+psycopg://pacs:secret@db.example/pacs"\n'
+        '[model]\npath = ["no-such-model"]\n'
         '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.1"\nport = 104\n'
         '[destinations.tls]\nca_file = "ca.crt"\n'
     )

@@ -84,3 +84,33 @@ def test_sigterm_during_burst_loses_nothing_and_leaves_no_job_running(tmp_path: 
     finally:
         store.close()
     print(f"\nSIGTERM during burst: {len(acked)} acknowledged, {len(jobs)} jobs, stopped in {stop_s:.1f} s")
+
+
+def test_leases_of_a_stopped_process_on_this_host_are_taken_back_at_start(tmp_path: Path) -> None:
+    """Work leased by a killed pacs-ai process is claimable at once, not after the lease runs out."""
+    import socket
+
+    from pacs_ai.daemon.service import reclaim_orphaned_leases
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    try:
+        for i in range(3):
+            store.enqueue(
+                sop_instance_uid=f"1.2.3.{i}", study_instance_uid="1.2", series_instance_uid="1.2.3",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_aet="T", spool_path=f"/x/{i}.dcm",
+                sha256=str(i), size=1,
+            )
+        host = socket.gethostname()
+        dead_pid = 2**22 + 12345  # above pid_max on Linux: never a live process
+        dead = store.claim(f"{host}:{dead_pid}:worker", limit=1, lease_seconds=3600)
+        alive = store.claim(f"{host}:{os.getpid()}:worker", limit=1, lease_seconds=3600)
+        elsewhere = store.claim(f"otherhost:{dead_pid}:worker", limit=1, lease_seconds=3600)
+        assert store.claim("new", limit=3) == []  # everything is leased for an hour
+
+        assert reclaim_orphaned_leases(store, host) == (1, 0)
+        again = store.claim("new", limit=3)
+        assert [j.id for j in again] == [dead[0].id]  # not the live process's, not another host's
+        assert again[0].attempts == 2  # the killed attempt still counts
+        assert {alive[0].id, elsewhere[0].id}.isdisjoint({j.id for j in again})
+    finally:
+        store.close()

@@ -35,8 +35,6 @@ from pacs_ai.ops.tls import client_context, server_context
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
 
 log = logging.getLogger(__name__)
-# APScheduler logs every run of every interval job at INFO: keep its warnings and errors only.
-logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 STOP_TIMEOUT_S = 30.0
 
@@ -64,7 +62,42 @@ def open_job_store(config: Config) -> JobStore:
         delivery_policy=RetryPolicy(
             delivery.max_attempts, delivery.backoff_base_s, delivery.backoff_max_s
         ),
+        busy_timeout_s=config.database.busy_timeout_s,
     )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def reclaim_orphaned_leases(jobs: JobStore, host: str | None = None) -> tuple[int, int]:
+    """End the leases held by pacs-ai processes of this host that no longer run (killed, crashed).
+
+    Lease owners are ``host:pid:role`` (:func:`process_owner`); owners on other hosts are left to
+    their lease expiry, since their liveness cannot be checked from here.
+    """
+    host = host or socket.gethostname()
+    orphans = []
+    for owner in jobs.lease_owners():
+        owner_host, _, rest = owner.partition(":")
+        pid = rest.partition(":")[0]
+        if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            orphans.append(owner)
+    counts = jobs.expire_leases(orphans)
+    if any(counts):
+        log.warning(
+            "took back %d job(s) and %d delivery(ies) left by stopped process(es) %s",
+            counts[0],
+            counts[1],
+            ", ".join(sorted(orphans)),
+        )
+    return counts
 
 
 def torch_threads(config: Config, roles: Roles) -> int:
@@ -258,6 +291,7 @@ class Service:
         watchdog = self.notifier.watchdog_interval()
         if watchdog:
             sched.add_job(self._watchdog, "interval", seconds=max(1.0, watchdog / 2), id="watchdog", **common)
+        reclaim_orphaned_leases(self.jobs)
         if self.deliveries:
             self.deliveries.dead_letter_unconfigured()
         sched.start()

@@ -170,7 +170,11 @@ class Worker:
         except InputError as exc:
             self._fail(job, str(exc), permanent=True)
             return None
-        except Exception as exc:  # noqa: BLE001 - anything else is retried later
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        # Anything else is retried later; BaseException because native decoders may raise panics
+        # (pyo3's PanicException) that do not derive from Exception.
+        except BaseException as exc:  # noqa: BLE001
             self._fail(job, f"preprocessing failed: {type(exc).__name__}: {exc}", permanent=False)
             return None
         prepared.extra["preprocess_s"] = time.perf_counter() - t0

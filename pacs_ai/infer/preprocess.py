@@ -251,7 +251,11 @@ def dicom_to_gray(ds: Any) -> np.ndarray:
     _check_size(rows, cols)
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is the same input error
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # Any decoder failure is the same input error. BaseException, because decoders written in Rust
+    # (pylibjpeg-rle) report a panic as pyo3's PanicException, which derives from BaseException.
+    except BaseException as exc:  # noqa: BLE001
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         detail = f"{type(exc).__name__}: {exc}".strip()
         if ts is not None:

@@ -170,7 +170,14 @@ def configure_logging(config: LoggingConfig, *, stream: TextIO | None = None) ->
     root.addHandler(handler)
     level = logging.getLevelName(config.level.upper())
     root.setLevel(level if isinstance(level, int) else logging.INFO)
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if config.level.upper() == "DEBUG" else logging.WARNING)
+    debug = config.level.upper() == "DEBUG"
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # Libraries that are noisy about what pacs-ai handles itself: APScheduler logs every poll and warns
+    # when a poll is skipped because the previous one still runs (max_instances=1 is deliberate);
+    # highdicom logs several INFO lines per object built; pydicom logs an ERROR with a traceback for
+    # every decoder it tries on undecodable pixel data, which the worker reports as one clear reason.
+    for name, quiet in (("apscheduler", logging.ERROR), ("highdicom", logging.WARNING), ("pydicom", logging.CRITICAL)):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else quiet)
     logging.captureWarnings(True)
     _route_uncaught_exceptions()
 

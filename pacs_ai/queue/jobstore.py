@@ -369,6 +369,39 @@ class JobStore:
             )
             return [_job(r) for r in conn.execute(sa.select(J).where(J.c.id.in_(ids)).order_by(J.c.id))]
 
+    def lease_owners(self) -> set[str]:
+        """Owners holding a lease now: of running jobs and of deliveries being sent."""
+        with self._read() as conn:
+            jobs = conn.execute(
+                sa.select(J.c.lease_owner).where(J.c.state == JobState.RUNNING.value).distinct()
+            ).scalars()
+            deliveries = conn.execute(
+                sa.select(D.c.lease_owner).where(D.c.state == DeliveryState.SENDING.value).distinct()
+            ).scalars()
+            return {o for o in [*jobs, *deliveries] if o}
+
+    def expire_leases(self, owners: Sequence[str]) -> tuple[int, int]:
+        """End the leases of ``owners`` now (their process is gone), so the work is claimed again at once.
+
+        The attempt the owner made still counts, so an image that kills its worker every time ends dead
+        after ``max_attempts`` instead of looping. Returns (jobs, deliveries) whose lease was ended.
+        """
+        if not owners:
+            return 0, 0
+        now = self.now()
+        with self._write() as conn:
+            jobs = conn.execute(
+                J.update()
+                .where(J.c.state == JobState.RUNNING.value, J.c.lease_owner.in_(list(owners)))
+                .values(lease_expires_at=now, updated_at=now)
+            ).rowcount
+            deliveries = conn.execute(
+                D.update()
+                .where(D.c.state == DeliveryState.SENDING.value, D.c.lease_owner.in_(list(owners)))
+                .values(lease_expires_at=now, updated_at=now)
+            ).rowcount
+        return int(jobs or 0), int(deliveries or 0)
+
     def _owned_job(self, conn: sa.Connection, job_id: int, owner: str, action: str) -> Any:
         row = conn.execute(self._for_update(sa.select(J).where(J.c.id == job_id))).first()
         if row is None:

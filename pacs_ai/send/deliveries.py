@@ -37,6 +37,7 @@ from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.send.sender import DestinationUnreachable, send_files
+from pacs_ai.store.spool import write_atomic
 
 __all__ = ["OUTBOX", "DeliveryProcessor", "destination_names", "result_files"]
 
@@ -77,12 +78,6 @@ def result_files(result: Mapping[str, Any] | None) -> list[Path]:
 def _safe_name(uid: str) -> str:
     uid = uid.strip().rstrip("\x00")
     return uid if _CLEAN_UID.match(uid) else re.sub(r"[^0-9A-Za-z.\-]", "_", uid)[:64] or "unknown"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from pacs_ai.store.spool import write_atomic
-
-    write_atomic(path, data)
 
 
 def _seconds_since(now: datetime, then: datetime | None) -> float:
@@ -263,7 +258,7 @@ class DeliveryProcessor:
             except Exception:  # noqa: BLE001 - fall back to the file's own name
                 uid = f"{job.id}-{path.stem}"
             try:
-                _write_atomic(folder / f"{_safe_name(uid)}.dcm", data)
+                write_atomic(folder / f"{_safe_name(uid)}.dcm", data)
             except PacsAiError as exc:
                 raise DeliveryError(OUTBOX, str(exc)) from exc
 

@@ -48,7 +48,8 @@ def describe_os_error(exc: OSError, path: Path | str) -> str:
     return f"cannot write {path}: {problem} ({exc.strerror or exc})"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (raises OSError)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -56,8 +57,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably and atomically; raise StorageError on any OSError."""
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` durably and atomically; raise StorageError on any OSError.
+
+    ``sync_dir=False`` leaves the folder's fsync to the caller, who writes several files into one
+    folder and then calls :func:`fsync_dir` once.
+    """
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
     fd = -1
@@ -71,7 +76,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     except OSError as exc:
         if fd >= 0:
             try:
@@ -112,7 +118,7 @@ class Spool:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             folder.mkdir(exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             raise StorageError(describe_os_error(exc, folder)) from exc
 

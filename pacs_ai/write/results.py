@@ -10,8 +10,6 @@ file, fsync, rename).
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import pydicom
 
 from pacs_ai.errors import DicomWriteError, StorageError
 from pacs_ai.explain.overlay import Caption, hottest_region, render_result_image
+from pacs_ai.store.spool import describe_os_error, fsync_dir, write_atomic
 from pacs_ai.write.common import ModelInfo
 from pacs_ai.write.secondary_capture import build_secondary_capture
 from pacs_ai.write.structured_report import build_structured_report
@@ -31,48 +30,18 @@ __all__ = ["ROI_REL_THRESHOLD", "encode_dataset", "write_results"]
 ROI_REL_THRESHOLD = 0.5
 """The hottest region is the blob of heat >= this fraction of the maximum around the maximum."""
 
-try:  # the spool's atomic writer (temp + fsync + rename), when the store package provides it
-    from pacs_ai.store.spool import write_atomic as _write_atomic
-except ImportError:  # pragma: no cover - the local equivalent
-    _write_atomic = None
-
-
-def _write_atomic_local(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_all(files: dict[Path, bytes]) -> None:
+    """Write each file atomically (temp + fsync + rename), then make the renames durable at once."""
+    folders = {path.parent for path in files}
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - directories cannot be fsynced on some file systems
-        pass
-
-
-def _write(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if _write_atomic is not None:
-            _write_atomic(path, data)
-        else:
-            _write_atomic_local(path, data)
-    except StorageError:
-        raise
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        for path, data in files.items():
+            write_atomic(path, data, sync_dir=False)
+        for folder in folders:
+            fsync_dir(folder)
     except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise StorageError(describe_os_error(exc, next(iter(folders)))) from exc
 
 
 def encode_dataset(ds: pydicom.Dataset) -> bytes:
@@ -122,11 +91,29 @@ def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folde
         threshold = float(prediction.threshold)
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"the prediction has no usable probability/threshold: {exc}") from exc
-    fractured = bool(prediction.fractured)
     src_uid = str(source.get("SOPInstanceUID", "") or "")
     if not src_uid:
         raise DicomWriteError("the source image has no SOPInstanceUID")
 
+    try:
+        return _build_and_write(source, prepared, prediction, folder, model, probability, threshold, src_uid)
+    except (DicomWriteError, StorageError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. an unreadable attribute in the source's header
+        raise DicomWriteError(f"cannot build the result objects: {type(exc).__name__}: {exc}") from exc
+
+
+def _build_and_write(
+    source: pydicom.Dataset,
+    prepared: Any,
+    prediction: Any,
+    folder: Path,
+    model: ModelInfo,
+    probability: float,
+    threshold: float,
+    src_uid: str,
+) -> dict[str, Any]:
+    fractured = bool(prediction.fractured)
     heat = _heat_on_original(prepared, prediction)
     roi = hottest_region(heat, ROI_REL_THRESHOLD) if (fractured and heat is not None) else None
     rgb = render_result_image(
@@ -157,9 +144,7 @@ def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folde
         raise DicomWriteError("cannot encode the overlay PNG")
 
     paths = {"sc": folder / "sc.dcm", "sr": folder / "sr.dcm", "overlay": folder / "overlay.png"}
-    _write(paths["sc"], sc_bytes)
-    _write(paths["sr"], sr_bytes)
-    _write(paths["overlay"], png.tobytes())
+    _write_all({paths["sc"]: sc_bytes, paths["sr"]: sr_bytes, paths["overlay"]: png.tobytes()})
     return {
         "sc": str(paths["sc"]),
         "sr": str(paths["sr"]),

@@ -649,9 +649,10 @@ CASES: list[Case] = [
          build_uid_mismatch),
     Case("uid_collision", "a second, different image under an already processed SOP Instance UID "
          "(acknowledged; the job is re-queued with the new content and processed again)", DONE, build_collision),
-    Case("unknown_vr_in_header", "a good DX image with an unknown VR ('CC') on Patient Orientation (must be "
-         "processed: the pixels are fine)", DONE, build_bad_vr),
-    Case("missing_modality", "a good CR image without Modality (must be processed)", DONE, build_no_modality),
+    Case("unknown_vr_in_header", "a DX image whose Patient Orientation carries an unknown VR ('CC'): the result "
+         "objects cannot copy it; a permanent failure, not retried", dead("result_not_writable"), build_bad_vr),
+    Case("missing_modality", "a CR image without Modality (Type 1): the SR cannot be built; a permanent failure",
+         dead("result_not_writable"), build_no_modality),
     Case("wrong_modality_ct", "CT Image Storage", REFUSED, build_ct),
     Case("calling_ae_not_allowed", "a good image from a calling AE title not in allowed_calling_aets", REFUSED,
          build_ae_not_allowed),
