@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,9 @@ class Worker:
         self.lease_seconds = float(lease_seconds)
         self.observer: Observer = observer or NullObserver()
         self._stop: threading.Event | None = None
+        # Writing results (SC, SR, PNG, fsyncs) of batch n overlaps the forward pass of batch n+1.
+        self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
+        self._writing: list[Future[None]] = []
 
     # -- loop ---------------------------------------------------------------------------------------
 
@@ -125,19 +129,38 @@ class Worker:
         self._stop = stop
         try:
             while not (stop is not None and stop.is_set()):
-                n = self.run_once()
+                n = self.run_once(wait=False)
                 total += n
                 if n == 0:
                     break
         finally:
+            self._wait_for_writes()
             self._stop = None
         return total
 
-    def run_once(self) -> int:
-        """Claim up to ``batch_size`` jobs and process them as one batch; returns how many were claimed."""
+    def _wait_for_writes(self) -> None:
+        """Block until the results of the previous batch are written and their jobs completed."""
+        for future in self._writing:
+            future.result()  # _finish handles its own errors; this only waits
+        self._writing = []
+
+    def run_once(self, *, wait: bool = True) -> int:
+        """Claim up to ``batch_size`` jobs and process them as one batch; returns how many were claimed.
+
+        With ``wait=False`` the batch's results are written in the background while the caller goes on
+        to the next batch (at most one batch is being written at a time); ``drain`` does this.
+        """
         claimed = self.jobs.claim(self.owner, self.batch_size, self.lease_seconds)
         if not claimed:
             return 0
+        try:
+            self._process(claimed)
+        finally:
+            if wait:
+                self._wait_for_writes()
+        return len(claimed)
+
+    def _process(self, claimed: list[Job]) -> None:
         items: list[_Item] = []
         for job in claimed:
             item = self._load(job)
@@ -146,12 +169,20 @@ class Worker:
         if items and self._stop is not None and self._stop.is_set():
             for item in items:
                 self._release(item.job)
-            return len(claimed)
-        if items:
-            for item, prediction in zip(items, self._predict(items)):
-                if prediction is not None:
-                    self._finish(item, prediction)
-        return len(claimed)
+            return
+        if not items:
+            return
+        predictions = self._predict(items)
+        self._wait_for_writes()
+        done = [(item, p) for item, p in zip(items, predictions) if p is not None]
+        self._writing.append(self._writer_pool.submit(self._finish_all, done))
+
+    def _finish_all(self, done: list[tuple[_Item, Prediction]]) -> None:
+        for item, prediction in done:
+            try:
+                self._finish(item, prediction)
+            except Exception:  # e.g. the database went away: the job's lease expires and it is retried
+                log.exception("job %s: could not record its result; it will be retried", item.job.id)
 
     # -- steps --------------------------------------------------------------------------------------
 
