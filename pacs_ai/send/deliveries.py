@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -203,27 +203,40 @@ class DeliveryProcessor:
             if unreachable is not None:
                 self._failed(delivery, DeliveryError(name, f"not attempted: {unreachable.detail}"))
                 continue
+            recorded = False
+
+            def record(delivery: Any = delivery) -> None:
+                nonlocal recorded
+                self._succeeded(delivery, job)
+                recorded = True
+
             try:
                 job = self.jobs.get(delivery.job_id)
-                self._deliver_job(name, job)
+                self._deliver_job(name, job, on_stored=record)
             except DeliveryError as exc:
+                if recorded:  # the files were stored and recorded; only the release went wrong
+                    log.warning("delivery %d to %s: stored, but: %s", delivery.id, name, exc.detail)
+                    continue
                 if isinstance(exc, DestinationUnreachable):
                     unreachable = exc
                 self._failed(delivery, exc if exc.destination == name else DeliveryError(name, exc.detail, permanent=exc.permanent))
             except LeaseLostError as exc:
                 log.warning("delivery %d to %s: %s", delivery.id, name, exc)
             except PacsAiError as exc:
-                self._failed(delivery, DeliveryError(name, str(exc)))
+                if not recorded:
+                    self._failed(delivery, DeliveryError(name, str(exc)))
             except Exception as exc:  # noqa: BLE001 - any other failure is retried with backoff
                 log.exception("delivery %d to %s failed unexpectedly", delivery.id, name)
-                self._failed(delivery, DeliveryError(name, f"{type(exc).__name__}: {exc}"))
+                if not recorded:
+                    self._failed(delivery, DeliveryError(name, f"{type(exc).__name__}: {exc}"))
             else:
-                self._succeeded(delivery, job)
+                if not recorded:
+                    self._succeeded(delivery, job)
         return len(deliveries)
 
     # -- one job -----------------------------------------------------------------------------------
 
-    def _deliver_job(self, name: str, job: Any) -> None:
+    def _deliver_job(self, name: str, job: Any, on_stored: Callable[[], None] | None = None) -> None:
         try:
             paths = result_files(job.result)
         except DeliveryError as exc:
@@ -238,6 +251,7 @@ class DeliveryProcessor:
             calling_ae_title=self.calling_ae_title,
             timeout_s=self.timeout_s,
             ssl_context=self.ssl_contexts.get(name),
+            on_stored=on_stored,
         )
 
     def _to_outbox(self, job: Any, paths: Sequence[Path]) -> None:

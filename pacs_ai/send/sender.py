@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
@@ -68,8 +68,14 @@ def send_files(
     calling_ae_title: str,
     timeout_s: float = 30.0,
     ssl_context: ssl.SSLContext | None = None,
+    on_stored: Callable[[], None] | None = None,
 ) -> None:
-    """C-STORE every file of ``paths`` to ``destination`` over one association; raise DeliveryError on failure."""
+    """C-STORE every file of ``paths`` to ``destination`` over one association; raise DeliveryError on failure.
+
+    ``on_stored`` is called once every file was stored, before the association is released, so that the
+    caller records the delivery as soon as the peer has the files: a crash after that point cannot make
+    the files be sent again.
+    """
     name = destination.name
     files = [Path(p) for p in paths]
     if not files:
@@ -144,6 +150,8 @@ def send_files(
                 raise DeliveryError(name, detail, permanent=is_permanent_status(status))
             if status != 0x0000:
                 log.warning("%s stored %s with warning status 0x%04X", where, path.name, status)
+        if on_stored is not None:
+            on_stored()
         assoc.release()
     except DeliveryError:
         assoc.abort()
