@@ -80,6 +80,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     enabled: bool = True
+    separate_process: bool = True
+    niceness: int = 10
     poll_interval_s: float = 0.5
     lease_seconds: float = 300.0
     max_attempts: int = 5

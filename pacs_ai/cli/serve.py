@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     add_config_argument(worker)
     worker.add_argument("--deliver", action="store_true", help="also deliver results from this process")
+    worker.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by `serve`
     worker.set_defaults(func=run_worker)
 
 
@@ -37,11 +38,15 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.port:
         config = dataclasses.replace(config, listener=dataclasses.replace(config.listener, port=args.port))
     configure_logging(config.logging)
-    roles = Roles(listener=True, worker=config.worker.enabled and not args.no_worker, deliveries=True)
+    work = config.worker.enabled and not args.no_worker
+    separate = config.worker.separate_process
+    roles = Roles(listener=True, worker=work and not separate, deliveries=True, worker_process=work and separate)
     return Service(config, roles).run_forever()
 
 
 def run_worker(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.child:  # the parent `serve` serves the metrics and talks to systemd
+        config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, enabled=False))
     configure_logging(config.logging)
     return Service(config, Roles(listener=False, worker=True, deliveries=args.deliver)).run_forever()

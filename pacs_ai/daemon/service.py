@@ -32,6 +32,8 @@ from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.metrics import Metrics, MetricsServer
 from pacs_ai.ops.notify import SystemdNotifier
 from pacs_ai.ops.tls import client_context, server_context
+from pacs_ai.daemon.worker_process import WorkerProcess
+from pacs_ai.infer.model_card import load_card
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Roles:
     listener: bool = True
     worker: bool = True
     deliveries: bool = True
+    worker_process: bool = False  # supervise a `pacs-ai worker` child instead of a worker thread
 
 
 def process_owner(role: str) -> str:
@@ -133,6 +136,7 @@ class Service:
         )
         self.listener = self._build_listener() if roles.listener else None
         self.worker = self._build_worker() if roles.worker else None
+        self.worker_process = self._build_worker_process() if roles.worker_process else None
         self.deliveries = self._build_deliveries() if roles.deliveries else None
         self.metrics_server = (
             MetricsServer(self.metrics, self.health, config.metrics.host, config.metrics.port)
@@ -185,6 +189,40 @@ class Service:
             observer=self.observer,
         )
 
+    def _build_worker_process(self) -> WorkerProcess:
+        child = WorkerProcess(self.config.source, niceness=self.config.worker.niceness)
+        self.health.register_probe("worker process", lambda: child.alive or self._stop.is_set())
+        try:
+            cards = [load_card(path) for path in self.config.model.path]
+            for path, card in zip(self.config.model.path, cards):
+                log.info("model %s %s (%s) from %s; loaded by the worker process", card.name, card.version, card.architecture, path)
+            self.metrics.set_model_info(
+                {
+                    "name": "+".join(c.name for c in cards),
+                    "version": "+".join(c.version for c in cards),
+                    "architecture": "+".join(c.architecture for c in cards),
+                    "device": self.config.model.device,
+                }
+            )
+        except PacsAiError as exc:  # the child reports it too, and keeps being restarted until fixed
+            log.error("model: %s", exc)
+        self._finished_watermark = self.jobs.now()
+        return child
+
+    def _supervise_worker(self) -> None:
+        assert self.worker_process is not None
+        if not self.worker_process.alive and not self._stop.is_set():
+            reclaim_orphaned_leases(self.jobs)  # what the dead child held goes back to the queue now
+        self.worker_process.supervise()
+
+    def _observe_finished_jobs(self) -> None:
+        """Feed the metrics with jobs that other processes (the worker child) finished."""
+        for job in self.jobs.finished_since(self._finished_watermark):
+            timings = (job.result or {}).get("timings", {}) if job.state == "done" else {}
+            self.metrics.job_finished(job.id, str(job.state), timings.get("forward", 0.0), timings.get("cam", 0.0))
+            if job.finished_at is not None:
+                self._finished_watermark = max(self._finished_watermark, job.finished_at)
+
     def _build_deliveries(self):  # type: ignore[no-untyped-def]
         from pacs_ai.send.deliveries import DeliveryProcessor
 
@@ -236,6 +274,8 @@ class Service:
 
     def _update_gauges(self) -> None:
         try:
+            if self.worker_process is not None:
+                self._observe_finished_jobs()
             self.metrics.update_queue(self.jobs.counts(), self.jobs.delivery_counts())
         except Exception:
             log.exception("could not read queue depth")
@@ -282,6 +322,9 @@ class Service:
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         if self.worker:
             sched.add_job(self._work, "interval", seconds=self.config.worker.poll_interval_s, id="worker", **common)
+        if self.worker_process:
+            self.worker_process.start()
+            sched.add_job(self._supervise_worker, "interval", seconds=2, id="worker-process", **common)
         if self.deliveries:
             sched.add_job(
                 self._deliver, "interval", seconds=self.config.delivery.poll_interval_s, id="deliveries", **common
@@ -316,6 +359,9 @@ class Service:
             remaining = max(0.1, timeout_s - (time.monotonic() - started))
             if not lock.acquire(timeout=remaining):
                 log.warning("%s loop did not finish within %.0f s; its leases will expire", name, timeout_s)
+        if self.worker_process:
+            remaining = max(1.0, timeout_s - (time.monotonic() - started))
+            self.worker_process.stop(remaining)
         if self.metrics_server:
             self.metrics_server.stop()
         self.jobs.close()

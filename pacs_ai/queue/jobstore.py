@@ -369,6 +369,20 @@ class JobStore:
             )
             return [_job(r) for r in conn.execute(sa.select(J).where(J.c.id.in_(ids)).order_by(J.c.id))]
 
+    def finished_since(self, since: datetime, limit: int = 1000) -> list[Job]:
+        """Jobs that reached done or dead after ``since``, oldest first (for metrics across processes)."""
+        query = (
+            sa.select(J)
+            .where(
+                J.c.state.in_([JobState.DONE.value, JobState.DEAD.value]),
+                J.c.finished_at > since,
+            )
+            .order_by(J.c.finished_at)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [_job(r) for r in conn.execute(query)]
+
     def lease_owners(self) -> set[str]:
         """Owners holding a lease now: of running jobs and of deliveries being sent."""
         with self._read() as conn:
