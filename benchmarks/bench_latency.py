@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"burst: {f['burst_acked']}/{f['burst_n']} acknowledged in {f['burst_ingest_s']} s "
           f"(ingest {f['burst_n'] / f['burst_ingest_s']:.1f} img/s), results delivered at "
           f"{f['burst_throughput_img_s']} img/s end to end, duplicates {f['duplicates']}")
-    print(f"daemon peak RSS: {f['rss_after_start_mb']} MB after start-up, {f['peak_rss_idle_mb']} MB after the idle "
+    print(f"daemon peak RSS (serve + its worker process): {f['rss_after_start_mb']} MB after start-up, {f['peak_rss_idle_mb']} MB after the idle "
           f"phase, {f['peak_rss_mb']} MB overall; "
           f"daemon start-up (model load) {f['startup_s']} s")
     if args.json:

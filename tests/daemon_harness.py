@@ -456,14 +456,24 @@ class Daemon:
         raise DaemonError(f"pacs-ai serve did not answer C-ECHO within {timeout:.0f} s:\n{self.log_tail()}")
 
     def _sample_rss(self, proc: subprocess.Popen[bytes]) -> None:
-        status = Path(f"/proc/{proc.pid}/status")
+        """Peak memory of the daemon: its own high-water mark plus its worker child's (``serve`` runs the
+        worker as a child process)."""
+        peaks: dict[int, int] = {}
         while proc.poll() is None:
+            pids = [proc.pid]
             try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak_rss_kb = max(self.peak_rss_kb, int(line.split()[1]))
+                for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                    pids += [int(c) for c in (task / "children").read_text().split()]
             except (OSError, ValueError):
                 pass
+            for pid in pids:
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peaks[pid] = max(peaks.get(pid, 0), int(line.split()[1]))
+                except (OSError, ValueError):
+                    pass
+            self.peak_rss_kb = max(self.peak_rss_kb, sum(peaks.values()))
             time.sleep(0.2)
 
     def stop(self, timeout: float = 40.0) -> int | None:

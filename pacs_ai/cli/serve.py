@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from pacs_ai.cli.common import add_config_argument, config_from_args
 from pacs_ai.daemon.service import Roles, Service
@@ -46,7 +47,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    if args.child:  # the parent `serve` serves the metrics and talks to systemd
-        config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, enabled=False))
+    if args.child:  # the parent `serve` serves the metrics, talks to systemd and needs a core to listen
+        threads = config.model.threads or max(1, (os.cpu_count() or 1) - 1)
+        config = dataclasses.replace(
+            config,
+            metrics=dataclasses.replace(config.metrics, enabled=False),
+            model=dataclasses.replace(config.model, threads=threads),
+        )
     configure_logging(config.logging)
     return Service(config, Roles(listener=False, worker=True, deliveries=args.deliver)).run_forever()
