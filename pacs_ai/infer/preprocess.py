@@ -345,6 +345,8 @@ def normalise(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tenso
 
     The grey level is replicated to three channels and normalised with ``spec.mean``/``spec.std``.
     """
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = np.array(images)  # e.g. a read-only memory-mapped cache: torch needs writable memory
     t = torch.as_tensor(images)
     single = t.ndim == 2
     if single:
