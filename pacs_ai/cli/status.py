@@ -322,7 +322,7 @@ def format_status(status: dict[str, Any]) -> str:
     for model in status["models"]:
         if model["ok"]:
             text = (f"{model['name']} {model['version']} ({model['architecture']}, {model['input_size']} px, "
-                    f"threshold {model['threshold']})  {model['path']}")
+                    f"threshold {model['threshold']:.3g})  {model['path']}")
         else:
             text = f"ERROR: {model['error']}  {model['path']}"
         rows.append(("model", text))
