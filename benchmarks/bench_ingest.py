@@ -27,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,36 @@ def storescu(port: int, files: list[Path], called: str) -> float:
     return elapsed
 
 
-def run_pacs_ai(files: list[Path], work: Path) -> tuple[float, int]:
+def time_receiver(
+    proc: subprocess.Popen, port: int, files: list[Path], called: str, wait_ready: Callable[[], None],
+    stop_timeout: float = 30.0,
+) -> tuple[float, float]:
+    """Wait until the receiver ``proc`` is ready, time one storescu run into it, then stop it.
+
+    Returns (seconds, CPU seconds the receiver process used meanwhile).
+    """
+    try:
+        wait_ready()
+        cpu0 = cpu_seconds(proc.pid)
+        elapsed = storescu(port, files, called)
+        return elapsed, cpu_seconds(proc.pid) - cpu0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=stop_timeout)
+
+
+def job_counts(database: Path) -> dict[str, int]:
+    """Jobs per state in the SQLite job store at ``database``."""
+    from pacs_ai.queue.jobstore import JobStore
+
+    jobs = JobStore(f"sqlite:///{database}")
+    try:
+        return jobs.counts()
+    finally:
+        jobs.close()
+
+
+def run_pacs_ai(files: list[Path], work: Path) -> tuple[float, float]:
     data = work / "pacs-ai"
     data.mkdir()
     script = work / "server.py"
@@ -119,22 +149,15 @@ def run_pacs_ai(files: list[Path], work: Path) -> tuple[float, int]:
         [sys.executable, str(script), str(data), str(port)],
         stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    try:
+
+    def wait_ready() -> None:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         if not ready or not proc.stdout.readline().startswith("READY"):
             raise RuntimeError("pacs-ai listener did not start")
-        cpu0 = cpu_seconds(proc.pid)
-        elapsed = storescu(port, files, "PACSAI")
-        cpu = cpu_seconds(proc.pid) - cpu0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    from pacs_ai.queue.jobstore import JobStore
 
-    jobs = JobStore(f"sqlite:///{data / 'pacs-ai.db'}")
-    queued = jobs.counts()["queued"]
-    jobs.close()
+    elapsed, cpu = time_receiver(proc, port, files, "PACSAI", wait_ready)
+    queued = job_counts(data / "pacs-ai.db")["queued"]
     stored = len(list((data / "spool").rglob("*.dcm")))
     if stored != len(files) or queued != len(files):
         raise RuntimeError(f"pacs-ai stored {stored} files and queued {queued} jobs of {len(files)}")
@@ -158,26 +181,15 @@ def run_pacs_ai_daemon(files: list[Path], work: Path) -> tuple[float, float]:
         [sys.executable, "-m", "pacs_ai", "serve", "--config", str(config)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
     )
-    try:
-        wait_port(port, timeout=120)
-        cpu0 = cpu_seconds(proc.pid)
-        elapsed = storescu(port, files, "PACSAI")
-        cpu = cpu_seconds(proc.pid) - cpu0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    from pacs_ai.queue.jobstore import JobStore
-
-    jobs = JobStore(f"sqlite:///{root / 'data' / 'pacs-ai.db'}")
-    counts = jobs.counts()
-    jobs.close()
+    elapsed, cpu = time_receiver(proc, port, files, "PACSAI", lambda: wait_port(port, timeout=120), 60.0)
+    counts = job_counts(root / "data" / "pacs-ai.db")
     if sum(counts.values()) != len(files):
         raise RuntimeError(f"pacs-ai serve queued {sum(counts.values())} jobs of {len(files)}")
     print(f"(pacs-ai serve: {counts.get('done', 0)} of {len(files)} images classified by the time the last was stored)")
     return elapsed, cpu
 
 
-def run_storescp(files: list[Path], work: Path, extra: list[str]) -> tuple[float, int]:
+def run_storescp(files: list[Path], work: Path, extra: list[str]) -> tuple[float, float]:
     out = work / ("storescp" + "".join(extra).replace("+", "_"))
     out.mkdir()
     port = free_port()
@@ -185,14 +197,7 @@ def run_storescp(files: list[Path], work: Path, extra: list[str]) -> tuple[float
         ["storescp", "-aet", "STORESCP", "-od", str(out), *extra, str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_port(port)
-        cpu0 = cpu_seconds(proc.pid)
-        elapsed = storescu(port, files, "STORESCP")
-        cpu = cpu_seconds(proc.pid) - cpu0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    elapsed, cpu = time_receiver(proc, port, files, "STORESCP", lambda: wait_port(port))
     stored = len([p for p in out.iterdir() if p.is_file()])
     if stored != len(files):
         raise RuntimeError(f"storescp stored {stored} of {len(files)}")
