@@ -142,6 +142,18 @@ def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
         yield ids[i : i + _CHUNK]
 
 
+def _claimable(table: sa.Table, fresh: StrEnum, failed: StrEnum, leased: StrEnum, now: datetime) -> Any:
+    """Rows that may be claimed now: new ones, failed ones whose backoff has passed, expired leases."""
+    return sa.or_(
+        table.c.state == fresh.value,
+        sa.and_(
+            table.c.state == failed.value,
+            sa.or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now),
+        ),
+        sa.and_(table.c.state == leased.value, table.c.lease_expires_at <= now),
+    )
+
+
 class JobStore:
     """Jobs and deliveries in a SQL database (SQLite file or PostgreSQL URL)."""
 
@@ -317,56 +329,83 @@ class JobStore:
                 raise JobStoreError(f"job database error: {_short_error(exc)}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _lease(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        query: sa.Select[Any],
+        *,
+        owner: str,
+        lease_seconds: float,
+        now: datetime,
+        leased: StrEnum,
+        max_attempts: int,
+        expired_detail: str = "",
+        dead_values: dict[str, Any] | None = None,
+        lease_values: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Lease the rows ``query`` selects (id, state, attempts) to ``owner``; returns their ids.
+
+        A row whose lease expired (state ``leased``) on its last attempt is dead-lettered instead, so work
+        that kills its worker every time ends visible rather than looping.
+        """
+        ids: list[int] = []
+        for row in conn.execute(self._for_update(query, skip_locked=True)).all():
+            if row.state == leased.value and row.attempts >= max_attempts:
+                conn.execute(
+                    table.update()
+                    .where(table.c.id == row.id)
+                    .values(
+                        state=JobState.DEAD.value,  # the same word as DeliveryState.DEAD
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        next_attempt_at=None,
+                        last_error=f"gave up after {row.attempts} attempts: the lease expired{expired_detail}",
+                        updated_at=now,
+                        **(dead_values or {}),
+                    )
+                )
+                continue
+            ids.append(int(row.id))
+        if ids:
+            conn.execute(
+                table.update()
+                .where(table.c.id.in_(ids))
+                .values(
+                    state=leased.value,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    attempts=table.c.attempts + 1,
+                    next_attempt_at=None,
+                    updated_at=now,
+                    **(lease_values or {}),
+                )
+            )
+        return ids
+
     def claim(self, owner: str, limit: int = 1, lease_seconds: float = 300.0) -> list[Job]:
         """Lease up to ``limit`` claimable jobs to ``owner``, oldest first."""
         if limit <= 0:
             return []
         now = self.now()
-        claimable = sa.or_(
-            J.c.state == JobState.QUEUED.value,
-            sa.and_(
-                J.c.state == JobState.FAILED.value,
-                sa.or_(J.c.next_attempt_at.is_(None), J.c.next_attempt_at <= now),
-            ),
-            sa.and_(J.c.state == JobState.RUNNING.value, J.c.lease_expires_at <= now),
-        )
+        claimable = _claimable(J, JobState.QUEUED, JobState.FAILED, JobState.RUNNING, now)
         query = sa.select(J.c.id, J.c.state, J.c.attempts).where(claimable).order_by(J.c.id).limit(limit)
         with self._write() as conn:
-            rows = conn.execute(self._for_update(query, skip_locked=True)).all()
-            ids: list[int] = []
-            for row in rows:
-                if row.state == JobState.RUNNING.value and row.attempts >= self.job_policy.max_attempts:
-                    conn.execute(
-                        J.update()
-                        .where(J.c.id == row.id)
-                        .values(
-                            state=JobState.DEAD.value,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                            next_attempt_at=None,
-                            last_error=f"gave up after {row.attempts} attempts: the lease expired "
-                            "(the worker crashed or hung while processing this image)",
-                            updated_at=now,
-                            finished_at=now,
-                        )
-                    )
-                    continue
-                ids.append(int(row.id))
+            ids = self._lease(
+                conn,
+                J,
+                query,
+                owner=owner,
+                lease_seconds=lease_seconds,
+                now=now,
+                leased=JobState.RUNNING,
+                max_attempts=self.job_policy.max_attempts,
+                expired_detail=" (the worker crashed or hung while processing this image)",
+                dead_values={"finished_at": now},
+                lease_values={"started_at": now},
+            )
             if not ids:
                 return []
-            conn.execute(
-                J.update()
-                .where(J.c.id.in_(ids))
-                .values(
-                    state=JobState.RUNNING.value,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    attempts=J.c.attempts + 1,
-                    next_attempt_at=None,
-                    started_at=now,
-                    updated_at=now,
-                )
-            )
             return [_job(r) for r in conn.execute(sa.select(J).where(J.c.id.in_(ids)).order_by(J.c.id))]
 
     def finished_since(self, since: datetime, limit: int = 1000) -> list[Job]:
@@ -629,54 +668,24 @@ class JobStore:
         job_done = (
             sa.select(J.c.id).where(J.c.id == D.c.job_id, J.c.state == JobState.DONE.value).exists()
         )
-        claimable = sa.or_(
-            D.c.state == DeliveryState.PENDING.value,
-            sa.and_(
-                D.c.state == DeliveryState.FAILED.value,
-                sa.or_(D.c.next_attempt_at.is_(None), D.c.next_attempt_at <= now),
-            ),
-            sa.and_(D.c.state == DeliveryState.SENDING.value, D.c.lease_expires_at <= now),
-        )
+        claimable = _claimable(D, DeliveryState.PENDING, DeliveryState.FAILED, DeliveryState.SENDING, now)
         query = sa.select(D.c.id, D.c.state, D.c.attempts).where(claimable, job_done)
         if destination is not None:
             query = query.where(D.c.destination == destination)
         query = query.order_by(D.c.id).limit(limit)
         with self._write() as conn:
-            rows = conn.execute(self._for_update(query, skip_locked=True)).all()
-            ids: list[int] = []
-            for row in rows:
-                if (
-                    row.state == DeliveryState.SENDING.value
-                    and row.attempts >= self.delivery_policy.max_attempts
-                ):
-                    conn.execute(
-                        D.update()
-                        .where(D.c.id == row.id)
-                        .values(
-                            state=DeliveryState.DEAD.value,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                            next_attempt_at=None,
-                            last_error=f"gave up after {row.attempts} attempts: the lease expired",
-                            updated_at=now,
-                        )
-                    )
-                    continue
-                ids.append(int(row.id))
+            ids = self._lease(
+                conn,
+                D,
+                query,
+                owner=owner,
+                lease_seconds=lease_seconds,
+                now=now,
+                leased=DeliveryState.SENDING,
+                max_attempts=self.delivery_policy.max_attempts,
+            )
             if not ids:
                 return []
-            conn.execute(
-                D.update()
-                .where(D.c.id.in_(ids))
-                .values(
-                    state=DeliveryState.SENDING.value,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    attempts=D.c.attempts + 1,
-                    next_attempt_at=None,
-                    updated_at=now,
-                )
-            )
             return [_delivery(r) for r in conn.execute(sa.select(D).where(D.c.id.in_(ids)).order_by(D.c.id))]
 
     def _owned_delivery(self, conn: sa.Connection, delivery_id: int, owner: str, action: str) -> Any:
