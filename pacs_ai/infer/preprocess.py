@@ -29,6 +29,7 @@ __all__ = [
     "Prepared",
     "cam_to_original",
     "dicom_to_gray",
+    "displays_inverted",
     "image_file_to_gray",
     "letterbox",
     "normalise",
@@ -178,18 +179,85 @@ def _first(value: Any) -> float:
         return float(value)
 
 
-def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
-    """Apply the first VOI LUT or window of ``ds`` mapping to [0, 1]; None when there is none."""
-    from pydicom.pixels import apply_voi_lut
+def lut_item_to_array(item: Any, ds: Any) -> tuple[int, np.ndarray, int]:
+    """Read a Modality or VOI LUT item: (first stored value mapped, entries as int64 (N,), bits per entry).
 
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        item = ds.VOILUTSequence[0]
-        out = apply_voi_lut(arr, ds, index=0, prefer_lut=True).astype(np.float32)
-        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+    PS3.3 C.11.1.1.1 / C.11.2.1.1: LUT Descriptor = (number of entries, 0 meaning 65536; first value
+    mapped, SS when the pixel data are signed; bits per entry, 8 or 16, older files also 10-15). LUT Data
+    is US (a list) or OW (bytes in the transfer syntax's byte order; 8-bit entries may be packed two per
+    word). A first value read as US above 32767 for signed pixel data is taken as its SS meaning.
+
+    Raises ``ValueError`` when the item is malformed.
+    """
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    if len(descriptor) != 3:
+        raise ValueError(f"LUT Descriptor has {len(descriptor)} values, expected 3")
+    entries, first, bits = descriptor
+    entries = entries or 65536
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first > 32767:
+        first -= 65536
+    if not 1 <= bits <= 16:
+        raise ValueError(f"LUT Descriptor gives {bits} bits per entry")
+    raw = item.LUTData
+    if isinstance(raw, (bytes, bytearray)):
+        little = True
+        meta = getattr(ds, "file_meta", None)
+        ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+        if ts is not None and getattr(ts, "is_little_endian", True) is False:
+            little = False
+        if len(raw) >= 2 * entries:
+            data = np.frombuffer(raw, dtype="<u2" if little else ">u2", count=entries)
+        elif bits <= 8 and len(raw) >= entries:
+            data = np.frombuffer(raw, dtype=np.uint8, count=entries)
+        else:
+            raise ValueError(f"LUT Data holds {len(raw)} bytes for {entries} entries")
+    else:
+        data = np.atleast_1d(np.asarray(raw, dtype=np.int64))
+        if data.size < entries:
+            raise ValueError(f"LUT Data holds {data.size} values for {entries} entries")
+        data = data[:entries]
+    return first, data.astype(np.int64), bits
+
+
+def apply_lut(values: np.ndarray, first: int, data: np.ndarray) -> np.ndarray:
+    """Map ``values`` through a LUT: values below ``first`` take the first entry, above the last the last.
+
+    Non-integer inputs (after a rescale) are floored. Computed in int64, so signed inputs with a negative
+    first value cannot wrap (pydicom 3.0's ``apply_modality_lut``/``apply_voi`` compute the index in the
+    input's own dtype, which overflows for int8/int16 pixel data with a negative first value).
+    """
+    idx = np.floor(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
+    idx -= first
+    np.clip(idx, 0, data.size - 1, out=idx)
+    return data[idx]
+
+
+def modality_values(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored values -> modality output values (PS3.3 C.11.1): the Modality LUT Sequence if present,
+    else Rescale Slope/Intercept (pydicom's ``apply_modality_lut``, float64), else the stored values."""
+    from pydicom.pixels import apply_modality_lut
+
+    seq = ds.get("ModalityLUTSequence")
+    if seq:
+        first, data, _ = lut_item_to_array(seq[0], ds)
+        return apply_lut(arr, first, data)
+    return apply_modality_lut(arr, ds)
+
+
+def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
+    """Apply the first VOI LUT or window of ``ds`` mapping to [0, 1]; None when there is none.
+
+    A VOI LUT Sequence wins over a window (as in pydicom's ``apply_voi_lut(prefer_lut=True)``); its
+    output is scaled by its bits per entry (or by its largest entry when that exceeds them).
+    """
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        first, data, bits = lut_item_to_array(seq[0], ds)
+        out = apply_lut(arr, first, data).astype(np.float32)
         top = float(2**bits - 1)
-        if out.max() > top or top <= 0:
-            top = float(out.max()) or 1.0
-        return np.clip(out / np.float32(top), 0.0, 1.0)
+        if float(data.max()) > top:
+            top = float(data.max())
+        return np.clip(out * np.float32(1.0 / top), 0.0, 1.0)
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
     try:
@@ -197,7 +265,7 @@ def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
         width = _first(ds.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return None
-    func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
     x = arr.astype(np.float32, copy=False)
     # DICOM PS3.3 C.11.2.1.2 / C.11.2.1.3
     if func == "SIGMOID":
@@ -217,19 +285,36 @@ def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def displays_inverted(ds: Any, photometric: str | None = None) -> bool:
+    """True when the VOI output's minimum is displayed white (so it is inverted to keep bone bright).
+
+    Either statement of that polarity inverts, once: Photometric Interpretation MONOCHROME1, or a
+    Presentation LUT Shape of INVERSE. The two are not combined: in the DX, MG and IO image modules the
+    Presentation LUT Shape only restates the photometric interpretation (PS3.3 C.8.11.1: INVERSE "shall
+    be used if Photometric Interpretation is MONOCHROME1", IDENTITY with MONOCHROME2), so MONOCHROME1 with
+    INVERSE is one inversion, not two. MONOCHROME2 with INVERSE is inverted (PS3.3 C.11.6.1.2: the VOI
+    output's minimum maps to the maximum P-value). MONOCHROME1 with IDENTITY (not allowed in DX) stays
+    inverted: the photometric interpretation (Type 1) describes the pixel data. ``photometric`` defaults to
+    the dataset's.
+    """
+    if photometric is None:
+        photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric.strip().upper() == "MONOCHROME1" or shape == "INVERSE"
+
+
 def dicom_to_gray(ds: Any) -> np.ndarray:
     """Decode a single-frame greyscale DICOM image to float32 (H, W) in [0, 1] with bone bright.
 
     Applies the Modality LUT (rescale or LUT sequence), then the first VOI LUT or window
     (LINEAR, LINEAR_EXACT, SIGMOID); without one, a robust 0.5-99.5 percentile range is used.
-    MONOCHROME1 (and a Presentation LUT Shape of INVERSE) is inverted. Any bit depth and signedness
-    that pydicom decodes is supported.
+    The result is inverted once when MONOCHROME1 or a Presentation LUT Shape of INVERSE says the minimum
+    is displayed white (``displays_inverted``; MONOCHROME1 with INVERSE, what DX requires, is one
+    inversion). Any bit depth and signedness that pydicom decodes is supported.
 
     Raises ``InputError`` with reason ``missing_pixel_data``, ``unsupported_photometric``,
     ``multi_frame``, ``unsupported_image`` or ``undecodable_pixel_data``.
     """
-    from pydicom.pixels import apply_modality_lut
-
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError("missing_pixel_data", "the dataset has no Pixel Data element")
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
@@ -265,7 +350,7 @@ def dicom_to_gray(ds: Any) -> np.ndarray:
         raise InputError("unsupported_image", f"decoded pixel array has shape {arr.shape}, expected 2-D")
     _check_size(*arr.shape)
     try:
-        values = apply_modality_lut(arr, ds)
+        values = modality_values(arr, ds)
     except Exception as exc:  # noqa: BLE001
         raise InputError("undecodable_pixel_data", f"modality LUT failed: {exc}") from exc
     try:
@@ -274,10 +359,7 @@ def dicom_to_gray(ds: Any) -> np.ndarray:
         gray = None
     if gray is None:
         gray = _percentile_scale(values)
-    invert = photometric == "MONOCHROME1"
-    if str(ds.get("PresentationLUTShape", "") or "").upper() == "INVERSE":
-        invert = not invert
-    if invert:
+    if displays_inverted(ds, photometric):
         gray = np.float32(1.0) - gray
     return np.ascontiguousarray(gray, dtype=np.float32)
 
