@@ -124,6 +124,33 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RoutingRuleConfig:
+    """One ``[[routing.rules]]`` entry (see pacs_ai/route/rules.py for the matching semantics)."""
+
+    name: str
+    action: str = "skip"
+    modality: tuple[str, ...] = ()
+    sop_class: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    view_position: tuple[str, ...] = ()
+    laterality: tuple[str, ...] = ()
+    calling_aet: tuple[str, ...] = ()
+    series_description: tuple[str, ...] = ()
+    protocol_name: tuple[str, ...] = ()
+    min_age_years: float | None = None
+    max_age_years: float | None = None
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Which images are analysed: configured rules first, then the model card's intended use."""
+
+    intended_use: bool = True
+    unknown_body_part: str = "analyse"
+    rules: tuple[RoutingRuleConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -134,6 +161,7 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     source: Path | None = None
 
     @property
@@ -146,6 +174,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.device": ("auto", "cpu", "cuda"),
     "logging.format": ("plain", "json"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "routing.unknown_body_part": ("analyse", "skip"),
 }
 
 
@@ -254,7 +283,44 @@ def _validate(config: Config) -> Config:
             )
     if not config.model.path:
         raise ConfigError("model.path", "must name at least one model folder")
+    _validate_routing(config.routing)
     return config
+
+
+def _validate_routing(routing: RoutingConfig) -> None:
+    from pacs_ai.route.body_part import GENERIC_TERMS, SYNONYMS
+    from pacs_ai.route.rules import resolve_sop_class
+
+    known_parts = set(SYNONYMS) | set(GENERIC_TERMS) | {"UNKNOWN"}
+    seen: set[str] = set()
+    for i, rule in enumerate(routing.rules):
+        key = f"routing.rules[{i}]"
+        if not rule.name.strip():
+            raise ConfigError(f"{key}.name", "must not be empty")
+        if rule.name in seen:
+            raise ConfigError(f"{key}.name", f"duplicate rule name {rule.name!r}")
+        if rule.name.startswith("intended_use") or rule.name == "default":
+            raise ConfigError(f"{key}.name", f"{rule.name!r} is reserved for the model card's criteria")
+        seen.add(rule.name)
+        if rule.action not in ("analyse", "skip"):
+            raise ConfigError(f"{key}.action", f"must be one of analyse, skip, not {rule.action!r}")
+        for j, value in enumerate(rule.sop_class):
+            try:
+                resolve_sop_class(value)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.sop_class[{j}]", str(exc)) from exc
+        for j, value in enumerate(rule.body_part):
+            if value.upper() not in known_parts:
+                raise ConfigError(
+                    f"{key}.body_part[{j}]", f"unknown body part {value!r} (known: {', '.join(sorted(known_parts))})"
+                )
+        for name in ("modality", "view_position", "laterality", "calling_aet", "series_description", "protocol_name"):
+            for j, value in enumerate(getattr(rule, name)):
+                if not value.strip():
+                    raise ConfigError(f"{key}.{name}[{j}]", "must not be empty")
+        lo, hi = rule.min_age_years, rule.max_age_years
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"{key}.max_age_years", f"must be greater than min_age_years ({lo:g}), not {hi:g}")
 
 
 def default_config(base: Path | None = None) -> Config:

@@ -44,7 +44,7 @@ from dest_scp import DestSCP, free_port
 
 DAEMON_AE = "PACSAI"
 TEST_AE = "TESTSCU"
-TERMINAL = ("done", "dead")
+TERMINAL = ("done", "dead", "skipped")
 
 
 # ----------------------------------------------------------------------------------------------------

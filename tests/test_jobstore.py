@@ -188,7 +188,7 @@ def test_permanent_failure_is_dead_at_once(store: JobStore) -> None:
     job_id = enqueue(store, 1).job_id
     store.claim("w")
     assert store.fail(job_id, "w", "undecodable_pixel_data", permanent=True) is JobState.DEAD
-    assert store.counts() == {"queued": 0, "running": 0, "done": 0, "failed": 0, "dead": 1}
+    assert store.counts() == {"queued": 0, "running": 0, "done": 0, "failed": 0, "dead": 1, "skipped": 0}
 
 
 def test_retry_and_retry_dead(store: JobStore) -> None:
@@ -199,7 +199,7 @@ def test_retry_and_retry_dead(store: JobStore) -> None:
     store.retry(ids[0])
     job = store.get(ids[0])
     assert (job.state, job.attempts) == (JobState.QUEUED, 0)
-    with pytest.raises(JobStoreError, match="only failed or dead"):
+    with pytest.raises(JobStoreError, match="only failed, dead or skipped"):
         store.retry(ids[0])
     with pytest.raises(JobStoreError, match="does not exist"):
         store.retry(999)
@@ -425,7 +425,7 @@ def test_jobs_cli_list_show_retry_purge(tmp_path: Path, capsys: pytest.CaptureFi
     assert "re-queued 1 dead job(s)" in capsys.readouterr().out
     assert store.get(dead).state is JobState.QUEUED
     assert store.list_deliveries(done)[0].state is DeliveryState.PENDING
-    with pytest.raises(JobStoreError, match="only failed or dead"):
+    with pytest.raises(JobStoreError, match="only failed, dead or skipped"):
         run_cli("jobs", "retry", str(queued), "--config", str(cfg))
 
     (d,) = store.claim_deliveries("d")
@@ -440,3 +440,17 @@ def test_jobs_cli_list_show_retry_purge(tmp_path: Path, capsys: pytest.CaptureFi
     assert not (config.storage.results / str(done)).exists()
     assert [j.id for j in store.list_jobs()] == [queued, dead]
     store.close()
+
+
+def test_skipped_job_has_its_rule_and_no_delivery(store: JobStore) -> None:
+    job_id = enqueue(store, 1).job_id
+    store.claim("w")
+    routing = {"action": "skip", "rule": "intended_use.body_part", "reason": "body part CHEST"}
+    store.skip(job_id, "w", {"routing": routing})
+    job = store.get(job_id)
+    assert (job.state, job.result, job.lease_owner) == (JobState.SKIPPED, {"routing": routing}, None)
+    assert job.finished_at is not None
+    assert store.list_deliveries(job_id=job_id) == [] and store.claim("w") == []
+    assert store.counts()["skipped"] == 1
+    store.retry(job_id)  # after a rule change, an admin can have it analysed
+    assert store.get(job_id).state is JobState.QUEUED

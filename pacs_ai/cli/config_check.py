@@ -69,15 +69,21 @@ def _toml_scalar(value: Any) -> str:
 def _toml_table(header: str, table: dict[str, Any], lines: list[str], array: bool = False) -> None:
     lines.append(f"\n[[{header}]]" if array else f"\n[{header}]")
     subtables = []
+    arrays = []
     for key, value in table.items():
         if value is None:
             continue  # TOML has no null: an absent key means the default (None)
         if isinstance(value, dict):
             subtables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((key, value))  # an array of tables, e.g. [[routing.rules]]
         else:
             lines.append(f"{key} = {_toml_scalar(value)}")
     for key, value in subtables:
         _toml_table(f"{header}.{key}", value, lines)
+    for key, items in arrays:
+        for item in items:
+            _toml_table(f"{header}.{key}", item, lines, array=True)
 
 
 def derived(config: Config) -> dict[str, str]:

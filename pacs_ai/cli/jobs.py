@@ -69,6 +69,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         )
         if j.last_error and j.state in (JobState.FAILED, JobState.DEAD):
             print(f"{'':>6}  error: {j.last_error.splitlines()[0][:150]}")
+        routing = (j.result or {}).get("routing") or {}
+        if j.state == JobState.SKIPPED and routing:
+            print(f"{'':>6}  skipped by rule {routing.get('rule')}: {str(routing.get('reason', ''))[:150]}")
     return 0
 
 
@@ -202,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_show)
 
-    p = sub.add_parser("retry", help="queue a failed or dead job again (or all dead ones)")
+    p = sub.add_parser("retry", help="queue a failed, dead or skipped job again (or all dead ones)")
     add_config_argument(p)
     p.add_argument("id", type=int, nargs="?", metavar="ID")
     p.add_argument("--dead", action="store_true", help="re-queue every dead job")

@@ -35,6 +35,7 @@ from pacs_ai.ops.tls import client_context, server_context
 from pacs_ai.daemon.worker_process import WorkerProcess
 from pacs_ai.infer.model_card import load_card
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
+from pacs_ai.route.build import build_router
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,9 @@ class Service:
         info = engine.describe()
         self.metrics.set_model_info({k: str(v) for k, v in info.items()})
         log.info("model loaded: %s", info)
+        router = build_router(self.config.routing, engine.cards[0])
+        for line in router.describe():
+            log.info("routing: %s", line)
         return Worker(
             self.jobs,
             engine,
@@ -187,6 +191,7 @@ class Service:
             batch_size=model.batch_size,
             lease_seconds=self.config.worker.lease_seconds,
             observer=self.observer,
+            router=router,
         )
 
     def _build_worker_process(self) -> WorkerProcess:

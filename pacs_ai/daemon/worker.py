@@ -2,7 +2,10 @@
 
 ``Worker.run_once()`` claims up to ``batch_size`` jobs and, for each one:
 
-1. reads the spooled DICOM file and preprocesses it with the engine's ``InputSpec``. An image that can
+0. reads the spooled DICOM file's header and asks the router (``pacs_ai.route``) whether the image is to
+   be analysed; an image outside the rules ends ``skipped`` with the deciding rule, before any pixel is
+   decoded, and nothing is sent for it;
+1. preprocesses the image with the engine's ``InputSpec``. An image that can
    never be processed (``InputError``: undecodable pixel data, unsupported photometric interpretation,
    not DICOM at all, ...) fails its job *permanently* (straight to dead) with ``"reason: detail"``;
 2. runs the engine on all the good images of the batch at once (one forward + Grad-CAM);
@@ -35,6 +38,8 @@ from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.queue.jobstore import Job, JobStore
+from pacs_ai.route.facts import ImageFacts
+from pacs_ai.route.rules import Decision, Router
 
 __all__ = ["ResultWriter", "Worker", "job_result"]
 
@@ -87,6 +92,7 @@ class _Item:
     job: Job
     dataset: pydicom.Dataset
     prepared: Prepared
+    routing: dict[str, Any] | None = None
 
 
 class Worker:
@@ -104,6 +110,7 @@ class Worker:
         batch_size: int = 8,
         lease_seconds: float = 300.0,
         observer: Observer | None = None,
+        router: Router | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -116,6 +123,7 @@ class Worker:
         self.batch_size = int(batch_size)
         self.lease_seconds = float(lease_seconds)
         self.observer: Observer = observer or NullObserver()
+        self.router = router
         self._stop: threading.Event | None = None
         # Writing results (SC, SR, PNG, fsyncs) of batch n overlaps the forward pass of batch n+1.
         self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
@@ -194,6 +202,13 @@ class Worker:
                 ds = pydicom.dcmread(job.spool_path)
             except InvalidDicomError as exc:
                 raise InputError("unreadable_dicom", f"the spooled file is not DICOM: {exc}") from exc
+            routing = None
+            if self.router is not None:
+                decision = self.router.decide(ImageFacts.from_dataset(ds, job.calling_aet))
+                if not decision.analyse:
+                    self._skip(job, decision)
+                    return None
+                routing = decision.to_dict()
             gray = dicom_to_gray(ds)
             prepared = prepare(gray, self.engine.spec)
             del gray
@@ -209,7 +224,7 @@ class Worker:
             self._fail(job, f"preprocessing failed: {type(exc).__name__}: {exc}", permanent=False)
             return None
         prepared.extra["preprocess_s"] = time.perf_counter() - t0
-        return _Item(job, ds, prepared)
+        return _Item(job, ds, prepared, routing)
 
     def _predict(self, items: list[_Item]) -> list[Prediction | None]:
         """Predictions in order; an image the engine fails on is failed alone (None in its slot)."""
@@ -236,6 +251,8 @@ class Worker:
             folder.mkdir(parents=True, exist_ok=True)
             files = self.writer(item.dataset, item.prepared, prediction, folder)
             result = job_result(prediction, files)
+            if item.routing is not None:
+                result["routing"] = item.routing
         except InputError as exc:
             self._fail(job, str(exc), permanent=True)
             return
@@ -269,6 +286,15 @@ class Worker:
         state_name = str(getattr(state, "value", state) or ("dead" if permanent else "failed"))
         log.warning("job %s %s: %s", job.id, state_name, reason)
         self.observer.job_finished(job.id, state_name, 0.0, 0.0)
+
+    def _skip(self, job: Job, decision: Decision) -> None:
+        try:
+            self.jobs.skip(job.id, self.owner, {"routing": decision.to_dict()})
+        except LeaseLostError as exc:
+            log.warning("job %s: skip not recorded: %s", job.id, exc)
+            return
+        log.info("job %s skipped by routing rule %s: %s", job.id, decision.rule, decision.reason)
+        self.observer.job_finished(job.id, "skipped", 0.0, 0.0)
 
     def _release(self, job: Job) -> None:
         try:

@@ -51,6 +51,9 @@ _CARD_FIELDS = (
     "training",
     "metrics",
     "description",
+    "intended_use",
+    "study",
+    "validation_distribution",
 )
 
 
@@ -77,6 +80,16 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    intended_use: dict[str, Any] = field(default_factory=dict)
+    """What the model was made for, as routing criteria (see ``pacs_ai.route.intended_use``): ``modalities``,
+    ``body_parts`` (DICOM Body Part Examined terms), ``min_age_years``, ``max_age_years``, ``description``.
+    Empty: no intended-use rules (every image the listener takes is analysed)."""
+    study: dict[str, Any] = field(default_factory=dict)
+    """The study-level rule chosen on validation data: ``rule`` (max, mean, noisy_or), ``threshold`` and the
+    comparison it was chosen from (``pacs-ai-train study-rule``). Empty: rule ``max`` with the image threshold."""
+    validation_distribution: dict[str, Any] = field(default_factory=dict)
+    """The calibrated probabilities on the validation set as a histogram: ``bin_edges`` (ascending, 0 to 1),
+    ``counts`` (one per bin), ``n``; the reference for drift (PSI) in ``pacs-ai shadow report``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.class_names, list):
@@ -117,7 +130,7 @@ class ModelCard:
         self.temperature = float(self.temperature)
         if not isinstance(self.created, str):
             raise bad("created", f"must be an ISO date string, got {self.created!r}")
-        for name in ("training", "metrics"):
+        for name in ("training", "metrics", "intended_use", "study", "validation_distribution"):
             value = getattr(self, name)
             if not isinstance(value, dict):
                 raise bad(name, f"must be an object, got {type(value).__name__}")
@@ -127,6 +140,20 @@ class ModelCard:
                 raise bad(name, f"must be JSON-serialisable: {exc}") from exc
         if not isinstance(self.description, str):
             raise bad("description", f"must be a string, got {self.description!r}")
+        vd = self.validation_distribution
+        if vd:
+            edges, counts = vd.get("bin_edges"), vd.get("counts")
+            ok = isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 >= 2
+            ok = ok and all(isinstance(e, (int, float)) for e in edges) and all(a < b for a, b in zip(edges, edges[1:]))
+            ok = ok and all(isinstance(c, int) and c >= 0 for c in counts) and sum(counts) > 0
+            if not ok:
+                raise bad("validation_distribution", "needs ascending bin_edges and one non-negative count per bin")
+        if self.study:
+            if self.study.get("rule") not in ("max", "mean", "noisy_or"):
+                raise bad("study.rule", f"must be max, mean or noisy_or, got {self.study.get('rule')!r}")
+            t = self.study.get("threshold")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+                raise bad("study.threshold", f"must be a number in [0, 1], got {t!r}")
 
     # -- JSON -------------------------------------------------------------------------------------------
 
@@ -143,6 +170,9 @@ class ModelCard:
             "training": self.training,
             "metrics": self.metrics,
             "description": self.description,
+            "intended_use": self.intended_use,
+            "study": self.study,
+            "validation_distribution": self.validation_distribution,
         }
 
     def to_json(self) -> str:

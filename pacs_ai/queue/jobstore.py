@@ -40,6 +40,8 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     DEAD = "dead"
+    SKIPPED = "skipped"
+    """Outside the routing rules: stored, not analysed, nothing sent (``result["routing"]`` names the rule)."""
 
 
 class DeliveryState(StrEnum):
@@ -409,11 +411,11 @@ class JobStore:
             return [_job(r) for r in conn.execute(sa.select(J).where(J.c.id.in_(ids)).order_by(J.c.id))]
 
     def finished_since(self, since: datetime, limit: int = 1000) -> list[Job]:
-        """Jobs that reached done or dead after ``since``, oldest first (for metrics across processes)."""
+        """Jobs that reached done, dead or skipped after ``since``, oldest first (for metrics across processes)."""
         query = (
             sa.select(J)
             .where(
-                J.c.state.in_([JobState.DONE.value, JobState.DEAD.value]),
+                J.c.state.in_([JobState.DONE.value, JobState.DEAD.value, JobState.SKIPPED.value]),
                 J.c.finished_at > since,
             )
             .order_by(J.c.finished_at)
@@ -529,6 +531,26 @@ class JobStore:
             )
             return state
 
+    def skip(self, job_id: int, owner: str, result: dict) -> None:
+        """End a leased job as SKIPPED (routing excluded it) with ``result``; no delivery is created."""
+        now = self.now()
+        with self._write() as conn:
+            self._owned_job(conn, job_id, owner, "skip")
+            conn.execute(
+                J.update()
+                .where(J.c.id == job_id)
+                .values(
+                    state=JobState.SKIPPED.value,
+                    result=result,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    next_attempt_at=None,
+                    last_error=None,
+                    updated_at=now,
+                    finished_at=now,
+                )
+            )
+
     def release(self, job_id: int, owner: str) -> None:
         """Give a leased job back to the queue without counting the attempt (orderly shutdown)."""
         now = self.now()
@@ -554,8 +576,8 @@ class JobStore:
             row = conn.execute(self._for_update(sa.select(J.c.state).where(J.c.id == job_id))).first()
             if row is None:
                 raise JobStoreError(f"job {job_id} does not exist")
-            if row.state not in (JobState.FAILED.value, JobState.DEAD.value):
-                raise JobStoreError(f"job {job_id} is {row.state}: only failed or dead jobs can be retried")
+            if row.state not in (JobState.FAILED.value, JobState.DEAD.value, JobState.SKIPPED.value):
+                raise JobStoreError(f"job {job_id} is {row.state}: only failed, dead or skipped jobs can be retried")
             conn.execute(J.update().where(J.c.id == job_id).values(**self._requeue_values(now)))
 
     def retry_dead(self) -> int:
@@ -622,7 +644,7 @@ class JobStore:
     def purge(
         self,
         older_than: timedelta,
-        states: Sequence[JobState] = (JobState.DONE, JobState.DEAD),
+        states: Sequence[JobState] = (JobState.DONE, JobState.DEAD, JobState.SKIPPED),
     ) -> list[Job]:
         """Delete jobs in ``states`` finished before now - ``older_than``, with their deliveries.
 
