@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score at most N boxed images")
     _add_threads(p)
 
+    p = sub.add_parser("study-rule", help="choose the study-level rule (max, mean, noisy-or) on validation groups", description="Aggregate image probabilities per manifest group (stand-in study) by max, mean and noisy-or, compare study AUROC with bootstrap intervals, report the winner; --write-card stores it and the validation probability distribution in the card.")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--data", type=Path, default=Path("../shared/data/fracatlas"))
+    p.add_argument("--split", type=Path, help="split CSV (python -m training split)")
+    p.add_argument("--subset", default="val")
+    p.add_argument("--predictions", type=Path, help="reuse a val_predictions.csv instead of running the model")
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--out", type=Path, default=Path("docs/study-rule"))
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--write-card", action="store_true")
+    _add_threads(p)
+
     p = sub.add_parser("export", help="checkpoint -> model folder the daemon loads (calibrated on validation)", description="Write a model folder from a training checkpoint (best.pt), calibrated on the run's validation split.")
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt or last.pt from a training run")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
@@ -175,6 +188,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from training.cam_review import cam_review_command
 
         return cam_review_command(args)
+    if args.command == "study-rule":
+        from training.study_rule import study_rule_command
+
+        return study_rule_command(args)
     if args.command == "export":
         from training.evaluate import export_command
 
