@@ -16,6 +16,7 @@ Study/Series/SOP UIDs; ``--image PATH`` uses another file (e.g. a full-size WG-0
 
     .venv/bin/python benchmarks/bench_latency.py                 # about 2-4 min on 2 cores
     .venv/bin/python benchmarks/bench_latency.py --arch densenet121 --burst 500 --json out.json
+    .venv/bin/python benchmarks/bench_latency.py --full-size      # WG-04 CR, bundled model, Orthanc
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bad_inputs.corpus import reuid_copies
 from daemon_harness import Daemon, Sent, random_model, send_files
@@ -69,7 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="give up waiting after this many seconds")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the daemon's folder here")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    full = ap.add_argument_group("full-size mode (benchmarks/latency_fullsize.py)")
+    full.add_argument("--full-size", action="store_true",
+                      help="real WG-04 radiographs from ../shared, the bundled model, Orthanc as the PACS")
+    full.add_argument("--burst-full", type=int, default=100, help="full-size images in the burst")
+    full.add_argument("--gap", type=float, default=0.5, help="seconds between single images")
+    full.add_argument("--bare-batches", type=int, default=10, help="batches timed for the bare forward + CAM rate")
+    full.add_argument("--threads", type=int, default=0,
+                      help="torch threads of the worker and of the bare rate (0: the daemon's default)")
     args = ap.parse_args(argv)
+    if args.full_size:
+        from latency_fullsize import run
+
+        if args.idle == 10:
+            args.idle = 8
+        return run(args)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pacs-ai-bench-latency-"))
     work.mkdir(parents=True, exist_ok=True)

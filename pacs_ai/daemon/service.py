@@ -9,6 +9,7 @@ file is written with temp file + fsync + rename, every state change is one trans
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,15 +27,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_ai import __version__
 from pacs_ai.config import Config
-from pacs_ai.errors import PacsAiError
+from pacs_ai.errors import ModelError, PacsAiError
 from pacs_ai.ops.audit import AuditLog
 from pacs_ai.ops.events import CompositeObserver, Observer
 from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.metrics import Metrics, MetricsServer
 from pacs_ai.ops.notify import SystemdNotifier
 from pacs_ai.ops.tls import client_context, server_context
+from pacs_ai.daemon.wakeup import Doorbell, WakeUpObserver
 from pacs_ai.daemon.worker_process import WorkerProcess
-from pacs_ai.infer.model_card import load_card
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
 from pacs_ai.route.build import build_router
 
@@ -104,6 +106,19 @@ def reclaim_orphaned_leases(jobs: JobStore, host: str | None = None) -> tuple[in
     return counts
 
 
+def model_labels(folder: Path) -> dict[str, str]:
+    """name, version and architecture from a model folder's ``model.json``, without importing torch.
+
+    Raises ModelError when the card cannot be read; the full validation happens where the model is loaded.
+    """
+    path = Path(folder) / "model.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {k: str(data[k]) for k in ("name", "version", "architecture")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: cannot read the model card: {exc}") from exc
+
+
 def torch_threads(config: Config, roles: Roles) -> int:
     """CPU threads for inference: as configured, else all cores less one kept for the listener."""
     if config.model.threads:
@@ -121,6 +136,7 @@ class Service:
         self._stop = threading.Event()
         self._loop_locks = {"worker": threading.Lock(), "deliveries": threading.Lock()}
         self._stopped = threading.Event()
+        self._loop_threads: list[threading.Thread] = []
         self.notifier = SystemdNotifier()
         self.metrics = Metrics()
         storage = config.storage
@@ -128,7 +144,13 @@ class Service:
             folder.mkdir(parents=True, exist_ok=True)
         audit_path = config.logging.audit_file or storage.data_dir / "audit.log"
         self.audit = AuditLog(audit_path)
-        self.observer: Observer = CompositeObserver(self.metrics, self.audit)
+        # Wake-ups: the listener rings `jobs_bell` when a job is committed, the worker rings `results_bell`
+        # when a job is done; a worker child inherits the ends it needs (see pacs_ai/daemon/wakeup.py).
+        inherited = None if roles.listener else Doorbell.from_env()
+        self.jobs_bell, self.results_bell = inherited or (Doorbell(), Doorbell())
+        self.observer: Observer = CompositeObserver(
+            self.metrics, self.audit, WakeUpObserver(self.jobs_bell, self.results_bell)
+        )
         self.jobs = open_job_store(config)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         silence = max(60.0, config.worker.lease_seconds)
@@ -195,17 +217,21 @@ class Service:
         )
 
     def _build_worker_process(self) -> WorkerProcess:
-        child = WorkerProcess(self.config.source, niceness=self.config.worker.niceness)
+        child = WorkerProcess(
+            self.config.source, niceness=self.config.worker.niceness, doorbells=(self.jobs_bell, self.results_bell)
+        )
         self.health.register_probe("worker process", lambda: child.alive or self._stop.is_set())
         try:
-            cards = [load_card(path) for path in self.config.model.path]
+            # Only the labels are read here: importing torch to validate the card would cost this process
+            # seconds of start-up and hundreds of MB; the worker child loads and checks the model.
+            cards = [model_labels(path) for path in self.config.model.path]
             for path, card in zip(self.config.model.path, cards):
-                log.info("model %s %s (%s) from %s; loaded by the worker process", card.name, card.version, card.architecture, path)
+                log.info("model %s %s (%s) from %s; loaded by the worker process", card["name"], card["version"], card["architecture"], path)
             self.metrics.set_model_info(
                 {
-                    "name": "+".join(c.name for c in cards),
-                    "version": "+".join(c.version for c in cards),
-                    "architecture": "+".join(c.architecture for c in cards),
+                    "name": "+".join(c["name"] for c in cards),
+                    "version": "+".join(c["version"] for c in cards),
+                    "architecture": "+".join(c["architecture"] for c in cards),
                     "device": self.config.model.device,
                 }
             )
@@ -245,6 +271,45 @@ class Service:
         )
 
     # -- periodic work ----------------------------------------------------------------------------
+
+    def _loop(
+        self, body: Callable[[], None], bell: Doorbell, interval_s: float, before: Callable[[], None] | None = None
+    ) -> None:
+        """Run ``before`` once, then ``body`` whenever ``bell`` rings, and at least every ``interval_s`` seconds,
+        until stopped."""
+        if before is not None:
+            before()
+        while not self._stop.is_set():
+            body()
+            bell.wait(interval_s)
+
+    def _start_loop(
+        self, name: str, body: Callable[[], None], bell: Doorbell, interval_s: float,
+        before: Callable[[], None] | None = None,
+    ) -> None:
+        thread = threading.Thread(
+            target=self._loop, args=(body, bell, interval_s, before), name=f"{name}-loop", daemon=True
+        )
+        self._loop_threads.append(thread)
+        thread.start()
+
+    def _warm_up(self) -> None:
+        """Model, codecs and writers warmed before the first claim (in the worker's thread: the listener
+        is not held up)."""
+        from pacs_ai.daemon.warmup import warm_up
+
+        assert self.worker is not None
+        started = time.monotonic()
+        try:
+            timings = warm_up(self.worker.engine, self.worker.writer, self.config.storage.results)
+        except Exception:  # noqa: BLE001 - never fatal: the first job pays the cold start instead
+            log.exception("warm-up failed")
+            return
+        log.info(
+            "worker warmed up in %.2f s (%s)",
+            time.monotonic() - started,
+            ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
+        )
 
     def _work(self) -> None:
         assert self.worker is not None
@@ -326,14 +391,14 @@ class Service:
         sched = self.scheduler
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         if self.worker:
-            sched.add_job(self._work, "interval", seconds=self.config.worker.poll_interval_s, id="worker", **common)
+            self._start_loop(
+                "worker", self._work, self.jobs_bell, self.config.worker.poll_interval_s, before=self._warm_up
+            )
         if self.worker_process:
             self.worker_process.start()
             sched.add_job(self._supervise_worker, "interval", seconds=2, id="worker-process", **common)
         if self.deliveries:
-            sched.add_job(
-                self._deliver, "interval", seconds=self.config.delivery.poll_interval_s, id="deliveries", **common
-            )
+            self._start_loop("deliveries", self._deliver, self.results_bell, self.config.delivery.poll_interval_s)
             sched.add_job(self.run_retention, "interval", hours=1, id="retention", **common)
         sched.add_job(self._update_gauges, "interval", seconds=5, id="gauges", **common)
         watchdog = self.notifier.watchdog_interval()
@@ -353,6 +418,8 @@ class Service:
         if self._stopped.is_set():
             return
         self._stop.set()
+        self.jobs_bell.ring()
+        self.results_bell.ring()
         self.notifier.stopping()
         log.info("stopping: no new associations; finishing work in flight")
         started = time.monotonic()

@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from pacs_ai.daemon.wakeup import Doorbell
+
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -26,8 +28,17 @@ RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 class WorkerProcess:
     """Starts ``pacs-ai worker`` with the same configuration, restarts it when it dies, stops it on request."""
 
-    def __init__(self, config_path: Path | None, *, niceness: int = 10, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path | None,
+        *,
+        niceness: int = 10,
+        cwd: Path | None = None,
+        doorbells: tuple[Doorbell, Doorbell] | None = None,
+    ) -> None:
+        """``doorbells``: (jobs, results); the child waits on ``jobs`` and rings ``results``."""
         self.config_path = config_path
+        self.doorbells = doorbells
         self.niceness = niceness
         self.cwd = cwd or Path.cwd()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -69,7 +80,13 @@ class WorkerProcess:
                 return
             # The daemon alone talks to systemd (NotifyAccess=main).
             env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-            self._proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, preexec_fn=self._prepare_child)
+            fds: tuple[int, ...] = ()
+            if self.doorbells is not None:
+                bell_env, fds = Doorbell.to_env(*self.doorbells)
+                env.update(bell_env)
+            self._proc = subprocess.Popen(
+                self.command, cwd=self.cwd, env=env, preexec_fn=self._prepare_child, pass_fds=fds
+            )
             self._started_at = time.monotonic()
             log.info("worker process started (pid %d, nice %+d)", self._proc.pid, self.niceness)
 

@@ -1,0 +1,107 @@
+"""Warm the worker up before it claims its first job: model, pixel codecs and result writers.
+
+The first image after start would otherwise pay for everything that is loaded or initialised lazily:
+the first forward pass (oneDNN primitives, memory pools), the Grad-CAM hooks' first backward, pydicom's
+decoder plugins (pylibjpeg-openjpeg, pylibjpeg-rle), highdicom's SR templates, OpenCV's
+colour maps and fonts, PNG encoding. ``warm_up`` runs one small synthetic radiograph through exactly
+the path a job takes (``dicom_to_gray`` for each transfer syntax an encoder is installed for, then
+``prepare``, ``engine.predict`` and the result writer into a temporary folder that is removed again).
+
+Nothing it does can fail start-up: a step that fails is logged and skipped (the job that needs it will
+report the real error).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+from pacs_ai.infer.preprocess import dicom_to_gray, prepare
+
+__all__ = ["synthetic_radiograph", "warm_up"]
+
+log = logging.getLogger(__name__)
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+WARM_SYNTAXES = (ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless)
+
+
+def synthetic_radiograph(rows: int = 96, columns: int = 80) -> Dataset:
+    """A small 12-bit MONOCHROME2 CR image (a smooth gradient with a bright band), Explicit VR LE."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "WARM^UP", "WARMUP", "", ""
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20000101", "000000", "", "1"
+    ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "", "CR", 1, 1
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    y, x = np.mgrid[0:rows, 0:columns]
+    pixels = (x * 40 + y * 10) % 4096
+    pixels[rows // 3 : rows // 2, :] = 3800
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def _round_trip(ds: Dataset, syntax: str) -> Dataset:
+    """``ds`` encoded in ``syntax`` and read back from bytes (as the worker reads a spooled file)."""
+    copy = pydicom.dcmread(io.BytesIO(_encode(ds)))
+    if syntax != ExplicitVRLittleEndian:
+        copy.compress(syntax)
+    return pydicom.dcmread(io.BytesIO(_encode(copy)))
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def warm_up(engine: Any, writer: Any, scratch_dir: Path) -> dict[str, float]:
+    """Run one synthetic image through decode, preprocess, model and writer; returns seconds per step."""
+    timings: dict[str, float] = {}
+    source = synthetic_radiograph()
+    gray = None
+    t = time.perf_counter()
+    for syntax in WARM_SYNTAXES:
+        try:
+            gray = dicom_to_gray(_round_trip(source, syntax))
+        except Exception as exc:  # noqa: BLE001 - no encoder for it here, or a decoder problem
+            log.debug("warm-up: %s skipped: %s", getattr(syntax, "name", syntax), exc)
+    timings["codecs"] = time.perf_counter() - t
+    if gray is None:
+        return timings
+    folder = Path(tempfile.mkdtemp(prefix=".warm-up-", dir=scratch_dir))
+    try:
+        t = time.perf_counter()
+        prepared = prepare(gray, engine.spec)
+        prediction = engine.predict([prepared])[0]
+        timings["model"] = time.perf_counter() - t
+        t = time.perf_counter()
+        writer(source, prepared, prediction, folder)
+        timings["writer"] = time.perf_counter() - t
+    except Exception as exc:  # noqa: BLE001 - the first real job will report the problem
+        log.warning("warm-up of the model and result writer failed: %s: %s", type(exc).__name__, exc)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return timings

@@ -1,0 +1,127 @@
+"""Event-driven wake-ups: the doorbell pipe, across threads and processes, and in the running daemon."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import copies
+from daemon_harness import Daemon, send_files, shared_model
+from dest_scp import DestSCP
+
+from pacs_ai.daemon.wakeup import ENV_VAR, Doorbell, WakeUpObserver
+
+
+def test_wait_times_out_without_a_ring_and_returns_at_once_after_one() -> None:
+    bell = Doorbell()
+    try:
+        t = time.monotonic()
+        assert bell.wait(0.2) is False
+        assert time.monotonic() - t >= 0.15
+        bell.ring()
+        bell.ring()  # rings coalesce: one wait consumes them all
+        assert bell.wait(5.0) is True
+        assert bell.wait(0.05) is False
+    finally:
+        bell.close()
+
+
+def test_a_ring_from_another_thread_wakes_the_waiter_long_before_its_timeout() -> None:
+    bell = Doorbell()
+    try:
+        threading.Timer(0.2, bell.ring).start()
+        t = time.monotonic()
+        assert bell.wait(30.0) is True
+        assert time.monotonic() - t < 10.0
+    finally:
+        bell.close()
+
+
+def test_ringing_a_full_pipe_never_blocks() -> None:
+    bell = Doorbell()
+    try:
+        for _ in range(200_000):  # far more than a pipe buffer holds
+            bell.ring()
+        assert bell.wait(1.0) is True
+    finally:
+        bell.close()
+
+
+def test_a_child_process_inherits_the_doorbells_waits_on_jobs_and_rings_results() -> None:
+    jobs, results = Doorbell(), Doorbell()
+    env_entry, fds = Doorbell.to_env(jobs, results)
+    child_code = (
+        "from pacs_ai.daemon.wakeup import Doorbell\n"
+        "jobs, results = Doorbell.from_env()\n"
+        "assert jobs.wait(30.0), 'jobs bell never rang'\n"
+        "results.ring()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child_code], env={**os.environ, **env_entry}, pass_fds=fds)
+    try:
+        jobs.ring()
+        assert results.wait(30.0) is True
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        jobs.close()
+        results.close()
+
+
+def test_from_env_without_or_with_stale_descriptors_gives_none() -> None:
+    assert Doorbell.from_env({}) is None
+    assert Doorbell.from_env({ENV_VAR: "jobs=999999,results=999998"}) is None
+    assert Doorbell.from_env({ENV_VAR: "garbage"}) is None
+
+
+def test_observer_rings_jobs_on_every_image_and_results_only_for_done_jobs() -> None:
+    jobs, results = Doorbell(), Doorbell()
+    try:
+        observer = WakeUpObserver(jobs, results)
+        observer.image_received(1, "1.2.3", 10, duplicate=False)
+        assert jobs.wait(0) is True and results.wait(0) is False
+        observer.job_finished(1, "failed", 0.0, 0.0)
+        assert results.wait(0) is False
+        observer.job_finished(1, "done", 0.1, 0.01)
+        assert results.wait(0) is True
+    finally:
+        jobs.close()
+        results.close()
+
+
+def test_daemon_processes_and_delivers_without_waiting_for_its_poll_intervals(tmp_path: Path, sample_file: Path) -> None:
+    """With 60 s poll intervals, an image still reaches the destination within seconds: the listener wakes
+    the worker child and the worker wakes the delivery loop. The worker warms up before its first claim."""
+    dest = DestSCP(ae_title="WAKEPACS").start()
+    daemon = Daemon(
+        tmp_path / "d",
+        model=shared_model("resnet50"),
+        destinations=[dest],
+        overrides={"worker": {"poll_interval_s": 60.0}, "delivery": {"poll_interval_s": 60.0}},
+    )
+    try:
+        daemon.start()
+        # The child's first poll happens right after its warm-up: wait for it, so that only a wake-up can
+        # bring the next images in before the 60 s poll interval.
+        assert daemon.wait_until(lambda: "worker warmed up" in daemon.log_text(), timeout=120), daemon.log_tail()
+        time.sleep(1.0)
+        files = copies(sample_file, tmp_path / "in", 3, new_study=True)
+        studies = set()
+        import pydicom
+
+        for f in files:
+            studies.add(str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID))
+        sent_at = time.monotonic()
+        result = send_files(daemon.port, files)
+        assert [s.status for s in result.sent] == [0, 0, 0]
+        assert dest.wait_for(lambda d: d.complete_studies(studies) == studies, 45.0), daemon.log_tail()
+        assert time.monotonic() - sent_at < 45.0
+        log = daemon.log_text()
+        assert log.index("worker warmed up") < log.index(" done: "), log[-3000:]
+    finally:
+        daemon.stop()
+        daemon.close_store()
+        dest.stop()
