@@ -125,3 +125,15 @@ def test_daemon_processes_and_delivers_without_waiting_for_its_poll_intervals(tm
         daemon.stop()
         daemon.close_store()
         dest.stop()
+
+
+def test_the_serve_process_does_not_import_torch() -> None:
+    """The listener's process starts in about a second: torch (seconds, hundreds of MB) is the worker's."""
+    code = (
+        "import sys\n"
+        "import pacs_ai.cli.serve, pacs_ai.daemon.service, pacs_ai.receive.listener, pacs_ai.send.deliveries\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

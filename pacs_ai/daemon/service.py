@@ -37,7 +37,6 @@ from pacs_ai.ops.tls import client_context, server_context
 from pacs_ai.daemon.wakeup import Doorbell, WakeUpObserver
 from pacs_ai.daemon.worker_process import WorkerProcess
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
-from pacs_ai.route.build import build_router
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +199,8 @@ class Service:
         info = engine.describe()
         self.metrics.set_model_info({k: str(v) for k, v in info.items()})
         log.info("model loaded: %s", info)
+        from pacs_ai.route.build import build_router  # imports torch: only where the model runs
+
         router = build_router(self.config.routing, engine.cards[0])
         for line in router.describe():
             log.info("routing: %s", line)
