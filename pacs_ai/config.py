@@ -8,6 +8,7 @@ against the folder of the config file (against the current directory for the emb
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 import types
 import typing
@@ -151,6 +152,25 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """The admin web page on the metrics port (``metrics.host:metrics.port``, path ``/``).
+
+    Without ``admin_token`` the page is read-only; with it, signing in with the token allows actions
+    (retry of dead jobs and deliveries). ``show_phi`` lets a signed-in admin (anyone, when no token is
+    set and the page is bound to loopback) see patient name and ID and the DICOM UIDs of each job.
+    ``thumbnails`` shows the heat-map overlay of each job (the image pixels: turn it off where images
+    carry burned-in patient data). ``refresh_s`` is the page's refresh period (0: no auto-refresh).
+    """
+
+    enabled: bool = True
+    admin_token: str = ""
+    show_phi: bool = False
+    thumbnails: bool = True
+    recent_jobs: int = 25
+    refresh_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -162,6 +182,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: Path | None = None
 
     @property
@@ -284,6 +305,7 @@ def _validate(config: Config) -> Config:
     if not config.model.path:
         raise ConfigError("model.path", "must name at least one model folder")
     _validate_routing(config.routing)
+    _validate_dashboard(config)
     return config
 
 
@@ -321,6 +343,40 @@ def _validate_routing(routing: RoutingConfig) -> None:
         lo, hi = rule.min_age_years, rule.max_age_years
         if lo is not None and hi is not None and lo >= hi:
             raise ConfigError(f"{key}.max_age_years", f"must be greater than min_age_years ({lo:g}), not {hi:g}")
+
+
+ADMIN_TOKEN_MIN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address or ``localhost``) only accepts connections from this machine."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost, or "" (all interfaces)
+        return False
+
+
+def _validate_dashboard(config: Config) -> None:
+    dashboard = config.dashboard
+    token = dashboard.admin_token
+    if token and (len(token) < ADMIN_TOKEN_MIN_CHARS or token != token.strip() or any(c.isspace() for c in token)):
+        raise ConfigError(
+            "dashboard.admin_token",
+            f"must be at least {ADMIN_TOKEN_MIN_CHARS} characters without spaces "
+            "(e.g. the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)",
+        )
+    if not 1 <= dashboard.recent_jobs <= 500:
+        raise ConfigError("dashboard.recent_jobs", f"must be between 1 and 500, not {dashboard.recent_jobs}")
+    if 0 < dashboard.refresh_s < 1:
+        raise ConfigError("dashboard.refresh_s", f"must be 0 (no refresh) or at least 1 second, not {dashboard.refresh_s}")
+    if config.metrics.enabled and dashboard.enabled and not token and not is_loopback(config.metrics.host):
+        raise ConfigError(
+            "dashboard.admin_token",
+            f"is required when the dashboard is served beyond loopback (metrics.host = {config.metrics.host!r}): "
+            "set an admin token, bind metrics.host to 127.0.0.1, or set dashboard.enabled = false",
+        )
 
 
 def default_config(base: Path | None = None) -> Config:

@@ -47,10 +47,13 @@ def _plain(value: Any) -> Any:
 
 
 def config_as_dict(config: Config) -> dict[str, Any]:
-    """The configuration as plain data (the TOML layout), database password masked, ``source`` dropped."""
+    """The configuration as plain data (the TOML layout), database password and admin token masked,
+    ``source`` dropped."""
     table = _plain(config)
     table.pop("source", None)
     table["database"]["url"] = mask_url(table["database"]["url"])
+    if table["dashboard"]["admin_token"]:
+        table["dashboard"]["admin_token"] = "***"
     return table
 
 

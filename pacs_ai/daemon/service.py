@@ -161,12 +161,20 @@ class Service:
         self.worker_process = self._build_worker_process() if roles.worker_process else None
         self.deliveries = self._build_deliveries() if roles.deliveries else None
         self.metrics_server = (
-            MetricsServer(self.metrics, self.health, config.metrics.host, config.metrics.port)
+            MetricsServer(self.metrics, self.health, config.metrics.host, config.metrics.port, self._build_dashboard())
             if config.metrics.enabled
             else None
         )
 
     # -- construction -------------------------------------------------------------------------------
+
+    def _build_dashboard(self):  # type: ignore[no-untyped-def]
+        """The admin dashboard, served under ``/`` of the metrics port (None when turned off)."""
+        if not self.config.dashboard.enabled:
+            return None
+        from pacs_ai.dashboard import dashboard_app
+
+        return dashboard_app(self.config, self.jobs, health=self.health, audit=self.audit.admin_action)
 
     def _build_listener(self):  # type: ignore[no-untyped-def]
         from pacs_ai.receive.listener import Listener
@@ -381,6 +389,8 @@ class Service:
         """Start every part this process runs, then tell systemd we are ready."""
         if self.metrics_server:
             self.metrics_server.start()
+            if self.config.dashboard.enabled:
+                log.info("admin dashboard on http://%s:%d/", self.config.metrics.host, self.metrics_server.port)
         if self.listener:
             self.listener.start()
             log.info(

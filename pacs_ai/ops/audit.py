@@ -1,8 +1,9 @@
 """Audit log: who connected and what was delivered where, one JSON object per line.
 
 ``AuditLog`` is an :class:`~pacs_ai.ops.events.Observer`. It records each association request (calling AE
-title, peer address, accepted or rejected with the reason) and each result delivered (job ID,
-destination, seconds from receipt to delivery). Each event is appended to the audit file *and* logged
+title, peer address, accepted or rejected with the reason), each result delivered (job ID,
+destination, seconds from receipt to delivery) and each action asked for on the admin dashboard
+(sign-in, retries: who, what, done or refused). Each event is appended to the audit file *and* logged
 on the ``pacs_ai.audit`` logger (so it reaches journald too). No patient data is ever written: the
 events carry AE titles, addresses and job IDs only.
 
@@ -69,6 +70,18 @@ class AuditLog:
     def delivered(self, job_id: int, destination: str, end_to_end_s: float) -> None:
         fields = {"job_id": job_id, "destination": destination, "end_to_end_s": round(float(end_to_end_s), 3)}
         self._write("delivered", f"job {job_id} results delivered to {destination}", fields)
+
+    # -- the admin dashboard ----------------------------------------------------------------------------
+    def admin_action(self, action: str, peer: str, ok: bool, detail: str = "", **fields: Any) -> None:
+        """An action asked for on the dashboard (``sign_in``, ``retry_job``, ``retry_delivery`` ...), by
+        the client at ``peer``, done (``ok``) or refused with ``detail``; ``fields`` name the target
+        (``job_id=..``)."""
+        entry: dict[str, Any] = {"action": action, "peer": peer, "ok": ok, **fields}
+        if detail:
+            entry["detail"] = detail
+        target = " ".join(f"{k}={v}" for k, v in fields.items())
+        verdict = "done" if ok else f"refused ({detail})" if detail else "refused"
+        self._write("admin", f"dashboard {action} {target} from {peer}: {verdict}".replace("  ", " "), entry)
 
     # -- the rest of the Observer protocol: not audited --------------------------------------------------
     def image_received(self, job_id: int, sop_instance_uid: str, size: int, duplicate: bool) -> None:

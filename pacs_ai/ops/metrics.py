@@ -19,22 +19,27 @@ Every metric is named ``pacs_ai_<name>``:
 =====================================  =========  ============================================================
 
 ``MetricsServer`` serves them on ``host:port`` (``/metrics``, Prometheus text format) next to
-``/healthz`` (the :class:`~pacs_ai.ops.health.HealthCheck` report as JSON, 200 or 503). Bind it to
-127.0.0.1 (the default) and let Prometheus scrape locally or through a reverse proxy: the endpoint has
-no authentication.
+``/healthz`` (the :class:`~pacs_ai.ops.health.HealthCheck` report as JSON, 200 or 503) and, under ``/``,
+the admin dashboard (:mod:`pacs_ai.dashboard`) when one is given: a Starlette application served by
+uvicorn (:mod:`pacs_ai.ops.http_server`). Bind it to 127.0.0.1 (the default) and let Prometheus scrape
+locally or through a reverse proxy: ``/metrics`` and ``/healthz`` have no authentication.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 
 from pacs_ai.ops.health import HealthCheck
+from pacs_ai.ops.http_server import AsgiServer
 
 __all__ = ["Metrics", "MetricsServer"]
 
@@ -128,86 +133,57 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, CONTENT_TYPE_LATEST, self.server.metrics.render())
-        elif path in ("/healthz", "/health"):
-            ok, report = self.server.health.check()
-            self._send(200 if ok else 503, "application/json", json.dumps(report).encode() + b"\n")
-        elif path == "/":
-            self._send(200, "text/plain; charset=utf-8", b"pacs-ai: /metrics /healthz\n")
-        else:
-            self._send(404, "text/plain; charset=utf-8", b"not found\n")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self.do_GET()
-
-    def _send(self, code: int, ctype: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: stay quiet
-        logger.debug("%s %s", self.address_string(), format % args)
+def _no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def metrics_app(metrics: Metrics, health: HealthCheck, root: ASGIApp | None = None) -> Starlette:
+    """The ASGI application of the metrics port: ``/metrics``, ``/healthz`` (also ``/health``) and, under
+    ``/``, ``root`` (the dashboard) or a one-line text naming the endpoints."""
 
-    def __init__(self, address: tuple[str, int], metrics: Metrics, health: HealthCheck) -> None:
-        self.metrics = metrics
-        self.health = health
-        if ":" in address[0]:
-            import socket
+    def metrics_endpoint(request: Request) -> Response:
+        return _no_store(Response(metrics.render(), media_type=CONTENT_TYPE_LATEST))
 
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+    def health_endpoint(request: Request) -> Response:
+        ok, report = health.check()
+        return _no_store(JSONResponse(report, status_code=200 if ok else 503))
+
+    def index(request: Request) -> Response:
+        return _no_store(PlainTextResponse("pacs-ai: /metrics /healthz\n"))
+
+    routes: list[BaseRoute] = [
+        Route("/metrics", metrics_endpoint),
+        Route("/healthz", health_endpoint),
+        Route("/health", health_endpoint),
+    ]
+    routes.append(Mount("/", app=root) if root is not None else Route("/", index))
+    return Starlette(routes=routes)
 
 
 class MetricsServer:
-    """``/metrics`` and ``/healthz`` on ``host:port`` (port 0 picks a free port: see :attr:`port`)."""
+    """``/metrics``, ``/healthz`` and optionally the dashboard (``root``) on ``host:port``, served by
+    uvicorn in a background thread (port 0 picks a free port: see :attr:`port`)."""
 
-    def __init__(self, metrics: Metrics, health: HealthCheck, host: str, port: int) -> None:
+    def __init__(
+        self, metrics: Metrics, health: HealthCheck, host: str, port: int, root: ASGIApp | None = None
+    ) -> None:
         self.metrics = metrics
         self.health = health
         self.host = host
-        self._requested_port = port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server = AsgiServer(metrics_app(metrics, health, root), host, port, name="metrics-http")
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server is not None else self._requested_port
+        return self._server.port
 
     def start(self) -> None:
-        if self._server is not None:
-            return
-        self._server = _Server((self.host, self._requested_port), self.metrics, self.health)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics-http", daemon=True
-        )
-        self._thread.start()
+        """Bind and serve; raises PacsAiError when the port cannot be bound."""
+        self._server.start()
         logger.info("metrics and health on http://%s:%d/metrics /healthz", self.host, self.port)
 
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._server.stop()
 
     def __enter__(self) -> "MetricsServer":
         self.start()

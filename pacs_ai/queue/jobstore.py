@@ -424,6 +424,20 @@ class JobStore:
         with self._read() as conn:
             return [_job(r) for r in conn.execute(query)]
 
+    def finished_counts(self, since: datetime) -> dict[str, int]:
+        """Jobs that reached done or dead after ``since``, counted per state (throughput): ``{"done": n,
+        "dead": m}``, both keys always present."""
+        counts = {JobState.DONE.value: 0, JobState.DEAD.value: 0}
+        query = (
+            sa.select(J.c.state, sa.func.count())
+            .where(J.c.state.in_(list(counts)), J.c.finished_at > since)
+            .group_by(J.c.state)
+        )
+        with self._read() as conn:
+            for state, n in conn.execute(query):
+                counts[state] = int(n)
+        return counts
+
     def lease_owners(self) -> set[str]:
         """Owners holding a lease now: of running jobs and of deliveries being sent."""
         with self._read() as conn:
