@@ -154,6 +154,7 @@ def test_page_shows_queue_results_dead_letters_deliveries_and_model(world):
     assert card["name"] in model and card["version"] in model
     assert f"{card['metrics']['validation']['auc']:.3f}" in model
     assert re.search(r'id="stat-dead">1<', html) and re.search(r'id="stat-waiting">0<', html)
+    assert "2 in 5 min" in html  # throughput: the two done jobs (the dead one is not counted)
     # Read-only: no action forms, and no sign-in form either since no token is configured.
     assert "/retry" not in html and "/sign-in" not in html and "no admin token configured" in html
 
@@ -353,3 +354,14 @@ def test_serve_refuses_to_start_beyond_loopback_without_token_and_check_masks_th
     done = subprocess.run([*cli, "config", "check", str(good)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert TOKEN not in done.stdout and 'admin_token = "***"' in done.stdout
+
+
+def test_retry_all_dead_jobs(world):
+    dead = world["ids"][2]
+    with _client(world, admin_token=TOKEN) as client:
+        csrf = _sign_in(client)
+        assert 'action="/jobs/retry-dead"' in client.get("/").text
+        shown = client.post("/jobs/retry-dead", data={"csrf": csrf}).text
+        assert "1 dead job(s) queued again." in shown
+        assert 'action="/jobs/retry-dead"' not in shown  # nothing dead any more
+    assert world["store"].get(dead).state == "queued"

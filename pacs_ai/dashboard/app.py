@@ -93,7 +93,7 @@ class _SecurityHeaders:
                 headers["Content-Security-Policy"] = CSP
                 headers["X-Frame-Options"] = "DENY"
                 headers["X-Content-Type-Options"] = "nosniff"
-                headers["Referrer-Policy"] = "no-referrer"
+                headers["Referrer-Policy"] = "same-origin"  # "no-referrer" makes Chromium send "Origin: null"
                 headers.setdefault("Cache-Control", "no-store")
             await send(message)
 
