@@ -92,10 +92,12 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
     names the patient and its UID, and a dead delivery."""
     config = _config(tmp_path)
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    files = _spool(tmp_path, 3)
+    files = _spool(tmp_path, 4)
     ids = [_enqueue(store, p, ds) for p, ds in files]
-    claimed = store.claim(OWNER, limit=3)
+    claimed = store.claim(OWNER, limit=4)
     assert [j.id for j in claimed] == ids
+    routing = {"action": "skip", "rule": "intended_use", "reason": "body part CHEST is not in the model's intended use"}
+    store.skip(ids[3], OWNER, {"routing": routing})
     store.complete(ids[0], OWNER, _result(0.86), ["pacs"])
     store.complete(ids[1], OWNER, _result(0.07), ["pacs"])
     dead_reason = f"undecodable_pixel_data: PatientName={PATIENT_NAME} in {files[2][1].SOPInstanceUID}.dcm"
@@ -143,6 +145,9 @@ def test_page_shows_queue_results_dead_letters_deliveries_and_model(world):
     assert "unit-model 9.9.1" in positive and "prep 12 ms" in positive and "model 46 ms" in positive
     assert f'src="/jobs/{ids[0]}/thumbnail.png"' in positive and "thumbnail.png" not in dead
     assert "dead" in dead
+    skipped = row(ids[3])
+    assert "Not analysed: intended_use: body part CHEST is not in the model&#39;s intended use" in skipped
+    assert "chip-skipped" in skipped and "1 skipped by routing" in html
     dead_letters = re.search(r'<section class="panel" id="dead-letters">(.*?)</section>', html, re.S).group(1)
     assert f"#{ids[2]}" in dead_letters and "undecodable_pixel_data" in dead_letters
     assert "C-STORE refused: 0xA700 out of resources" in dead_letters and "pacs" in dead_letters
@@ -253,7 +258,7 @@ def test_actions_need_the_admin_token_and_csrf(world, tmp_path):
         assert f"Job {dead} queued again." not in client.get("/").text
         # A job that is not dead or failed cannot be retried: a clear message, not a crash.
         shown = client.post(f"/jobs/{ids[0]}/retry", data={"csrf": csrf}).text  # the redirect followed
-        assert f"job {ids[0]} is done: only failed or dead jobs can be retried" in shown
+        assert re.search(rf"job {ids[0]} is done: only failed, dead.* jobs can be retried", shown)
         assert client.post(f"/deliveries/{delivery.id}/retry", data={"csrf": csrf}).status_code == 200
         assert store.list_deliveries(job_id=delivery.job_id)[0].state == "pending"
         # Signing out ends the admin session.
@@ -275,7 +280,7 @@ def test_bearer_token_for_scripts(world):
         done = client.post(f"/jobs/{dead}/retry", headers={"Authorization": f"Bearer {TOKEN}"})
         assert done.status_code == 200 and done.text.strip() == f"Job {dead} queued again."
         again = client.post(f"/jobs/{dead}/retry", headers={"Authorization": f"Bearer {TOKEN}"})
-        assert again.status_code == 409 and "only failed or dead jobs" in again.text
+        assert again.status_code == 409 and f"job {dead} is queued: only failed" in again.text
     assert world["store"].get(dead).state == "queued"
 
 

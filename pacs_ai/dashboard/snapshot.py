@@ -72,6 +72,7 @@ class JobRow:
     run_s: float | None
     has_overlay: bool
     error: str
+    skip_reason: str
     patient: Patient | None
 
 
@@ -172,6 +173,13 @@ def _error(text: str | None, uids: Sequence[str], show_phi: bool) -> str:
     return text
 
 
+def _skip_reason(result: Mapping[str, Any], uids: Sequence[str], show_phi: bool) -> str:
+    """``rule: reason`` of a job the routing rules skipped (its result's ``routing`` entry)."""
+    routing = result.get("routing") or {}
+    text = ": ".join(str(routing[k]) for k in ("rule", "reason") if routing.get(k))
+    return _error(text, uids, show_phi)
+
+
 def _job_row(job: Job, config: Config, show_phi: bool) -> JobRow:
     result = job.result or {}
     timings = result.get("timings") or {}
@@ -198,6 +206,7 @@ def _job_row(job: Job, config: Config, show_phi: bool) -> JobRow:
         run_s=seconds(job.started_at, job.finished_at) if job.state == JobState.DONE else None,
         has_overlay=job.state == JobState.DONE and overlay_path(config, job.id).is_file(),
         error=_error(job.last_error, uids, show_phi),
+        skip_reason=_skip_reason(result, uids, show_phi) if job.state == JobState.SKIPPED else "",
         patient=_patient(job) if show_phi else None,
     )
 
