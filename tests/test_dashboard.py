@@ -370,3 +370,27 @@ def test_retry_all_dead_jobs(world):
         assert "1 dead job(s) queued again." in shown
         assert 'action="/jobs/retry-dead"' not in shown  # nothing dead any more
     assert world["store"].get(dead).state == "queued"
+
+
+def test_model_cards_read_without_torch_and_a_broken_card_is_named(world, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model.json").write_text('{"name": "half-written"')
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from pacs_ai.dashboard.snapshot import load_models\n"
+        f"rows = load_models([Path({str(BUNDLED_MODEL)!r}), Path({str(broken)!r})])\n"
+        "print(rows[0].card['name'], rows[1].card is None, 'model.json' in rows[1].error, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    card = json.loads((BUNDLED_MODEL / "model.json").read_text())
+    assert out.stdout.split() == [card["name"], "True", "True", "False"]
+    config = parse_config(
+        {"storage": {"data_dir": str(tmp_path / "d")}, "model": {"path": [str(BUNDLED_MODEL), str(broken)]}}, tmp_path
+    )
+    with TestClient(dashboard_app(config, world["store"])) as client:
+        page = client.get("/")
+    assert page.status_code == 200 and card["name"] in page.text
+    assert f"cannot read the model card {broken / 'model.json'}" in page.text

@@ -11,6 +11,7 @@ the job's own UIDs in them are replaced by ``[UID]``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -138,15 +139,26 @@ def overlay_path(config: Config, job_id: int) -> Path:
 
 
 def load_models(paths: Sequence[Path]) -> list[ModelRow]:
-    """Each model folder's card (read once: the daemon loads its models at start)."""
-    from pacs_ai.infer.model_card import load_card
-
+    """Each model folder's card, read once (the daemon loads its models at start) as plain JSON: the
+    serving process does not import torch; the worker validates the card when it loads the model."""
     rows = []
     for path in paths:
+        card_path = Path(path) / "model.json"
         try:
-            rows.append(ModelRow(str(path), load_card(path).to_dict()))
-        except PacsAiError as exc:
-            rows.append(ModelRow(str(path), None, str(exc)))
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            if not isinstance(card, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in ("name", "version", "architecture") if not isinstance(card.get(k), str)]
+            if missing:
+                raise ValueError(f"no {missing[0]}")
+            if not isinstance(card.get("threshold", 0.5), (int, float)):
+                raise ValueError("threshold is not a number")
+            for key in ("input", "training", "metrics"):
+                if not isinstance(card.get(key, {}), dict):
+                    raise ValueError(f"{key} is not an object")
+            rows.append(ModelRow(str(path), card))
+        except (OSError, ValueError) as exc:
+            rows.append(ModelRow(str(path), None, f"cannot read the model card {card_path}: {exc}"))
     return rows
 
 
