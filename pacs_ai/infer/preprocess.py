@@ -255,8 +255,7 @@ def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
         first, data, bits = lut_item_to_array(seq[0], ds)
         out = apply_lut(arr, first, data).astype(np.float32)
         top = float(2**bits - 1)
-        if float(data.max()) > top:
-            top = float(data.max())
+        top = max(top, float(data.max()))
         return np.clip(out * np.float32(1.0 / top), 0.0, 1.0)
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
@@ -340,7 +339,7 @@ def dicom_to_gray(ds: Any) -> np.ndarray:
         raise
     # Any decoder failure is the same input error. BaseException, because decoders written in Rust
     # (pylibjpeg-rle) report a panic as pyo3's PanicException, which derives from BaseException.
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         detail = f"{type(exc).__name__}: {exc}".strip()
         if ts is not None:
@@ -351,7 +350,7 @@ def dicom_to_gray(ds: Any) -> np.ndarray:
     _check_size(*arr.shape)
     try:
         values = modality_values(arr, ds)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InputError("undecodable_pixel_data", f"modality LUT failed: {exc}") from exc
     try:
         gray = _window(values, ds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from pydicom.sr.coding import Code
 
 import pacs_ai
 from pacs_ai.errors import DicomWriteError
+from pacs_ai.write.header import HeaderFix, copy_attributes
 
 __all__ = [
     "MANUFACTURER",
@@ -126,23 +128,31 @@ def contributing_equipment(model: ModelInfo, description: str) -> hd.Contributin
         manufacturer_model_name=model.model_name_lo,
         software_versions=model.software_versions,
         contribution_description=_lo(description),
-        contribution_datetime=datetime.datetime.now(datetime.timezone.utc).astimezone(),
+        contribution_datetime=datetime.datetime.now(datetime.UTC).astimezone(),
     )
     equipment.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
     return equipment
 
 
-def copy_patient_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None:
-    """Copy every Patient/Study attribute present in ``source`` into ``target`` (deep copies)."""
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            target[keyword] = copy.deepcopy(source[keyword])
-    if "SpecificCharacterSet" in source:
-        target.SpecificCharacterSet = copy.deepcopy(source.SpecificCharacterSet)
+def copy_patient_study(
+    source: pydicom.Dataset, target: pydicom.Dataset, *, extra: Sequence[str] = (), what: str = "result"
+) -> list[HeaderFix]:
+    """Copy every Patient/Study attribute present in ``source`` (plus ``extra`` keywords) into ``target``.
+
+    Values are copied as received (bytes and character set preserved); what the standard cannot carry
+    is blanked (Type 2) or removed, one log line each (``pacs_ai.write.header``). Returns the fixes.
+    Never raises for a header value.
+    """
+    return copy_attributes(source, target, (*PATIENT_STUDY_KEYWORDS, *extra), what=what)
 
 
 def source_header(source: pydicom.Dataset) -> pydicom.Dataset:
-    """The source image without its pixel data, with empty Type 2 patient/study attributes filled in.
+    """The source image without its pixel data, for highdicom's SR evidence and image library.
+
+    Elements are copied as they are (raw elements stay raw: the source is not decoded). The
+    patient/study attributes highdicom reads and validates from the evidence are given empty values:
+    the result object gets the source's own values afterwards from ``copy_patient_study``, which
+    never fails on them.
 
     Raises DicomWriteError when a UID needed to reference the source is missing.
     """
@@ -150,13 +160,12 @@ def source_header(source: pydicom.Dataset) -> pydicom.Dataset:
     if missing:
         raise DicomWriteError(f"the source image has no {', '.join(missing)}: cannot reference it")
     header = pydicom.Dataset()
-    for elem in source:
-        if elem.tag.group in (0x7FE0, 0xFFFC) or elem.tag.is_private:
+    for tag in list(source.keys()):
+        if tag.group in (0x7FE0, 0xFFFC) or tag.is_private:
             continue
-        header.add(copy.deepcopy(elem))
+        header[tag] = copy.deepcopy(source.get_item(tag))
     for keyword in _TYPE2_DEFAULTS:
-        if keyword not in header:
-            setattr(header, keyword, None)
+        setattr(header, keyword, None)
     if getattr(source, "file_meta", None) is not None:
         header.file_meta = copy.deepcopy(source.file_meta)
     return header

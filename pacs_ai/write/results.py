@@ -99,7 +99,7 @@ def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folde
         return _build_and_write(source, prepared, prediction, folder, model, probability, threshold, src_uid)
     except (DicomWriteError, StorageError, OSError, MemoryError):
         raise
-    except Exception as exc:  # noqa: BLE001 - e.g. an unreadable attribute in the source's header
+    except Exception as exc:
         raise DicomWriteError(f"cannot build the result objects: {type(exc).__name__}: {exc}") from exc
 
 
@@ -137,7 +137,7 @@ def _build_and_write(
     try:
         sc_bytes = encode_dataset(sc)
         sr_bytes = encode_dataset(sr)
-    except Exception as exc:  # noqa: BLE001 - any encoder failure means the object is unusable
+    except Exception as exc:
         raise DicomWriteError(f"cannot encode the result objects: {exc}") from exc
     ok, png = cv2.imencode(".png", _preview(rgb), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB image

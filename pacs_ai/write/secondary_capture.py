@@ -1,7 +1,8 @@
 """The Secondary Capture: the heat-map picture as an RGB image in the source image's study.
 
-Same Patient and Study as the source (every patient/study attribute copied), a new Series
-(``SERIES_DESCRIPTION``, ``SERIES_NUMBER``), ImageType DERIVED\\SECONDARY, BurnedInAnnotation YES,
+Same Patient and Study as the source (every patient/study attribute copied as received, what cannot be
+encoded blanked or removed: see header.py), a new Series per source image (number and description naming
+the source: see numbering.py; ``SERIES_TITLE``), ImageType DERIVED\\SECONDARY, BurnedInAnnotation YES,
 Referenced/Source Image Sequences pointing at the source, and pacs-ai as contributing equipment
 (purpose "Processing Algorithm"). Explicit VR Little Endian, 8-bit RGB.
 """
@@ -18,12 +19,21 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 import pacs_ai
 from pacs_ai.errors import DicomWriteError
-from pacs_ai.write.common import MANUFACTURER, ModelInfo, contributing_equipment, copy_patient_study
+from pacs_ai.write.common import (
+    MANUFACTURER,
+    ModelInfo,
+    contributing_equipment,
+    copy_patient_study,
+)
+from pacs_ai.write.numbering import WARNING, number_results
 
-__all__ = ["SERIES_DESCRIPTION", "SERIES_NUMBER", "build_secondary_capture"]
+__all__ = ["SERIES_DESCRIPTION", "SERIES_TITLE", "build_secondary_capture"]
 
-SERIES_DESCRIPTION = "AI Fracture Heatmap - NOT FOR DIAGNOSTIC USE"
-SERIES_NUMBER = 9901
+SERIES_TITLE = "AI Fracture Heatmap"
+SERIES_DESCRIPTION = f"{SERIES_TITLE} - {WARNING}"
+"""The description without a source label (the writer adds the source: numbering.py)."""
+SERIES_ATTRIBUTES = ("BodyPartExamined", "Laterality")
+"""General Series attributes copied from the source (as the patient/study ones: header.py)."""
 DERIVATION = "Grad-CAM heat map of an AI fracture classifier blended over the source image; burned-in text"
 
 _BIPED = {"A", "P", "R", "L", "H", "F"}
@@ -54,12 +64,20 @@ def build_secondary_capture(
     *,
     series_instance_uid: str,
     sop_instance_uid: str,
-    series_number: int = SERIES_NUMBER,
+    series_number: int | None = None,
+    instance_number: int | None = None,
+    series_description: str | None = None,
 ) -> hd.sc.SCImage:
     """Build the SC image of ``rgb`` (uint8 (H, W, 3)) in the study of ``source``.
 
+    Series/Instance Number and Series Description default to the per-source ones of
+    ``numbering.number_results``. Header values of the source never make it fail (header.py).
     Raises DicomWriteError when highdicom refuses the inputs.
     """
+    numbering = number_results(source, SERIES_TITLE, "")
+    series_number = series_number if series_number is not None else numbering.sc_series_number
+    instance_number = instance_number if instance_number is not None else numbering.instance_number
+    series_description = series_description or numbering.sc_series_description
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise DicomWriteError(f"the SC picture must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
     orientation = _orientation(source)
@@ -73,21 +91,22 @@ def build_secondary_capture(
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
-            instance_number=1,
+            instance_number=instance_number,
             manufacturer=MANUFACTURER,
-            patient_id=source.get("PatientID"),
-            patient_name=source.get("PatientName"),
-            patient_birth_date=source.get("PatientBirthDate") or None,
-            patient_sex=source.get("PatientSex") or None,
-            accession_number=source.get("AccessionNumber"),
-            study_id=source.get("StudyID"),
-            study_date=source.get("StudyDate") or None,
-            study_time=source.get("StudyTime") or None,
-            referring_physician_name=source.get("ReferringPhysicianName"),
+            # Patient/study values are copied below as received: highdicom would refuse some field values.
+            patient_id=None,
+            patient_name=None,
+            patient_birth_date=None,
+            patient_sex=None,
+            accession_number=None,
+            study_id=None,
+            study_date=None,
+            study_time=None,
+            referring_physician_name=None,
             patient_orientation=tuple(orientation) if orientation else ("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[contributing_equipment(model, "Grad-CAM heat map overlay")],
-            series_description=SERIES_DESCRIPTION,
+            series_description=series_description,
             manufacturer_model_name=model.model_name_lo,
             software_versions=model.software_versions,
         )
@@ -95,21 +114,19 @@ def build_secondary_capture(
         raise DicomWriteError(f"cannot build the Secondary Capture: {exc}") from exc
 
     # Every patient/study attribute of the source, not only those highdicom knows.
-    copy_patient_study(source, sc)
+    copy_patient_study(source, sc, extra=SERIES_ATTRIBUTES, what="Secondary Capture")
     sc.PatientOrientation = orientation if orientation else None  # Type 2C: empty when unknown
 
-    now = datetime.datetime.now(datetime.timezone.utc).astimezone()
+    now = datetime.datetime.now(datetime.UTC).astimezone()
     sc.SeriesDate = now.strftime("%Y%m%d")
     sc.SeriesTime = now.strftime("%H%M%S")
     sc.ContentDate = sc.SeriesDate
     sc.ContentTime = sc.SeriesTime
     sc.InstanceCreationDate = sc.SeriesDate
     sc.InstanceCreationTime = sc.SeriesTime
-    if "BodyPartExamined" in source and source.BodyPartExamined:
-        sc.BodyPartExamined = source.BodyPartExamined
+    if sc.get("BodyPartExamined") and "Laterality" not in sc:
         # Laterality is Type 2C (required, possibly empty) for paired body parts.
-        laterality = str(source.get("Laterality", "") or "")
-        sc.Laterality = laterality if laterality in ("R", "L") else None
+        sc.Laterality = None
 
     sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     sc.BurnedInAnnotation = "YES"

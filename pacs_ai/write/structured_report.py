@@ -32,7 +32,14 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_ai.errors import DicomWriteError
-from pacs_ai.write.common import MANUFACTURER, ModelInfo, contributing_equipment, copy_patient_study, source_header
+from pacs_ai.write.common import (
+    MANUFACTURER,
+    ModelInfo,
+    contributing_equipment,
+    copy_patient_study,
+    source_header,
+)
+from pacs_ai.write.numbering import WARNING, number_results
 from pacs_ai.write.uids import derive_uid
 
 __all__ = [
@@ -41,15 +48,16 @@ __all__ = [
     "PRESENT",
     "PROBABILITY",
     "SERIES_DESCRIPTION",
-    "SERIES_NUMBER",
+    "SERIES_TITLE",
     "THRESHOLD",
     "SrFinding",
     "build_structured_report",
     "read_finding",
 ]
 
-SERIES_DESCRIPTION = "AI Fracture Report - NOT FOR DIAGNOSTIC USE"
-SERIES_NUMBER = 9902
+SERIES_TITLE = "AI Fracture Report"
+SERIES_DESCRIPTION = f"{SERIES_TITLE} - {WARNING}"
+"""The description without a source label (the writer adds the source: numbering.py)."""
 
 FRACTURE = Code("72704001", "SCT", "Fracture")
 PRESENT = Code("52101004", "SCT", "Present")
@@ -109,7 +117,9 @@ def build_structured_report(
     roi: Sequence[float] | None,
     series_instance_uid: str,
     sop_instance_uid: str,
-    series_number: int = SERIES_NUMBER,
+    series_number: int | None = None,
+    instance_number: int | None = None,
+    series_description: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR of one classification of ``source``; ``roi`` is only written when ``fractured``.
 
@@ -118,6 +128,10 @@ def build_structured_report(
     """
     header = source_header(source)
     src_uid = str(header.SOPInstanceUID)
+    numbering = number_results(source, "", SERIES_TITLE)
+    series_number = series_number if series_number is not None else numbering.sr_series_number
+    instance_number = instance_number if instance_number is not None else numbering.instance_number
+    series_description = series_description or numbering.sr_series_description
     try:
         algorithm = _algorithm(model, threshold)
         observer = hd.sr.ObserverContext(
@@ -177,19 +191,21 @@ def build_structured_report(
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
-            instance_number=1,
+            instance_number=instance_number,
             manufacturer=MANUFACTURER,
             is_complete=True,
             is_final=False,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[contributing_equipment(model, "AI fracture classification")],
-            series_description=SERIES_DESCRIPTION,
+            series_description=series_description,
             manufacturer_model_name=model.model_name_lo,
             software_versions=model.software_versions,
+            # the source's character set is copied below with its text (header.py)
+            specific_character_set=None,
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the Structured Report: {exc}") from exc
-    copy_patient_study(header, sr)
+    copy_patient_study(source, sr, what="Structured Report")
     return sr
 
 
