@@ -82,20 +82,37 @@ class ConsoleLog:
         assert not problems, "the page reported errors:\n" + "\n".join(problems)
 
 
+# Each test module that imports the fixture gets its own session-scoped instance of it, and a second
+# sync_playwright() while the first one runs fails ("Sync API inside the asyncio loop"): the instances
+# share one Playwright and one Chromium, closed when the last instance is torn down.
+_SHARED: dict[str, Any] = {"users": 0}
+
+
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     """One headless system Chromium for the session (skips when chromium or playwright is missing)."""
     reason = browser_unavailable()
     if reason:
         pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
+    if _SHARED["users"] == 0:
+        from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
-        chromium = launch_chromium(pw)
+        pw = sync_playwright().start()
         try:
-            yield chromium
-        finally:
-            chromium.close()
+            _SHARED["browser"], _SHARED["playwright"] = launch_chromium(pw), pw
+        except BaseException:
+            pw.stop()
+            raise
+    _SHARED["users"] += 1
+    try:
+        yield _SHARED["browser"]
+    finally:
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            try:
+                _SHARED.pop("browser").close()
+            finally:
+                _SHARED.pop("playwright").stop()
 
 
 @pytest.fixture
