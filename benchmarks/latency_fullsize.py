@@ -44,16 +44,17 @@ STORESCU_FLAG = {"J2K lossless": "-xv", "uncompressed": "-xe", "RLE": "-xr"}
 # Worker phases as recorded in each job's result ("timings"), in pipeline order, with their labels.
 WORKER_PHASES = [
     ("read", "read (dcmread)"),
-    ("decode", "decode pixel data"),
-    ("luts", "LUTs (modality, VOI, MONOCHROME1)"),
+    ("decode", "decode + LUTs (modality, VOI, MONO1)"),
     ("contrast_resize", "resize + CLAHE + normalise"),
     ("forward", "forward"),
     ("cam", "Grad-CAM"),
-    ("overlay", "overlay rendering"),
-    ("sc_encode", "SC build + encode"),
+    ("roi", "ROI on the full-size heat map"),
     ("sr_build", "SR build + encode"),
-    ("png", "PNG preview"),
-    ("fsync", "write + fsync"),
+    ("overlay", "overlay rendering (2nd thread)"),
+    ("png", "PNG preview (2nd thread)"),
+    ("picture_wait", "waiting for the 2nd thread"),
+    ("sc_encode", "SC build + encode"),
+    ("fsync", "write + fsync (3 files)"),
 ]
 
 

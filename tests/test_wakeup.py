@@ -121,6 +121,13 @@ def test_daemon_processes_and_delivers_without_waiting_for_its_poll_intervals(tm
         assert time.monotonic() - sent_at < 45.0
         log = daemon.log_text()
         assert log.index("worker warmed up") < log.index(" done: "), log[-3000:]
+        # once warm, every thread of the worker child runs 10 nice levels below the daemon
+        assert daemon.pid is not None
+        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        parent_nice = os.getpriority(os.PRIO_PROCESS, daemon.pid)
+        tasks = [int(t) for t in os.listdir(f"/proc/{children[0]}/task")]
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in tasks} == {min(19, parent_nice + 10)}
     finally:
         daemon.stop()
         daemon.close_store()

@@ -35,7 +35,7 @@ from pacs_ai.ops.metrics import Metrics, MetricsServer
 from pacs_ai.ops.notify import SystemdNotifier
 from pacs_ai.ops.tls import client_context, server_context
 from pacs_ai.daemon.wakeup import Doorbell, WakeUpObserver
-from pacs_ai.daemon.worker_process import WorkerProcess
+from pacs_ai.daemon.worker_process import WorkerProcess, lower_priority
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -193,11 +193,15 @@ class Service:
 
     def _build_worker(self):  # type: ignore[no-untyped-def]
         from pacs_ai.daemon.worker import Worker
+        from pacs_ai.infer.device import default_threads
         from pacs_ai.infer.engine import InferenceEngine
         from pacs_ai.send.deliveries import destination_names
         from pacs_ai.write.results import write_results
 
         model = self.config.model
+        # JPEG 2000 (pylibjpeg-openjpeg's OpenJPEG) decodes a full-size radiograph's code-blocks on every
+        # core when told so; an administrator's own setting wins.
+        os.environ.setdefault("OPJ_NUM_THREADS", str(default_threads()))
         engine = InferenceEngine(
             model.path,
             device=model.device,
@@ -311,14 +315,18 @@ class Service:
         started = time.monotonic()
         try:
             timings = warm_up(self.worker.engine, self.worker.writer, self.config.storage.results)
+            log.info(
+                "worker warmed up in %.2f s (%s)",
+                time.monotonic() - started,
+                ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
+            )
         except Exception:  # noqa: BLE001 - never fatal: the first job pays the cold start instead
             log.exception("warm-up failed")
-            return
-        log.info(
-            "worker warmed up in %.2f s (%s)",
-            time.monotonic() - started,
-            ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
-        )
+        finally:
+            if not self.roles.listener:  # a worker child started by `serve` now yields to the listener
+                niceness = lower_priority()
+                if niceness is not None:
+                    log.info("worker process now runs at nice %+d", niceness)
 
     def _work(self) -> None:
         assert self.worker is not None

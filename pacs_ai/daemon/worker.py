@@ -65,8 +65,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def job_result(prediction: Prediction, files: dict) -> dict[str, Any]:
-    """The result stored with a done job."""
+def job_result(prediction: Prediction, files: dict, phases: dict[str, float] | None = None) -> dict[str, Any]:
+    """The result stored with a done job.
+
+    ``timings`` (seconds) holds the prediction's (preprocess, forward, cam), the preprocessing ``phases``
+    the worker measured, and the writer's own, which it returns under ``files["timings"]``.
+    """
+    files = dict(files or {})
+    timings = {**prediction.timings, **(phases or {}), **(files.pop("timings", None) or {})}
     return {
         "probability": prediction.probability,
         "fractured": prediction.fractured,
@@ -75,7 +81,7 @@ def job_result(prediction: Prediction, files: dict) -> dict[str, Any]:
         "model_name": prediction.model_name,
         "model_version": prediction.model_version,
         "architecture": prediction.architecture,
-        "timings": {k: round(float(v), 6) for k, v in prediction.timings.items()},
+        "timings": {k: round(float(v), 6) for k, v in timings.items()},
         "files": _jsonable(files or {}),
     }
 
@@ -209,7 +215,9 @@ class Worker:
                     self._skip(job, decision)
                     return None
                 routing = decision.to_dict()
+            t_read = time.perf_counter()
             gray = dicom_to_gray(ds)
+            t_gray = time.perf_counter()
             prepared = prepare(gray, self.engine.spec)
             del gray
             _drop_decoded_pixels(ds)
@@ -223,7 +231,13 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001
             self._fail(job, f"preprocessing failed: {type(exc).__name__}: {exc}", permanent=False)
             return None
-        prepared.extra["preprocess_s"] = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        prepared.extra["preprocess_s"] = t_end - t0
+        prepared.extra["phases"] = {
+            "read": t_read - t0,  # dcmread (+ routing decision)
+            "decode": t_gray - t_read,  # pixel data decoding, modality/VOI LUTs, MONOCHROME1
+            "contrast_resize": t_end - t_gray,  # uint8, resize, CLAHE, normalise
+        }
         return _Item(job, ds, prepared, routing)
 
     def _predict(self, items: list[_Item]) -> list[Prediction | None]:
@@ -250,7 +264,7 @@ class Worker:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             files = self.writer(item.dataset, item.prepared, prediction, folder)
-            result = job_result(prediction, files)
+            result = job_result(prediction, files, item.prepared.extra.get("phases"))
             if item.routing is not None:
                 result["routing"] = item.routing
         except InputError as exc:

@@ -24,6 +24,36 @@ log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
+NICENESS_ENV_VAR = "PACS_AI_WORKER_NICENESS"
+"""How much a worker child lowers its CPU priority once warmed up (set by the daemon that starts it)."""
+
+
+def lower_priority(environ: dict[str, str] | None = None) -> int | None:
+    """Add ``$PACS_AI_WORKER_NICENESS`` to the niceness of every thread of this process; returns the new
+    niceness of the calling thread, or None when the variable is unset or invalid.
+
+    Linux applies niceness per thread, so each task under ``/proc/self/task`` is changed (threads started
+    afterwards inherit the calling thread's). Raising one's own niceness needs no privilege.
+    """
+    text = (environ if environ is not None else os.environ).get(NICENESS_ENV_VAR, "")
+    try:
+        increment = int(text)
+    except ValueError:
+        return None
+    if increment <= 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
 
 class WorkerProcess:
     """Starts ``pacs-ai worker`` with the same configuration, restarts it when it dies, stops it on request."""
@@ -63,10 +93,8 @@ class WorkerProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def _prepare_child(self) -> None:  # runs in the child between fork and exec
-        try:
-            os.nice(self.niceness)
-        except OSError:
-            pass
+        # The niceness is applied by the child itself once it is warm (lower_priority): start-up and
+        # warm-up run at the daemon's priority, so a busy machine does not starve the first image.
         try:  # Linux: SIGTERM the child when the daemon dies, so that no orphan worker lingers
             import ctypes
 
@@ -80,6 +108,7 @@ class WorkerProcess:
                 return
             # The daemon alone talks to systemd (NotifyAccess=main).
             env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+            env[NICENESS_ENV_VAR] = str(self.niceness)
             fds: tuple[int, ...] = ()
             if self.doorbells is not None:
                 bell_env, fds = Doorbell.to_env(*self.doorbells)
@@ -88,7 +117,7 @@ class WorkerProcess:
                 self.command, cwd=self.cwd, env=env, preexec_fn=self._prepare_child, pass_fds=fds
             )
             self._started_at = time.monotonic()
-            log.info("worker process started (pid %d, nice %+d)", self._proc.pid, self.niceness)
+            log.info("worker process started (pid %d, nice %+d once warmed up)", self._proc.pid, self.niceness)
 
     def supervise(self) -> bool:
         """Restart the child if it died (with backoff); returns True when a child is running."""

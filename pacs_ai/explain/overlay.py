@@ -27,6 +27,7 @@ __all__ = [
     "blend_heatmap",
     "hottest_region",
     "normalise_heat",
+    "picture_size",
     "render_result_image",
 ]
 
@@ -181,6 +182,12 @@ def _draw_legend(img: np.ndarray) -> None:
     cv2.putText(img, "high", (bx + bar_w + pad, text_y), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
 
 
+def picture_size(height: int, width: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """(height, width) of the picture ``render_result_image`` makes of a ``height`` x ``width`` image."""
+    factor = min(1.0, max_side / max(height, width))
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
 def render_result_image(
     display: np.ndarray,
     heat: np.ndarray | None,
@@ -192,7 +199,8 @@ def render_result_image(
     """Render the Secondary Capture picture; returns RGB uint8 (h, w, 3) with ``max(h, w) <= max_side``.
 
     ``display`` is the uint8 grey image at the original resolution, ``heat`` a heat map on the same grid
-    (any non-negative scale; it is normalised by its maximum; None or all-zero gives no tint), ``roi``
+    or, cheaper, already on the picture's grid (``picture_size``) (any non-negative scale; it is
+    normalised by its maximum; None or all-zero gives no tint), ``roi``
     an ``(x0, y0, x1, y1)`` box in original pixel coordinates to outline.
     """
     grey = np.asarray(display)
@@ -201,14 +209,16 @@ def render_result_image(
     if grey.dtype != np.uint8:
         grey = np.clip(grey.astype(np.float32), 0, 255).astype(np.uint8)
     oh, ow = grey.shape
+    nh, nw = picture_size(oh, ow, max_side)
     factor = min(1.0, max_side / max(oh, ow))
-    nh, nw = max(1, round(oh * factor)), max(1, round(ow * factor))
-    h = normalise_heat(heat) if heat is not None else np.zeros((oh, ow), np.float32)
-    if h.shape != (oh, ow):
-        h = cv2.resize(h, (ow, oh), interpolation=cv2.INTER_LINEAR)
+    h = normalise_heat(heat) if heat is not None else np.zeros((nh, nw), np.float32)
+    if h.shape != (nh, nw):  # a map on the original grid (or another one): to the picture's grid
+        if h.shape != (oh, ow):
+            h = cv2.resize(h, (ow, oh), interpolation=cv2.INTER_LINEAR)
+        if (nh, nw) != (oh, ow):
+            h = cv2.resize(h, (nw, nh), interpolation=cv2.INTER_AREA)
     if (nh, nw) != (oh, ow):
         grey = cv2.resize(grey, (nw, nh), interpolation=cv2.INTER_AREA)
-        h = cv2.resize(h, (nw, nh), interpolation=cv2.INTER_AREA)
     img = blend_heatmap(grey, h)
     if roi is not None:
         x0, y0, x1, y1 = (float(v) * factor for v in roi)

@@ -455,11 +455,12 @@ def prepare(gray: np.ndarray, spec: InputSpec) -> Prepared:
     return Prepared(tensor=normalise(img, spec), display=display, geometry=geom)
 
 
-def cam_to_original(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
+def cam_to_original(cam: np.ndarray, geometry: Geometry, out_size: tuple[int, int] | None = None) -> np.ndarray:
     """Map a heat map on the network grid (size, size) back onto the original (orig_h, orig_w) pixels.
 
     A map of another shape (for example the raw 7x7 of the last layer) is first resized to the network
-    grid. The padding is cropped, then the map is resized (bilinear) to the original size. float32 out.
+    grid. The padding is cropped, then the map is resized (bilinear) to the original size, or to
+    ``out_size`` = (height, width) when given (e.g. a downscaled picture of the original). float32 out.
     """
     c = np.asarray(cam, dtype=np.float32)
     if c.ndim != 2:
@@ -468,4 +469,5 @@ def cam_to_original(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
     if c.shape != (s, s):
         c = cv2.resize(c, (s, s), interpolation=cv2.INTER_LINEAR)
     crop = c[geometry.pad_top : geometry.pad_top + geometry.new_h, geometry.pad_left : geometry.pad_left + geometry.new_w]
-    return cv2.resize(np.ascontiguousarray(crop), (geometry.orig_w, geometry.orig_h), interpolation=cv2.INTER_LINEAR)
+    out_h, out_w = out_size if out_size is not None else (geometry.orig_h, geometry.orig_w)
+    return cv2.resize(np.ascontiguousarray(crop), (out_w, out_h), interpolation=cv2.INTER_LINEAR)

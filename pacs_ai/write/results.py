@@ -1,15 +1,21 @@
 """The worker's ResultWriter: one classified image in, the SC, the SR and a PNG preview on disk.
 
-``write_results(source, prepared, prediction, folder)`` maps the heat map back onto the original pixels,
-finds the hottest region (only reported when a fracture is suspected), renders the overlay, builds the
-Secondary Capture and the Structured Report with deterministic UIDs, and writes ``sc.dcm``, ``sr.dcm``
-and ``overlay.png`` (the SC picture, long side at most 1024 px) into ``folder`` atomically (temporary
-file, fsync, rename).
+``write_results(source, prepared, prediction, folder)`` finds the hottest region on the heat map mapped
+back onto the original pixels (only when a fracture is suspected: its coordinates go into the SR),
+renders the overlay once at the picture's size (the heat map is mapped straight onto that grid), builds
+the Secondary Capture and the Structured Report with deterministic UIDs, and writes ``sc.dcm``,
+``sr.dcm`` and ``overlay.png`` (the SC picture, long side at most 1024 px) into ``folder`` atomically
+(temporary file, fsync, rename; one folder fsync for the three).
+
+The picture and its PNG (OpenCV, which releases the interpreter lock) are made in a second thread while
+this one builds the SR (highdicom, pure Python), so the two cores of a small machine share the work.
 """
 
 from __future__ import annotations
 
 import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,7 @@ import numpy as np
 import pydicom
 
 from pacs_ai.errors import DicomWriteError, StorageError
-from pacs_ai.explain.overlay import Caption, hottest_region, render_result_image
+from pacs_ai.explain.overlay import Caption, hottest_region, picture_size, render_result_image
 from pacs_ai.store.spool import describe_os_error, fsync_dir, write_atomic
 from pacs_ai.write.common import ModelInfo
 from pacs_ai.write.secondary_capture import build_secondary_capture
@@ -81,7 +87,8 @@ def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folde
 
     Returns ``{"sc", "sr", "overlay"}`` (paths as strings), ``sc_sop_instance_uid``,
     ``sr_sop_instance_uid``, ``series_instance_uids`` (``{"sc": ..., "sr": ...}``) and ``roi``
-    (``[x0, y0, x1, y1]`` in source pixel coordinates, end exclusive, or None when no fracture is suspected).
+    (``[x0, y0, x1, y1]`` in source pixel coordinates, end exclusive, or None when no fracture is suspected)
+    and ``timings`` (seconds per step: roi, sr_build, overlay, png, picture_wait, sc_encode, fsync).
     Raises DicomWriteError (the objects cannot be built) or StorageError (they cannot be written).
     """
     folder = Path(folder)
@@ -103,6 +110,34 @@ def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folde
         raise DicomWriteError(f"cannot build the result objects: {type(exc).__name__}: {exc}") from exc
 
 
+def _picture(
+    prepared: Any, prediction: Any, caption: Caption, roi: tuple[int, int, int, int] | None
+) -> tuple[np.ndarray, bytes, dict[str, float]]:
+    """The SC picture (RGB) and its PNG preview; the heat map goes straight to the picture's grid."""
+    t = time.perf_counter()
+    heat = _heat_on_picture(prepared, prediction)
+    rgb = render_result_image(prepared.display, heat, caption, roi=roi)
+    t_png = time.perf_counter()
+    ok, png = cv2.imencode(".png", _preview(rgb), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB image
+        raise DicomWriteError("cannot encode the overlay PNG")
+    return rgb, png.tobytes(), {"overlay": t_png - t, "png": time.perf_counter() - t_png}
+
+
+def _heat_on_picture(prepared: Any, prediction: Any) -> np.ndarray | None:
+    cam = getattr(prediction, "cam", None)
+    if cam is None:
+        return None
+    from pacs_ai.infer.preprocess import cam_to_original
+
+    out_size = picture_size(*prepared.display.shape[:2])
+    return np.asarray(cam_to_original(np.asarray(cam, dtype=np.float32), prepared.geometry, out_size), dtype=np.float32)
+
+
+_PICTURES = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sc-picture")
+"""Renders SC pictures and PNG previews (OpenCV, which releases the GIL) while the SR is built."""
+
+
 def _build_and_write(
     source: pydicom.Dataset,
     prepared: Any,
@@ -113,38 +148,58 @@ def _build_and_write(
     threshold: float,
     src_uid: str,
 ) -> dict[str, Any]:
+    timings: dict[str, float] = {}
     fractured = bool(prediction.fractured)
-    heat = _heat_on_original(prepared, prediction)
-    roi = hottest_region(heat, ROI_REL_THRESHOLD) if (fractured and heat is not None) else None
-    rgb = render_result_image(
-        prepared.display, heat, Caption(fractured, probability, threshold, model.display), roi=roi
+    t = time.perf_counter()
+    roi = None
+    if fractured:  # the ROI goes into the SR in source pixels: found on the heat map at the original size
+        heat = _heat_on_original(prepared, prediction)
+        roi = hottest_region(heat, ROI_REL_THRESHOLD) if heat is not None else None
+        del heat
+    timings["roi"] = time.perf_counter() - t
+    # The picture (overlay + PNG) is rendered on another core while this thread builds the SR.
+    picture = _PICTURES.submit(
+        _picture, prepared, prediction, Caption(fractured, probability, threshold, model.display), roi
     )
-
     uids = {kind: derive_uid(src_uid, model.version, kind) for kind in ("sc-series", "sc", "sr-series", "sr")}
+    try:
+        t = time.perf_counter()
+        sr = build_structured_report(
+            source,
+            model,
+            probability=probability,
+            threshold=threshold,
+            fractured=fractured,
+            roi=roi,
+            series_instance_uid=uids["sr-series"],
+            sop_instance_uid=uids["sr"],
+        )
+        try:
+            sr_bytes = encode_dataset(sr)
+        except Exception as exc:
+            raise DicomWriteError(f"cannot encode the result objects: {exc}") from exc
+        timings["sr_build"] = time.perf_counter() - t
+    finally:
+        t = time.perf_counter()
+        rgb, png, picture_timings = picture.result()  # always collected: no picture left running behind
+        timings["picture_wait"] = time.perf_counter() - t
+    timings.update(picture_timings)
+
+    t = time.perf_counter()
     sc = build_secondary_capture(
         source, rgb, model, series_instance_uid=uids["sc-series"], sop_instance_uid=uids["sc"]
     )
-    sr = build_structured_report(
-        source,
-        model,
-        probability=probability,
-        threshold=threshold,
-        fractured=fractured,
-        roi=roi,
-        series_instance_uid=uids["sr-series"],
-        sop_instance_uid=uids["sr"],
-    )
     try:
         sc_bytes = encode_dataset(sc)
-        sr_bytes = encode_dataset(sr)
     except Exception as exc:
         raise DicomWriteError(f"cannot encode the result objects: {exc}") from exc
-    ok, png = cv2.imencode(".png", _preview(rgb), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB image
-        raise DicomWriteError("cannot encode the overlay PNG")
+    del sc, rgb
+    timings["sc_encode"] = time.perf_counter() - t
 
+    t = time.perf_counter()
     paths = {"sc": folder / "sc.dcm", "sr": folder / "sr.dcm", "overlay": folder / "overlay.png"}
-    _write_all({paths["sc"]: sc_bytes, paths["sr"]: sr_bytes, paths["overlay"]: png.tobytes()})
+    _write_all({paths["sc"]: sc_bytes, paths["sr"]: sr_bytes, paths["overlay"]: png})
+    timings["fsync"] = time.perf_counter() - t
     return {
         "sc": str(paths["sc"]),
         "sr": str(paths["sr"]),
@@ -153,4 +208,5 @@ def _build_and_write(
         "sr_sop_instance_uid": uids["sr"],
         "series_instance_uids": {"sc": uids["sc-series"], "sr": uids["sr-series"]},
         "roi": [int(v) for v in roi] if roi is not None else None,
+        "timings": timings,
     }
