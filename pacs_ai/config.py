@@ -171,6 +171,17 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class StudiesConfig:
+    """Study grouping: a study is complete ``quiet_period_s`` after its last image (or when forced)."""
+
+    enabled: bool = True
+    quiet_period_s: float = 60.0
+    rule: str = ""
+    """Study rule (max, mean, noisy_or); empty: the model card's ``study`` section (else max)."""
+    poll_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -183,6 +194,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    studies: StudiesConfig = field(default_factory=StudiesConfig)
     source: Path | None = None
 
     @property
@@ -196,6 +208,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "logging.format": ("plain", "json"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "routing.unknown_body_part": ("analyse", "skip"),
+    "studies.rule": ("", "max", "mean", "noisy_or"),
 }
 
 
@@ -306,6 +319,8 @@ def _validate(config: Config) -> Config:
         raise ConfigError("model.path", "must name at least one model folder")
     _validate_routing(config.routing)
     _validate_dashboard(config)
+    if config.studies.poll_interval_s <= 0:
+        raise ConfigError("studies.poll_interval_s", f"must be greater than 0, not {config.studies.poll_interval_s}")
     return config
 
 

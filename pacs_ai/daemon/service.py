@@ -159,6 +159,7 @@ class Service:
         self.listener = self._build_listener() if roles.listener else None
         self.worker = self._build_worker() if roles.worker else None
         self.worker_process = self._build_worker_process() if roles.worker_process else None
+        self.studies = self._build_studies() if (roles.deliveries and config.studies.enabled) else None
         self.deliveries = self._build_deliveries() if roles.deliveries else None
         self.metrics_server = (
             MetricsServer(self.metrics, self.health, config.metrics.host, config.metrics.port, self._build_dashboard())
@@ -281,6 +282,29 @@ class Service:
             timeout_s=delivery.timeout_s,
             ssl_contexts=contexts,
             observer=self.observer,
+            studies=self.studies.studies if self.studies is not None else None,
+        )
+
+    def _build_studies(self):  # type: ignore[no-untyped-def]
+        from pacs_ai.send.deliveries import destination_names
+        from pacs_ai.studies.processor import StudyProcessor, study_policy
+        from pacs_ai.studies.store import StudyStore
+
+        try:
+            policy = study_policy(load_card(self.config.model.path[0]), self.config.studies.rule)
+        except PacsAiError as exc:
+            log.error("studies: no study results until pacs-ai is restarted with a readable model card: %s", exc)
+            return None
+        log.info(
+            "studies: complete %.0f s after the last image; study rule %s, threshold %.3g (%s)",
+            self.config.studies.quiet_period_s, policy.rule, policy.threshold, policy.source,
+        )
+        return StudyProcessor(
+            StudyStore(self.jobs),
+            self.config.storage.results,
+            destination_names(self.config.destinations),
+            policy,
+            quiet_period_s=self.config.studies.quiet_period_s,
         )
 
     # -- periodic work ----------------------------------------------------------------------------
@@ -359,6 +383,17 @@ class Service:
             self._loop_locks["deliveries"].release()
         self.health.beat("deliveries")
 
+    def _complete_studies(self) -> None:
+        assert self.studies is not None
+        if self._stop.is_set():
+            return
+        try:
+            self.studies.run_once()
+        except PacsAiError as exc:
+            log.error("studies: %s", exc)
+        except Exception:
+            log.exception("study completion failed; will run again")
+
     def _update_gauges(self) -> None:
         try:
             if self.worker_process is not None:
@@ -419,6 +454,10 @@ class Service:
         if self.deliveries:
             self._start_loop("deliveries", self._deliver, self.results_bell, self.config.delivery.poll_interval_s)
             sched.add_job(self.run_retention, "interval", hours=1, id="retention", **common)
+        if self.studies:
+            sched.add_job(
+                self._complete_studies, "interval", seconds=self.config.studies.poll_interval_s, id="studies", **common
+            )
         sched.add_job(self._update_gauges, "interval", seconds=5, id="gauges", **common)
         watchdog = self.notifier.watchdog_interval()
         if watchdog:

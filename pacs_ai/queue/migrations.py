@@ -86,9 +86,52 @@ def _v2_job_indexes(conn: sa.Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_deliveries_job ON deliveries (job_id)"))
 
 
+def _v3_studies(conn: sa.Connection) -> None:
+    # Study grouping (pacs_ai/studies): one row per study that got a study-level result, its deliveries,
+    # and an index to group jobs by study.
+    md = sa.MetaData()
+    sa.Table("jobs", md, sa.Column("id", sa.Integer, primary_key=True))  # for the foreign key only
+    sa.Table(
+        "studies",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("study_instance_uid", sa.String(64), nullable=False, unique=True),
+        sa.Column("revision", sa.Integer, nullable=False),
+        sa.Column("completed_at", UTCDateTime, nullable=True),
+        sa.Column("completed_through", UTCDateTime, nullable=True),
+        sa.Column("completed_jobs", sa.Integer, nullable=True),
+        sa.Column("forced_at", UTCDateTime, nullable=True),
+        sa.Column("result", sa.JSON, nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+    )
+    sa.Table(
+        "study_deliveries",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("study_id", sa.Integer, sa.ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("destination", sa.String(200), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+        sa.Column("lease_owner", sa.String(200), nullable=True),
+        sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+        sa.Column("last_error", sa.Text, nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Column("delivered_at", UTCDateTime, nullable=True),
+        sa.UniqueConstraint("study_id", "destination", name="uq_study_deliveries_study_destination"),
+        sa.Index("ix_study_deliveries_state_next", "state", "next_attempt_at"),
+    )
+    md.tables["studies"].create(conn)
+    md.tables["study_deliveries"].create(conn)
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_study ON jobs (study_instance_uid)"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: jobs and deliveries", _v1_initial),
     Migration(2, "indexes for listing, purging and per-job delivery lookups", _v2_job_indexes),
+    Migration(3, "studies: study-level results and their deliveries; jobs indexed by study", _v3_studies),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -83,3 +83,37 @@ deliveries = sa.Table(
     sa.UniqueConstraint("job_id", "destination", name="uq_deliveries_job_destination"),
     sa.Index("ix_deliveries_state_next", "state", "next_attempt_at"),
 )
+
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("revision", sa.Integer, nullable=False, default=0),
+    sa.Column("completed_at", UTCDateTime, nullable=True),
+    sa.Column("completed_through", UTCDateTime, nullable=True),
+    sa.Column("completed_jobs", sa.Integer, nullable=True),
+    sa.Column("forced_at", UTCDateTime, nullable=True),
+    sa.Column("result", sa.JSON, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+study_deliveries = sa.Table(
+    "study_deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_id", sa.Integer, sa.ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("destination", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("delivered_at", UTCDateTime, nullable=True),
+    sa.UniqueConstraint("study_id", "destination", name="uq_study_deliveries_study_destination"),
+    sa.Index("ix_study_deliveries_state_next", "state", "next_attempt_at"),
+)

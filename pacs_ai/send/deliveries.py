@@ -17,6 +17,9 @@ destinations go on being served; a destination is never worked on by two threads
 
 With no destination configured, the only destination is the pseudo-destination ``OUTBOX``: "delivering"
 copies ``sc.dcm`` and ``sr.dcm`` into ``outbox_dir/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
+
+With a study store (``studies``), each destination's thread also sends the due study SRs
+(``pacs_ai.studies``), after the image results of its round, with the same retries and dead letters.
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def _seconds_since(now: datetime, then: datetime | None) -> float:
     return max(0.0, (now - then).total_seconds())
 
 
+class _StudyRef:
+    """What ``_to_outbox`` needs of a job, for a study SR."""
+
+    def __init__(self, study_instance_uid: str, id: str) -> None:
+        self.study_instance_uid = study_instance_uid
+        self.id = id
+
+
 class DeliveryProcessor:
     """Claims due deliveries and sends them; see the module docstring."""
 
@@ -104,6 +115,7 @@ class DeliveryProcessor:
         observer: Observer | None = None,
         batch_size: int = 8,
         max_wait_s: float | None = None,
+        studies: Any = None,
     ) -> None:
         self.jobs = jobs
         self.destinations: dict[str, Destination | None] = {d.name: d for d in destinations}
@@ -119,6 +131,7 @@ class DeliveryProcessor:
         # One association per job: connect + negotiate + two C-STOREs, each bounded by timeout_s.
         self.lease_seconds = 60.0 + 4.0 * self.timeout_s * self.batch_size
         self.max_wait_s = float(max_wait_s) if max_wait_s is not None else self.timeout_s + 5.0
+        self.studies = studies
         self._lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self._done: list[int] = []
@@ -188,6 +201,8 @@ class DeliveryProcessor:
         handled = 0
         try:
             handled = self._deliver_batch(name)
+            if self.studies is not None:
+                handled += self._deliver_study_batch(name)
         except Exception:  # a broken database must not kill the thread silently
             log.exception("delivery round for %s failed", name)
         finally:
@@ -232,6 +247,50 @@ class DeliveryProcessor:
             else:
                 if not recorded:
                     self._succeeded(delivery, job)
+        return len(deliveries)
+
+    def _deliver_study_batch(self, name: str) -> int:
+        """Send the due study SRs to ``name``; returns how many were attempted."""
+        deliveries = self.studies.claim_deliveries(
+            self.owner, limit=self.batch_size, lease_seconds=self.lease_seconds, destination=name
+        )
+        for delivery in deliveries:
+            try:
+                study = self.studies.study_of_delivery(delivery)
+                path = Path(str(((study.result or {}).get("files") or {}).get("sr", "")))
+                if not path.name:
+                    raise DeliveryError(name, f"study {study.study_instance_uid} has no study SR", permanent=True)
+                destination = self.destinations.get(name)
+                if destination is None:
+                    ref = _StudyRef(study.study_instance_uid, f"study{study.id}")
+                    self._to_outbox(ref, [path])
+                else:
+                    send_files(
+                        destination,
+                        [path],
+                        calling_ae_title=self.calling_ae_title,
+                        timeout_s=self.timeout_s,
+                        ssl_context=self.ssl_contexts.get(name),
+                    )
+            except LeaseLostError as exc:
+                log.warning("study delivery %d to %s: %s", delivery.id, name, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - DeliveryError and anything else: retried or dead
+                permanent = isinstance(exc, DeliveryError) and exc.permanent
+                detail = exc.detail if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+                try:
+                    state = self.studies.fail_delivery(delivery.id, self.owner, detail, permanent=permanent)
+                except LeaseLostError as lost:
+                    log.warning("study delivery %d to %s: %s", delivery.id, name, lost)
+                    continue
+                log.warning("study delivery %d to %s failed (%s): %s", delivery.id, name, state.value, detail)
+                continue
+            try:
+                self.studies.complete_delivery(delivery.id, self.owner)
+            except LeaseLostError as exc:
+                log.warning("study delivery %d to %s was stored but: %s", delivery.id, name, exc)
+                continue
+            log.info("study %s (revision %d) delivered to %s", study.study_instance_uid, study.revision, name)
         return len(deliveries)
 
     # -- one job -----------------------------------------------------------------------------------

@@ -20,8 +20,12 @@ from pydicom.uid import UID
 
 __all__ = ["KINDS", "derive_uid"]
 
-KINDS: tuple[str, ...] = ("sc-series", "sc", "sr-series", "sr", "tracking", "roi-tracking", "device")
-"""The kinds of UID pacs-ai derives from a source image (``device`` is per model, not per image)."""
+KINDS: tuple[str, ...] = (
+    "sc-series", "sc", "sr-series", "sr", "tracking", "roi-tracking", "device",
+    "study-sr-series", "study-sr", "study-tracking",
+)
+"""The kinds of UID pacs-ai derives from a source image (``device`` is per model, not per image; the
+``study-*`` kinds are derived from a Study Instance UID: the study result, one per study and model)."""
 
 _NAMESPACE = "pacs-ai/result-uid/v1"
 
