@@ -222,6 +222,9 @@ threads = 2
 [worker]
 poll_interval_s = 0.2
 
+[studies]
+enabled = false   # this test counts the per-image results; study SRs: tests/test_studies_orthanc.py
+
 [delivery]
 poll_interval_s = 0.5
 max_attempts = 100

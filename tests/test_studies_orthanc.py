@@ -62,7 +62,7 @@ def test_study_result_after_quiet_period_and_replaced(tmp_path: Path) -> None:
     study_sr_uid = derive_uid(study_uid, version, "study-sr")
     with OrthancServer(tmp_path / "orthanc") as orthanc:
         dest = {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
-        overrides = {"studies": {"quiet_period_s": QUIET_S, "poll_interval_s": 0.5}}
+        overrides = {"studies": {"enabled": True, "quiet_period_s": QUIET_S, "poll_interval_s": 0.5}}
         with Daemon(tmp_path / "d", model=model, destinations=[dest], overrides=overrides) as daemon:
             assert daemon.send(files[:2]).statuses == [0, 0]  # association 1
             assert daemon.send(files[2:3]).statuses == [0]  # association 2
