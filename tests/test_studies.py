@@ -170,9 +170,9 @@ def test_study_rules(rule: str, expected: float) -> None:
 
 def test_study_policy_from_the_reference_card() -> None:
     card = load_card(REPO / "models" / "reference")
-    policy = study_policy(card)
+    policy = study_policy(card.to_dict())
     assert (policy.rule, policy.threshold) == ("max", card.threshold)  # max with the image threshold
-    assert study_policy(card, "mean").threshold == card.threshold
+    assert study_policy(card.to_dict(), "mean").threshold == card.threshold
 
 
 @pytest.mark.skipif(not have_tool("dciodvfy"), reason="dciodvfy (dicom3tools) is not installed")

@@ -287,11 +287,11 @@ class Service:
 
     def _build_studies(self):  # type: ignore[no-untyped-def]
         from pacs_ai.send.deliveries import destination_names
-        from pacs_ai.studies.processor import StudyProcessor, study_policy
+        from pacs_ai.studies.processor import StudyProcessor, read_card, study_policy
         from pacs_ai.studies.store import StudyStore
 
         try:
-            policy = study_policy(load_card(self.config.model.path[0]), self.config.studies.rule)
+            policy = study_policy(read_card(self.config.model.path[0]), self.config.studies.rule)
         except PacsAiError as exc:
             log.error("studies: no study results until pacs-ai is restarted with a readable model card: %s", exc)
             return None

@@ -15,17 +15,17 @@ skipped or dead gets no study result. Errors are logged and the study is tried a
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
 
-from pacs_ai.errors import PacsAiError, StorageError
-from pacs_ai.infer.model_card import ModelCard
+from pacs_ai.errors import ModelError, PacsAiError, StorageError
 from pacs_ai.queue.jobstore import JobState
 from pacs_ai.store.spool import describe_os_error, write_atomic
 from pacs_ai.studies.report import ImageFinding, StudyFinding, build_study_report
@@ -34,7 +34,7 @@ from pacs_ai.studies.store import StudyStore
 from pacs_ai.write.common import ModelInfo
 from pacs_ai.write.results import encode_dataset
 
-__all__ = ["StudyPolicy", "StudyProcessor", "study_policy"]
+__all__ = ["StudyPolicy", "StudyProcessor", "read_card", "study_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,38 @@ class StudyPolicy:
     """Where the rule and threshold come from, for logs and ``studies show``."""
 
 
-def study_policy(card: ModelCard, rule_override: str = "") -> StudyPolicy:
+def study_policy(card: Mapping[str, Any], rule_override: str = "") -> StudyPolicy:
     """The card's ``study`` section, or max with the image threshold when it has none.
 
-    ``rule_override`` (``[studies] rule``) replaces the card's rule; its threshold is then the card's
-    study threshold when the card chose that same rule, else the image threshold.
+    ``card``: the model card as a mapping (``ModelCard.to_dict()`` or ``model.json`` as read, so the serve
+    process needs no torch). ``rule_override`` (``[studies] rule``) replaces the card's rule; its threshold
+    is then the card's study threshold when the card chose that same rule, else the image threshold.
+    Raises ModelError when the card lacks a usable threshold or names an unknown rule.
     """
-    card_rule = str(card.study.get("rule") or "")
+    study = card.get("study") or {}
+    card_rule = str(study.get("rule") or "")
     rule = rule_override or card_rule or "max"
     if rule not in RULES:
-        raise ValueError(f"unknown study rule {rule!r}")
-    if rule == card_rule:
-        return StudyPolicy(rule, float(card.study["threshold"]), f"model card {card.name} {card.version} (study section)")
-    return StudyPolicy(rule, float(card.threshold), f"{'[studies] rule' if rule_override else 'default'} with the image threshold")
+        raise ModelError(f"model card: study.rule: unknown study rule {rule!r} (known: {', '.join(RULES)})")
+    try:
+        if rule == card_rule:
+            return StudyPolicy(rule, float(study["threshold"]), f"model card {card.get('name')} {card.get('version')} (study section)")
+        source = f"{'[studies] rule' if rule_override else 'default'} with the image threshold"
+        return StudyPolicy(rule, float(card["threshold"]), source)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"model card: no usable study or image threshold: {exc}") from exc
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    """``folder/model.json`` as a plain mapping (no torch import); raises ModelError."""
+    path = Path(folder) / "model.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the model card: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: the model card is not a JSON object")
+    return data
 
 
 def _folder_name(uid: str) -> str:
