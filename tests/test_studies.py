@@ -99,6 +99,8 @@ def test_quiet_period_then_one_study_result_then_replaced(jobs: JobStore, clock:
     assert (record.result["probability"], record.result["fractured"]) == (0.45, True)
     sr = pydicom.dcmread(record.result["files"]["sr"])
     assert sr.SOPInstanceUID == derive_uid(study_uid, "9.9", "study-sr") and sr.InstanceNumber == 1
+    source = pydicom.dcmread(SAMPLE, stop_before_pixels=True)
+    assert (sr.PatientID, str(sr.PatientName), sr.StudyInstanceUID) == (source.PatientID, str(source.PatientName), study_uid)
     groups = read_study_report(sr)
     sops = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
     assert [(g.fractured, g.probability, g.source_sop_instance_uids) for g in groups] == [

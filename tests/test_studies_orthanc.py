@@ -69,7 +69,9 @@ def test_study_result_after_quiet_period_and_replaced(tmp_path: Path) -> None:
             jobs = daemon.wait_settled(sops[:3], timeout=120)
             assert all(str(j.state) == "done" for j in jobs.values()), daemon.log_tail()
             # per-image SC + SR for three images, then the study SR
-            assert daemon.wait_until(lambda: len(orthanc.instances_of_study(study_uid)) == 7, 90), daemon.log_tail()
+            assert daemon.wait_until(lambda: len(orthanc.instances_of_study(study_uid)) == 7, 90), (
+                [i["MainDicomTags"] for i in orthanc.instances_of_study(study_uid)]
+            )
             (sr,) = _study_srs(orthanc, study_uid)
             assert sr.SOPInstanceUID == study_sr_uid and sr.InstanceNumber == 1
             groups = read_study_report(sr)

@@ -173,7 +173,7 @@ def build_study_report(
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the study Structured Report: {exc}") from exc
-    copy_patient_study(headers[0], sr)
+    copy_patient_study(images[0].source, sr, what="study Structured Report")  # headers[] have them blanked
     return sr
 
 
