@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from browser import ConsoleLog, browser, page  # noqa: F401
 
 pytestmark = [pytest.mark.browser]
 
 
-def test_page_renders_and_collects_console_errors(page) -> None:  # noqa: ANN001, F811
+def test_page_renders_and_collects_console_errors(page) -> None:  # noqa: F811
     with page.expect_event("pageerror"):
         page.set_content(
             "<h1 id=t>pacs-ai</h1><script>console.log('fine'); console.error('boom');"

@@ -205,21 +205,51 @@ def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -
     assert abs(png.shape[0] / png.shape[1] - sc.Rows / sc.Columns) < 0.01
 
 
-@pytest.mark.skipif(not (SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm").is_file(), reason="shared data absent")
-def test_highdicom_reads_the_report_and_roi(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fractured", [True, False], ids=["positive", "negative"])
+def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path: Path) -> None:
+    """Every report holds one finding: a TID 1410 region group and a TID 1501 group with the numbers,
+    linked by one tracking UID (what OHIF needs to open it, issue 15), plus the image-level result in
+    the report-level containers of TID 1500 (rows 10 and 12)."""
     import highdicom as hd
 
-    ds, prepared = _load(SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm")
-    out = write_results(ds, prepared, _prediction("resnet50", True), tmp_path)
+    ds, prepared = _load(SMALL)
+    out = write_results(ds, prepared, _prediction("resnet50", fractured), tmp_path)
     sr = hd.sr.srread(out["sr"])
+    tracking_uid = derive_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
     groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == 1
-    group = groups[0]
-    assert group.tracking_uid == derive_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
-    assert group.finding_type.value == "72704001"
     rois = sr.content.get_planar_roi_measurement_groups()
-    assert len(rois) == 1 and rois[0].roi is not None
-    assert str(rois[0].roi.GraphicType) == "POLYLINE"
+    assert len(groups) == 1 and len(rois) == 1
+    assert groups[0].tracking_uid == rois[0].tracking_uid == tracking_uid
+    numbers = {m.name.value: (m.value, m.unit.value) for m in groups[0].get_measurements()}
+    expected_p = 87.3 if fractured else 6.2
+    assert numbers == {"122157": (pytest.approx(expected_p), "%"), "122411": (pytest.approx(42.0), "%")}
+    assert rois[0].get_measurements() == []
+    roi = rois[0].roi
+    assert roi is not None and str(roi.GraphicType) == "POLYLINE"
+    points = np.asarray(roi.GraphicData, dtype=float).reshape(-1, 2)
+    assert len(points) == 5 and (points[0] == points[-1]).all(), "a closed rectangle"
+    box = (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
+    if fractured:
+        assert out["roi"] is not None and box == pytest.approx(tuple(out["roi"]))
+        assert groups[0].finding_type.value == rois[0].finding_type.value == "72704001"
+    else:
+        assert out["roi"] is None and box == (0, 0, ds.Columns, ds.Rows), "the whole image"
+    evaluation = rois[0].get_qualitative_evaluations()[0]
+    assert evaluation.value.value == ("52101004" if fractured else "2667000")
+
+    # Report level: the image-level finding and numbers (pydicom only, independent of highdicom's parser).
+    raw = pydicom.dcmread(out["sr"])
+    top = {item.ConceptNameCodeSequence[0].CodeValue: item for item in raw.ContentSequence}
+    qualitative = top["C0034375"].ContentSequence[0]
+    assert qualitative.ConceptNameCodeSequence[0].CodeValue == "72704001"
+    assert qualitative.ConceptCodeSequence[0].CodeValue == ("52101004" if fractured else "2667000")
+    derived = {i.ConceptNameCodeSequence[0].CodeValue: i.MeasuredValueSequence[0] for i in top["126011"].ContentSequence}
+    assert float(derived["122157"].NumericValue) == pytest.approx(expected_p)
+    assert derived["122157"].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    assert raw.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    finding = read_finding(raw)
+    assert finding.fractured is fractured and finding.probability == pytest.approx(expected_p / 100)
+    assert finding.roi == (pytest.approx(tuple(out["roi"])) if fractured else None)
 
 
 @pytest.mark.skipif(not (SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm").is_file(), reason="shared data absent")
@@ -270,7 +300,7 @@ def test_overlay_keeps_cold_areas_grey_and_caption_readable() -> None:
     assert cold[0] == cold[1] == cold[2], "cold areas must stay grey"
     hot = img[275, 175].astype(int)
     assert hot.max() - hot.min() > 40, "hot areas must be coloured"
-    assert (img[5:60, 5:200] < 60).mean() > 0.5, "caption sits in a dark box"
+    assert (img[5:60, 60:240] < 60).mean() > 0.5, "caption sits in a dark box (top centre)"
     big = render_result_image(np.zeros((3000, 2500), np.uint8), None, Caption(False, 0.1, 0.5, "m 1"))
     assert big.shape == (2048, round(2500 * 2048 / 3000), 3)
 
@@ -303,3 +333,46 @@ def test_all_zero_heat_map_gives_no_roi_and_no_tint(tmp_path: Path) -> None:
     rgb = pydicom.dcmread(out["sc"]).pixel_array
     middle = rgb[rgb.shape[0] // 2, :].astype(int)
     assert (middle[:, 0] == middle[:, 1]).all() and (middle[:, 1] == middle[:, 2]).all()
+
+
+@pytest.mark.skipif(not SMALL.is_file(), reason="tests/data sample absent")
+def test_result_series_have_a_date_and_a_modality_that_viewers_do_not_play_as_cine(tmp_path: Path) -> None:
+    """Orthanc Explorer files a series without Series Date under "?"; OHIF plays OT and US as cine."""
+    ds, prepared = _load(SMALL)
+    out = write_results(ds, prepared, _prediction("resnet50", True), tmp_path)
+    sc, sr = pydicom.dcmread(out["sc"]), pydicom.dcmread(out["sr"])
+    for obj in (sc, sr):
+        assert len(obj.SeriesDate) == 8 and obj.SeriesDate == obj.ContentDate
+        assert len(obj.SeriesTime) >= 6
+    assert sc.Modality == ds.Modality == "CR"
+    assert sr.Modality == "SR"
+
+
+def test_sc_modality_never_ot_or_us() -> None:
+    from pacs_ai.write.secondary_capture import result_modality
+
+    for given, expected in (("DX", "DX"), ("CR", "CR"), ("OT", "DX"), ("US", "DX"), ("", "DX"), (None, "DX")):
+        ds = pydicom.Dataset()
+        if given is not None:
+            ds.Modality = given
+        assert result_modality(ds) == expected
+
+
+@pytest.mark.parametrize("shape", [(400, 300), (1760, 2140), (2048, 1200), (600, 2000)])
+def test_caption_and_legend_leave_the_corners_to_viewer_overlays(shape: tuple[int, int]) -> None:
+    """Viewers (OHIF, Orthanc Web Viewer) write their overlay text in the viewport's corners: the caption
+    sits at the top centre within 60 % of the width, the legend at the bottom centre."""
+    from pacs_ai.explain.overlay import caption_box
+
+    grey = np.full(shape, 128, np.uint8)
+    caption = Caption(True, 0.873, 0.42, "fracture-densenet121 1.2.3")
+    img = render_result_image(grey, None, caption)
+    h, w = img.shape[:2]
+    corner_w, corner_h = round(0.2 * w), round(0.12 * h)
+    for ys, xs in ((slice(0, corner_h), slice(0, corner_w)), (slice(0, corner_h), slice(w - corner_w, w)),
+                   (slice(h - corner_h, h), slice(0, corner_w)), (slice(h - corner_h, h), slice(w - corner_w, w))):
+        assert (img[ys, xs] == 128).all(), "a corner holds caption or legend pixels"
+    x0, y0, x1, y1 = caption_box(img.shape, caption)
+    assert x1 - x0 <= 0.6 * w + 2 and abs((x0 + x1) / 2 - w / 2) <= 1
+    assert (img[y0:y1, x0:x1] < 128).mean() > 0.5, "the caption sits in a dark box"
+    assert (img[y0:y1, x0:x1] > 200).any(), "with bright text in it"

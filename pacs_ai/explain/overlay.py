@@ -8,7 +8,8 @@ resolution) and the Grad-CAM heat map on the same grid into an 8-bit RGB picture
   areas keep the plain grey image and only the hot areas are tinted;
 - the hottest region's bounding box (``hottest_region``) drawn as a thin rectangle when one is given;
 - a burned-in caption in a dark box (finding, probability, threshold, model, the "not for diagnostic use"
-  warning) and a small colour-scale legend with low/high labels, both scaled with the image size.
+  warning) at the top centre and a small colour-scale legend with low/high labels at the bottom centre,
+  both scaled with the image size and clear of the corners, where viewers put their overlay text.
 
 Everything is plain numpy + OpenCV; a 2140x1760 image renders in well under a second.
 """
@@ -25,6 +26,7 @@ __all__ = [
     "DISCLAIMER",
     "Caption",
     "blend_heatmap",
+    "caption_box",
     "hottest_region",
     "normalise_heat",
     "picture_size",
@@ -125,11 +127,32 @@ def _shade(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, darkness: float 
         img[y0:y1, x0:x1] = region.astype(np.uint8)
 
 
+CAPTION_MAX_WIDTH = 0.6
+"""The caption (and the legend) are centred horizontally and at most this fraction of the width: viewers
+draw their overlay text in the four corners of the viewport (OHIF, the Orthanc Web Viewer), which lie on
+the image's corners whenever the image fills the viewport's width, so the corners are left free."""
+
+
 def _font_scale(lines: Sequence[tuple[str, tuple[int, int, int], float]], width: int, height: int) -> float:
-    """A font scale that makes text readable at a glance yet keeps the caption within ~70 % of the width."""
+    """A font scale that makes text readable at a glance yet keeps the caption within CAPTION_MAX_WIDTH."""
     wanted = max(0.5, min(width, height) / 1100.0)
     widest = max(cv2.getTextSize(text, _FONT, rel, 1)[0][0] for text, _, rel in lines)
-    return max(0.3, min(wanted, 0.9 * width / max(1, widest)))
+    return max(0.3, min(wanted, 0.9 * CAPTION_MAX_WIDTH * width / max(1, widest)))
+
+
+def caption_box(shape: Sequence[int], caption: Caption) -> tuple[int, int, int, int]:
+    """Where the caption is drawn on an image of ``shape`` (h, w, ...): ``(x0, y0, x1, y1)``, end exclusive."""
+    h, w = int(shape[0]), int(shape[1])
+    lines = caption.lines()
+    scale = _font_scale(lines, w, h)
+    thickness = max(1, round(scale * 1.6))
+    pad = max(4, round(12 * scale))
+    sizes = [cv2.getTextSize(t, _FONT, scale * rel, thickness) for t, _, rel in lines]
+    box_w = max(s[0][0] for s in sizes) + 2 * pad
+    box_h = sum(s[0][1] + s[1] + pad for s in sizes) + pad
+    margin = max(2, round(8 * scale))
+    x0 = max(0, (w - box_w) // 2)
+    return x0, margin, min(w, x0 + box_w), min(h, margin + box_h)
 
 
 def _draw_caption(img: np.ndarray, caption: Caption) -> None:
@@ -139,14 +162,12 @@ def _draw_caption(img: np.ndarray, caption: Caption) -> None:
     thickness = max(1, round(scale * 1.6))
     pad = max(4, round(12 * scale))
     sizes = [cv2.getTextSize(t, _FONT, scale * rel, thickness) for t, _, rel in lines]
-    box_w = max(s[0][0] for s in sizes) + 2 * pad
-    box_h = sum(s[0][1] + s[1] + pad for s in sizes) + pad
-    margin = max(2, round(8 * scale))
-    _shade(img, margin, margin, margin + box_w, margin + box_h)
-    y = margin + pad
+    x0, y0, x1, y1 = caption_box(img.shape, caption)
+    _shade(img, x0, y0, x1, y1)
+    y = y0 + pad
     for (text, colour, rel), ((_, th), base) in zip(lines, sizes):
         y += th
-        cv2.putText(img, text, (margin + pad, y), _FONT, scale * rel, colour, thickness, cv2.LINE_AA)
+        cv2.putText(img, text, (x0 + pad, y), _FONT, scale * rel, colour, thickness, cv2.LINE_AA)
         y += base + pad
 
 
@@ -165,7 +186,7 @@ def _draw_legend(img: np.ndarray) -> None:
     box_w = max(box_w, tw + 2 * pad)
     box_h = th + tb + max(bar_h, lh + lb) + 3 * pad
     margin = max(2, round(8 * scale))
-    x0, y0 = w - margin - box_w, h - margin - box_h
+    x0, y0 = (w - box_w) // 2, h - margin - box_h  # bottom centre: the corners belong to viewer overlays
     if x0 < 0 or y0 < 0:
         return
     _shade(img, x0, y0, x0 + box_w, y0 + box_h)

@@ -4,7 +4,8 @@ Same Patient and Study as the source (every patient/study attribute copied as re
 encoded blanked or removed: see header.py), a new Series per source image (number and description naming
 the source: see numbering.py; ``SERIES_TITLE``), ImageType DERIVED\\SECONDARY, BurnedInAnnotation YES,
 Referenced/Source Image Sequences pointing at the source, and pacs-ai as contributing equipment
-(purpose "Processing Algorithm"). Explicit VR Little Endian, 8-bit RGB.
+(purpose "Processing Algorithm"). Explicit VR Little Endian, 8-bit RGB. Modality is the source's (not
+OT, which OHIF plays as cine); Series Date/Time are the creation time (Orthanc Explorer groups by them).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pacs_ai.write.common import (
 )
 from pacs_ai.write.numbering import WARNING, number_results
 
-__all__ = ["SERIES_DESCRIPTION", "SERIES_TITLE", "build_secondary_capture"]
+__all__ = ["SERIES_DESCRIPTION", "SERIES_TITLE", "build_secondary_capture", "result_modality"]
 
 SERIES_TITLE = "AI Fracture Heatmap"
 SERIES_DESCRIPTION = f"{SERIES_TITLE} - {WARNING}"
@@ -48,6 +49,18 @@ def _orientation(source: pydicom.Dataset) -> list[str] | None:
     if all(v and set(v) <= _BIPED for v in values):
         return values
     return None
+
+
+_CINE_MODALITIES = ("OT", "US")
+"""Modalities some viewers play as cine (OHIF 3 auto-plays OT and US): never given to the SC."""
+_FALLBACK_MODALITY = "DX"
+
+
+def result_modality(source: pydicom.Dataset) -> str:
+    """The SC's Modality: the source's (CR, DX, ...), so the picture files with the radiograph it shows in
+    modality filters and hanging protocols; DX when the source has none or one viewers play as cine."""
+    modality = str(source.get("Modality", "") or "").strip().upper()
+    return modality if modality and modality not in _CINE_MODALITIES else _FALLBACK_MODALITY
 
 
 def _reference(source: pydicom.Dataset) -> Dataset:
@@ -128,6 +141,7 @@ def build_secondary_capture(
         # Laterality is Type 2C (required, possibly empty) for paired body parts.
         sc.Laterality = None
 
+    sc.Modality = result_modality(source)
     sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     sc.BurnedInAnnotation = "YES"
     sc.LossyImageCompression = "01" if str(source.get("LossyImageCompression", "")) == "01" else "00"

@@ -1,20 +1,38 @@
 """The Structured Report: TID 1500 Measurement Report in a Comprehensive 3D SR (highdicom).
 
-Content tree (under the "Imaging Measurement Report" root):
+Content tree (under the "Imaging Measurement Report" root, PS3.16 TID 1500):
 
-- observation context: the device observer "pacs-ai" (UID derived from the model name and version);
-- procedure reported: Radiographic imaging procedure (SCT 363680008);
-- image library: the source image;
-- one *Measurements and Qualitative Evaluations* group (TID 1501), tracking identifier + UID, finding type
-  Fracture (SCT 72704001), the source image, the algorithm (name, version, threshold parameter):
-  - qualitative evaluation Fracture = Present (SCT 52101004) / Absent (SCT 2667000);
-  - measurement Probability (DCM 122157) = calibrated P(fracture), unit "1" (UCUM, no units);
-  - measurement Threshold Value (DCM 122411) = decision threshold, unit "1";
-- when a fracture is suspected and a hottest region was found: one *Planar ROI Measurements and
-  Qualitative Evaluations* group (TID 1410) with its own tracking identifier, the region as a closed
-  POLYLINE (bounding box) on the source image, and Fracture = Present.
+- language, observation context (the device observer "pacs-ai", UID derived from the model name and
+  version), procedure reported (Radiographic imaging procedure, SCT 363680008), image library (the
+  source image);
+- row 6, *Imaging Measurements* (DCM 126010), one finding in two groups linked by one Tracking
+  Unique Identifier (derived from the source SOP Instance UID and the model version):
+  - a *Planar ROI Measurements and Qualitative Evaluations* group (TID 1410): tracking identifier, the
+    region as a closed POLYLINE (DCM 111030 "Image Region") on the source image, the algorithm (TID
+    4019, threshold as parameter), Fracture = Present / Absent; finding type Fracture when suspected.
+    The region is the heat map's hottest region (bounding box) when a fracture is suspected and one was
+    found (tracking identifier ``REGION_TRACKING``), else the whole image, the region the classifier
+    evaluated (``IMAGE_TRACKING``);
+  - a *Measurements and Qualitative Evaluations* group (TID 1501) with the source image: Probability
+    (DCM 122157) = calibrated P(fracture) and Threshold Value (DCM 122411), both in percent (UCUM ``%``);
+- row 10, *Derived Imaging Measurements* (DCM 126011): Probability and Threshold Value of the whole
+  image (TID 300, in percent, inferred from the source image, with the algorithm);
+- row 12, *Qualitative Evaluations* (UMLS C0034375): the image-level finding, Fracture (SCT 72704001) =
+  Present (SCT 52101004) / Absent (SCT 2667000).
 
-``read_finding`` reads such a report back (used by tests and the end-to-end check).
+Why this shape (issue 15): OHIF v3 (3.13) reads spatial coordinates for every measurement it makes of
+the *Imaging Measurements* groups (grouped by tracking UID) and fails on one without a region; it also
+fails on a report with no measurement at all. So every report carries one region, and the numbers sit
+in a TID 1501 group that shares the region's tracking UID (the standard's way of saying "same
+finding"), which OHIF merges with the region: it draws the region labelled "Probability: 87.30 %" (percent,
+not a bare UCUM "1"). The region group holds no NUM because TID 1419 does not let its measurements
+point at coordinates, and OHIF takes a group's first NUM as the geometry when the user tracks the
+report; without one it takes the region (111030 POLYLINE, 5 points: a rectangle annotation). The
+report-level rows 10 and 12 hold the image-level result for readers that do not look into groups.
+dciodvfy reports no error or warning on either shape.
+
+``read_finding`` reads such a report back (also the earlier layout: one image-level TID 1501 group with
+unit "1"); used by tests and the end-to-end check.
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ from pacs_ai.write.uids import derive_uid
 __all__ = [
     "ABSENT",
     "FRACTURE",
+    "PERCENT",
     "PRESENT",
     "PROBABILITY",
     "SERIES_DESCRIPTION",
@@ -65,7 +84,16 @@ ABSENT = Code("2667000", "SCT", "Absent")
 PROBABILITY = Code("122157", "DCM", "Probability")
 THRESHOLD = Code("122411", "DCM", "Threshold Value")
 PROCEDURE = Code("363680008", "SCT", "Radiographic imaging procedure")
+PERCENT = Code("%", "UCUM", "percent")
 NO_UNITS = codes.UCUM.NoUnits
+IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
+DERIVED_IMAGING_MEASUREMENTS = Code("126011", "DCM", "Derived Imaging Measurements")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+IMAGING_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")
+REGION_TRACKING = "AI fracture: suspected region"
+"""Tracking identifier of a region where a fracture is suspected (the heat map's hottest region)."""
+IMAGE_TRACKING = "AI fracture classification: whole image"
+"""Tracking identifier when the region reported is the whole image (no fracture, or not localised)."""
 
 
 def _algorithm(model: ModelInfo, threshold: float) -> hd.sr.AlgorithmIdentification:
@@ -107,6 +135,46 @@ def _roi_polyline(roi: Sequence[float]) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
+def _container(name: Code, items: Sequence[Any], template_id: str | None = None) -> hd.sr.ContainerContentItem:
+    item = hd.sr.ContainerContentItem(
+        name=name, template_id=template_id,
+        relationship_type=None if template_id == "1500" else hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    item.ContentSequence = hd.sr.ContentSequence()
+    for entry in items:
+        item.ContentSequence.extend(entry if isinstance(entry, (list, hd.sr.ContentSequence)) else [entry])
+    return item
+
+
+def _measurement_report(
+    *,
+    observer: hd.sr.ObservationContext,
+    library_entry: pydicom.Dataset,
+    derived: Sequence[hd.sr.Measurement],
+    evaluations: Sequence[hd.sr.QualitativeEvaluation],
+    regions: Sequence[Any],
+) -> hd.sr.ContainerContentItem:
+    """The TID 1500 root: rows 1-5, then 6 (the region groups), 10 and 12.
+
+    highdicom's ``MeasurementReport`` writes row 6 only (and requires it), so the root is put together
+    here from highdicom's content items, in the order of the template's rows.
+    """
+    procedure = hd.sr.CodeContentItem(
+        name=codes.DCM.ProcedureReported, value=PROCEDURE, relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
+    )
+    items: list[Any] = [
+        hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE),
+        observer,
+        procedure,
+        hd.sr.ImageLibrary([library_entry]),
+    ]
+    if regions:
+        items.append(_container(IMAGING_MEASUREMENTS, regions))
+    items.append(_container(DERIVED_IMAGING_MEASUREMENTS, derived))
+    items.append(_container(QUALITATIVE_EVALUATIONS, evaluations))
+    return _container(IMAGING_MEASUREMENT_REPORT, items, template_id="1500")
+
+
 def build_structured_report(
     source: pydicom.Dataset,
     model: ModelInfo,
@@ -121,7 +189,10 @@ def build_structured_report(
     instance_number: int | None = None,
     series_description: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """Build the SR of one classification of ``source``; ``roi`` is only written when ``fractured``.
+    """Build the SR of one classification of ``source`` (layout in the module docstring).
+
+    ``roi`` (x0, y0, x1, y1 in source pixels, end exclusive) is the reported region when ``fractured``;
+    otherwise, or when it is None, the region reported is the whole image.
 
     Tracking UIDs are derived from the source SOP Instance UID and the model version (deterministic).
     Raises DicomWriteError when highdicom refuses the inputs.
@@ -144,46 +215,59 @@ def build_structured_report(
             ),
         )
         finding = PRESENT if fractured else ABSENT
-        groups: list[Any] = [
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derive_uid(src_uid, model.version, "tracking"), identifier="AI fracture classification"
-                ),
-                finding_type=FRACTURE,
+        source_ref = hd.sr.SourceImageForMeasurement.from_source_image(header)
+        image_measurements = [
+            hd.sr.Measurement(
+                name=name, value=100.0 * float(value), unit=PERCENT, algorithm_id=algorithm,
+                referenced_images=[source_ref],
+            )
+            for name, value in ((PROBABILITY, probability), (THRESHOLD, threshold))
+        ]
+        # OHIF 3.13 opens a TID 1500 report only when it holds at least one region (it fails on a group
+        # without one, and on a report without groups): without a suspected region, the region the
+        # classifier evaluated, the whole image, is reported.
+        whole_image = (0, 0, int(header.Columns), int(header.Rows))
+        region_box = roi if (fractured and roi is not None) else whole_image
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=_roi_polyline(region_box),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=header.SOPClassUID, referenced_sop_instance_uid=src_uid
+            ),
+        )
+        # One finding, two groups linked by the tracking UID: the region (TID 1410, no measurements:
+        # TID 1419 allows none inferred from elsewhere, and OHIF takes a group's first NUM as the
+        # geometry when the user tracks it) and the probability and threshold of that finding (TID 1501).
+        tracking = hd.sr.TrackingIdentifier(
+            uid=derive_uid(src_uid, model.version, "tracking"),
+            identifier=IMAGE_TRACKING if region_box is whole_image else REGION_TRACKING,
+        )
+        finding_type = FRACTURE if fractured else None
+        regions: list[Any] = [
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=region,
+                finding_type=finding_type,
                 algorithm_id=algorithm,
                 qualitative_evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, finding)],
+            ),
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                finding_type=finding_type,
+                algorithm_id=algorithm,
                 measurements=[
-                    hd.sr.Measurement(name=PROBABILITY, value=float(probability), unit=NO_UNITS),
-                    hd.sr.Measurement(name=THRESHOLD, value=float(threshold), unit=NO_UNITS),
+                    hd.sr.Measurement(name=name, value=100.0 * float(value), unit=PERCENT)
+                    for name, value in ((PROBABILITY, probability), (THRESHOLD, threshold))
                 ],
                 source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
-            )
+            ),
         ]
-        if fractured and roi is not None:
-            region = hd.sr.ImageRegion(
-                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=_roi_polyline(roi),
-                source_image=hd.sr.SourceImageForRegion(
-                    referenced_sop_class_uid=header.SOPClassUID, referenced_sop_instance_uid=src_uid
-                ),
-            )
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=derive_uid(src_uid, model.version, "roi-tracking"),
-                        identifier="AI heat map hottest region",
-                    ),
-                    referenced_region=region,
-                    finding_type=FRACTURE,
-                    algorithm_id=algorithm,
-                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, PRESENT)],
-                )
-            )
-        report = hd.sr.MeasurementReport(
-            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-            procedure_reported=PROCEDURE,
-            imaging_measurements=groups,
-            referenced_images=[_library_entry(header)],
+        report = _measurement_report(
+            observer=hd.sr.ObservationContext(observer_device_context=observer),
+            library_entry=_library_entry(header),
+            derived=image_measurements,
+            evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, finding)],
+            regions=regions,
         )
         sr = hd.sr.Comprehensive3DSR(
             evidence=[header],
@@ -206,6 +290,10 @@ def build_structured_report(
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the Structured Report: {exc}") from exc
     copy_patient_study(source, sr, what="Structured Report")
+    # Series Date/Time (Type 3): the report's creation time; viewers list series by it (Orthanc Explorer
+    # files a series without one under "?").
+    sr.SeriesDate = sr.ContentDate
+    sr.SeriesTime = sr.ContentTime
     return sr
 
 
@@ -222,10 +310,18 @@ class SrFinding:
     source_sop_instance_uid: str | None
 
 
-def _walk(items: Any):  # type: ignore[no-untyped-def]
-    for item in items or []:
-        yield item
-        yield from _walk(item.get("ContentSequence"))
+_TRACKING_IDENTIFIER = ("112039", "DCM")
+
+
+def _walk(items: Any, tracking: str | None = None):  # type: ignore[no-untyped-def]
+    """(item, tracking identifier text of the measurement group it is in, or None), depth first."""
+    items = list(items or [])
+    for item in items:
+        if _code_of(item, "ConceptNameCodeSequence") == _TRACKING_IDENTIFIER and item.get("ValueType") == "TEXT":
+            tracking = str(item.TextValue)
+    for item in items:
+        yield item, tracking
+        yield from _walk(item.get("ContentSequence"), tracking)
 
 
 def _code_of(item: Any, attr: str) -> tuple[str, str] | None:
@@ -236,29 +332,37 @@ def _code_of(item: Any, attr: str) -> tuple[str, str] | None:
 
 
 def read_finding(sr: pydicom.Dataset) -> SrFinding:
-    """Read the finding back from an SR (a plain pydicom dataset is enough: no highdicom parsing needed)."""
+    """Read the finding back from an SR (a plain pydicom dataset is enough: no highdicom parsing needed).
+
+    Probability and threshold come back as fractions (0-1) whether written in percent or with unit "1";
+    ``roi`` is the suspected region (None when the only region reported is the whole image).
+    Raises ValueError when the SR holds no Fracture evaluation or no Probability measurement.
+    """
     fractured: bool | None = None
     probability: float | None = None
     threshold: float | None = None
     name = version = None
     roi = None
     source_uid = None
-    for item in _walk(sr.get("ContentSequence")):
+    for item, tracking in _walk(sr.get("ContentSequence")):
         concept = _code_of(item, "ConceptNameCodeSequence")
         vt = item.get("ValueType")
         if vt == "CODE" and concept == (FRACTURE.value, FRACTURE.scheme_designator) and fractured is None:
             fractured = _code_of(item, "ConceptCodeSequence") == (PRESENT.value, PRESENT.scheme_designator)
         elif vt == "NUM" and concept is not None:
-            value = float(item.MeasuredValueSequence[0].NumericValue)
-            if concept == (PROBABILITY.value, PROBABILITY.scheme_designator):
+            measured = item.MeasuredValueSequence[0]
+            value = float(measured.NumericValue)
+            if _code_of(measured, "MeasurementUnitsCodeSequence") == (PERCENT.value, PERCENT.scheme_designator):
+                value /= 100.0
+            if concept == (PROBABILITY.value, PROBABILITY.scheme_designator) and probability is None:
                 probability = value
-            elif concept == (THRESHOLD.value, THRESHOLD.scheme_designator):
+            elif concept == (THRESHOLD.value, THRESHOLD.scheme_designator) and threshold is None:
                 threshold = value
         elif vt == "TEXT" and concept == ("111001", "DCM"):
             name = name or str(item.TextValue)
         elif vt == "TEXT" and concept == ("111003", "DCM"):
             version = version or str(item.TextValue)
-        elif vt == "SCOORD" and roi is None:
+        elif vt == "SCOORD" and roi is None and tracking != IMAGE_TRACKING:
             pts = np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)
             roi = (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max()))
         elif vt == "IMAGE" and source_uid is None:
