@@ -300,7 +300,7 @@ def test_overlay_keeps_cold_areas_grey_and_caption_readable() -> None:
     assert cold[0] == cold[1] == cold[2], "cold areas must stay grey"
     hot = img[275, 175].astype(int)
     assert hot.max() - hot.min() > 40, "hot areas must be coloured"
-    assert (img[5:60, 60:240] < 60).mean() > 0.5, "caption sits in a dark box (top centre)"
+    assert (img[-60:-5, 60:240] < 60).mean() > 0.5, "caption sits in a dark box (bottom centre)"
     big = render_result_image(np.zeros((3000, 2500), np.uint8), None, Caption(False, 0.1, 0.5, "m 1"))
     assert big.shape == (2048, round(2500 * 2048 / 3000), 3)
 
@@ -361,7 +361,7 @@ def test_sc_modality_never_ot_or_us() -> None:
 @pytest.mark.parametrize("shape", [(400, 300), (1760, 2140), (2048, 1200), (600, 2000)])
 def test_caption_and_legend_leave_the_corners_to_viewer_overlays(shape: tuple[int, int]) -> None:
     """Viewers (OHIF, Orthanc Web Viewer) write their overlay text in the viewport's corners: the caption
-    sits at the top centre within 60 % of the width, the legend at the bottom centre."""
+    sits at the bottom centre within 60 % of the width, the legend at the top centre."""
     from pacs_ai.explain.overlay import caption_box
 
     grey = np.full(shape, 128, np.uint8)
@@ -373,6 +373,6 @@ def test_caption_and_legend_leave_the_corners_to_viewer_overlays(shape: tuple[in
                    (slice(h - corner_h, h), slice(0, corner_w)), (slice(h - corner_h, h), slice(w - corner_w, w))):
         assert (img[ys, xs] == 128).all(), "a corner holds caption or legend pixels"
     x0, y0, x1, y1 = caption_box(img.shape, caption)
-    assert x1 - x0 <= 0.6 * w + 2 and abs((x0 + x1) / 2 - w / 2) <= 1
+    assert x1 - x0 <= 0.6 * w + 2 and abs((x0 + x1) / 2 - w / 2) <= 1 and y1 > 0.75 * h
     assert (img[y0:y1, x0:x1] < 128).mean() > 0.5, "the caption sits in a dark box"
     assert (img[y0:y1, x0:x1] > 200).any(), "with bright text in it"

@@ -8,7 +8,7 @@ resolution) and the Grad-CAM heat map on the same grid into an 8-bit RGB picture
   areas keep the plain grey image and only the hot areas are tinted;
 - the hottest region's bounding box (``hottest_region``) drawn as a thin rectangle when one is given;
 - a burned-in caption in a dark box (finding, probability, threshold, model, the "not for diagnostic use"
-  warning) at the top centre and a small colour-scale legend with low/high labels at the bottom centre,
+  warning) at the bottom centre and a small colour-scale legend with low/high labels at the top centre,
   both scaled with the image size and clear of the corners, where viewers put their overlay text.
 
 Everything is plain numpy + OpenCV; a 2140x1760 image renders in well under a second.
@@ -128,9 +128,11 @@ def _shade(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, darkness: float 
 
 
 CAPTION_MAX_WIDTH = 0.6
-"""The caption (and the legend) are centred horizontally and at most this fraction of the width: viewers
-draw their overlay text in the four corners of the viewport (OHIF, the Orthanc Web Viewer), which lie on
-the image's corners whenever the image fills the viewport's width, so the corners are left free."""
+"""The caption sits at the bottom centre and is at most this fraction of the width; the legend sits at the
+top centre. Viewers draw their overlay text in the four corners of the viewport (OHIF, the Orthanc Web
+Viewer), which lie on the image's corners whenever the image fills the viewport's width; the top ones
+are the long ones (OHIF: study date and series description, about a quarter of the width), so the
+caption goes to the bottom, between the short window/level and instance-number overlays."""
 
 
 def _font_scale(lines: Sequence[tuple[str, tuple[int, int, int], float]], width: int, height: int) -> float:
@@ -152,7 +154,8 @@ def caption_box(shape: Sequence[int], caption: Caption) -> tuple[int, int, int, 
     box_h = sum(s[0][1] + s[1] + pad for s in sizes) + pad
     margin = max(2, round(8 * scale))
     x0 = max(0, (w - box_w) // 2)
-    return x0, margin, min(w, x0 + box_w), min(h, margin + box_h)
+    y1 = h - margin
+    return x0, max(0, y1 - box_h), min(w, x0 + box_w), y1
 
 
 def _draw_caption(img: np.ndarray, caption: Caption) -> None:
@@ -186,7 +189,7 @@ def _draw_legend(img: np.ndarray) -> None:
     box_w = max(box_w, tw + 2 * pad)
     box_h = th + tb + max(bar_h, lh + lb) + 3 * pad
     margin = max(2, round(8 * scale))
-    x0, y0 = (w - box_w) // 2, h - margin - box_h  # bottom centre: the corners belong to viewer overlays
+    x0, y0 = (w - box_w) // 2, margin  # top centre: the corners belong to viewer overlays
     if x0 < 0 or y0 < 0:
         return
     _shade(img, x0, y0, x0 + box_w, y0 + box_h)

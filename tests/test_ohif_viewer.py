@@ -1,0 +1,226 @@
+"""pacs-ai's results where radiologists look: OHIF v3 over Orthanc's DICOMweb, in headless Chromium (issue 15).
+
+Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) is started on 127.0.0.1 with its own storage; OHIF
+3.13's prebuilt ``dist/`` (``make ohif``) and Orthanc's ``/dicom-web/`` are served behind one origin by
+a small Starlette app (tests/ohif.py); Debian's ``chromium`` is driven by Playwright (tests/browser.py)
+at 1600x1000. Two studies: a radiograph with a suspected fracture (the result writer's real SC and SR,
+with a region), and one without (negative SR: no suspected region). For each, the test opens the study
+in OHIF, then the SC, then the SR, and checks what a user sees:
+
+- the SC opens as a still image (no cine player: its Modality is not OT/US) and no viewport overlay
+  text lies on the burned-in caption (overlay boxes from the DOM against the caption's box mapped to
+  the screen);
+- the SR view draws the region on the source image, labelled with the probability in percent as the
+  writer was given it ("Probability: 87.30 %"); the positive report can be taken into tracking (SR
+  hydration), after which the tracked measurement is named "Fracture" (the finding);
+- the negative report opens too, with its probability;
+- no console error, no uncaught exception and no OHIF error boundary ("Something went wrong").
+
+Screenshots of each step are written to docs/images/ (ohif-*.png), committed, and shown in the README.
+Run alone with: ``.venv/bin/python -m pytest tests/test_ohif_viewer.py -v``
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from browser import VIEWPORT, browser, browser_unavailable, page  # noqa: F401
+from ohif import ServedApp, ohif_app, ohif_unavailable, orthanc_dicomweb_config
+from orthanc import OrthancServer, orthanc_available
+
+from pacs_ai.explain.overlay import Caption, caption_box
+from pacs_ai.infer.engine import Prediction
+from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
+from pacs_ai.write.common import ModelInfo
+from pacs_ai.write.results import write_results
+
+pytestmark = [pytest.mark.browser, pytest.mark.orthanc, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+IMAGES = REPO / "docs" / "images"
+THRESHOLD = 0.42
+LOAD_TIMEOUT_MS = 90_000
+"""OHIF's first load renders through SwiftShader on a shared 2-core machine: generous, bounded waits."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    sample: Path
+    fractured: bool
+    probability: float
+    crop_rows: tuple[int, int] | None = None
+    """Keep only these rows of the sample (a landscape picture, as wide detectors give)."""
+
+    @property
+    def label(self) -> str:
+        """How OHIF prints the probability: the value in percent with two decimals, then the UCUM code."""
+        return f"Probability: {100 * self.probability:.2f} %"
+
+
+CASES = (
+    # Landscape (440 x 280, a crop of the hip sample): wider than the viewport, so the image spans its
+    # width and OHIF's corner overlays lie on the picture itself.
+    Case("positive", DATA / "cr_hip_mono2_small.dcm", True, 0.873, crop_rows=(130, 410)),
+    # Square (440 x 440): the whole-image region's label goes in the black bar right of the image.
+    Case("negative", DATA / "cr_tibia_mono1_small.dcm", False, 0.062),
+)
+
+
+def _source(case: Case, folder: Path) -> Path:
+    """The case's source radiograph as a file (the sample, or a crop of it as a new study)."""
+    if case.crop_rows is None:
+        return case.sample
+    ds = pydicom.dcmread(case.sample)
+    first, last = case.crop_rows
+    pixels = np.ascontiguousarray(ds.pixel_array[first:last])
+    ds.PixelData = pixels.tobytes()
+    ds.Rows, ds.Columns = pixels.shape
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(ds, keyword, pydicom.uid.generate_uid(entropy_srcs=[str(ds[keyword].value), "crop", str(first)]))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{case.name}-source.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _cam(size: int = 224, cx: float = 0.6, cy: float = 0.45) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return np.exp(-(((xx - cx) / 0.08) ** 2 + ((yy - cy) / 0.06) ** 2)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Stored:
+    case: Case
+    source: Path
+    study_uid: str
+    sc: pydicom.Dataset
+    roi: tuple[int, int, int, int] | None
+    caption: Caption
+
+
+def _write(case: Case, folder: Path) -> Stored:
+    source_path = _source(case, folder)
+    source = pydicom.dcmread(source_path)
+    prepared = prepare(dicom_to_gray(source), InputSpec())
+    prediction = Prediction(
+        probability=case.probability, fractured=case.fractured, threshold=THRESHOLD,
+        label="fractured" if case.fractured else "not_fractured", cam=_cam(), model_name="fracture-densenet121",
+        model_version="1.0.0-browser-test", architecture="densenet121", timings={},
+    )
+    out = write_results(source, prepared, prediction, folder)
+    model = ModelInfo.from_prediction(prediction)
+    caption = Caption(case.fractured, case.probability, THRESHOLD, model.display)
+    roi = tuple(out["roi"]) if out["roi"] is not None else None
+    return Stored(case, source_path, str(source.StudyInstanceUID), pydicom.dcmread(out["sc"]), roi, caption)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Stored]]]:
+    """OHIF + Orthanc on one origin, with both studies stored (source, SC, SR)."""
+    for reason in (browser_unavailable(), ohif_unavailable(),
+                   None if orthanc_available() else "Orthanc is not installed (Debian package orthanc)"):
+        if reason:
+            pytest.skip(reason)
+    root = tmp_path_factory.mktemp("ohif")
+    stored = {}
+    with OrthancServer(root / "orthanc", extra_config=orthanc_dicomweb_config()) as pacs:
+        for case in CASES:
+            stored[case.name] = result = _write(case, root / case.name)
+            pacs.upload([result.source, root / case.name / "sc.dcm", root / case.name / "sr.dcm"])
+        with ServedApp(ohif_app(pacs.url)) as web:
+            yield web.url, stored
+
+
+def _open_study(tab: Any, url: str, study_uid: str) -> None:
+    # OHIF's first-visit tour would cover the viewport; a user dismisses it once.
+    tab.context.add_init_script("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+    tab.goto(f"{url}/viewer?StudyInstanceUIDs={study_uid}")
+    tab.get_by_text("AI Fracture Report", exact=False).first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    tab.locator('[data-cy="viewport-overlay-bottom-right"]').first.wait_for(timeout=LOAD_TIMEOUT_MS)
+
+
+def _no_errors(tab: Any) -> None:
+    tab.console_log.assert_clean()
+    crashes = [m for m in tab.console_log.messages if "Error Boundary" in m or "Something went wrong" in m]
+    assert not crashes, "OHIF caught an error:\n" + "\n".join(crashes)
+    assert tab.get_by_text("Something went wrong").count() == 0
+
+
+def _boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _check_sc(tab: Any, stored: Stored) -> None:
+    tab.get_by_text("AI Fracture Heatmap", exact=False).first.dblclick()
+    # The SC is on screen once the viewport's overlay names its series.
+    tab.locator('[data-cy="viewport-overlay-top-left"]', has_text="AI Fracture Heatmap").first.wait_for(
+        timeout=LOAD_TIMEOUT_MS
+    )
+    tab.screenshot(path=str(IMAGES / f"ohif-sc-{stored.case.name}.png"))
+    assert tab.get_by_text(re.compile(r"\bFPS\b")).count() == 0, "OHIF opened a cine player over the SC"
+
+    # Where the caption lies on screen: the image is fitted into the viewport canvas and centred.
+    canvas = tab.locator(".cornerstone-canvas, canvas").first.bounding_box()
+    rows, cols = int(stored.sc.Rows), int(stored.sc.Columns)
+    scale = min(canvas["width"] / cols, canvas["height"] / rows)
+    left = canvas["x"] + (canvas["width"] - cols * scale) / 2
+    top = canvas["y"] + (canvas["height"] - rows * scale) / 2
+    x0, y0, x1, y1 = caption_box((rows, cols), stored.caption)
+    on_screen = (left + x0 * scale, top + y0 * scale, left + x1 * scale, top + y1 * scale)
+    items = tab.locator(".viewport-overlay .overlay-item")
+    assert items.count() > 0, "OHIF shows no overlay text: nothing to check against"
+    for i in range(items.count()):
+        box = items.nth(i).bounding_box()
+        if box is None:
+            continue
+        item = (box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"])
+        assert not _boxes_overlap(item, on_screen), f"overlay {items.nth(i).inner_text()!r} lies on the caption"
+
+
+def _check_sr(tab: Any, stored: Stored) -> None:
+    tab.get_by_text("AI Fracture Report", exact=False).first.dblclick()
+    label = tab.locator("svg.svg-layer tspan", has_text=stored.case.label)
+    label.first.wait_for(timeout=LOAD_TIMEOUT_MS)
+    viewport = tab.locator('[data-cy="viewport-pane"]').first.bounding_box()
+    text = label.first.bounding_box()
+    assert text is not None and viewport is not None
+    assert viewport["x"] <= text["x"] and text["x"] + text["width"] <= viewport["x"] + viewport["width"], (
+        f"the label {stored.case.label!r} is drawn outside the viewport"
+    )
+    region = tab.locator("svg.svg-layer polyline").first
+    points = np.array([float(v) for v in region.get_attribute("points").replace(",", " ").split()]).reshape(-1, 2)
+    assert len(points) == 5 and np.allclose(points[0], points[-1]), "the region is a closed rectangle"
+    width, height = np.ptp(points[:, 0]), np.ptp(points[:, 1])
+    source = pydicom.dcmread(stored.source, stop_before_pixels=True)
+    x0, y0, x1, y1 = stored.roi if stored.roi is not None else (0, 0, source.Columns, source.Rows)
+    assert width / height == pytest.approx((x1 - x0) / (y1 - y0), rel=0.03), "the region's shape on screen"
+    tab.screenshot(path=str(IMAGES / f"ohif-sr-{stored.case.name}.png"))
+
+
+@pytest.mark.parametrize("case", [c.name for c in CASES])
+def test_ohif_shows_the_sc_and_the_sr(viewer: tuple[str, dict[str, Stored]], page: Any, case: str) -> None:  # noqa: F811
+    url, stored = viewer
+    result = stored[case]
+    assert page.viewport_size == VIEWPORT
+    _open_study(page, url, result.study_uid)
+    _check_sc(page, result)
+    _check_sr(page, result)
+    if result.case.fractured:
+        # Take the report into tracking (SR hydration): the region becomes an editable measurement
+        # named after the finding.
+        page.locator('[data-cy="yes-hydrate-btn"]').click(timeout=LOAD_TIMEOUT_MS)
+        page.locator('[data-cy="trackedMeasurements-btn"]').click(timeout=LOAD_TIMEOUT_MS)
+        page.get_by_text("Measurements (1)").wait_for(timeout=LOAD_TIMEOUT_MS)
+        page.get_by_text("Fracture", exact=True).first.wait_for(timeout=LOAD_TIMEOUT_MS)
+        page.screenshot(path=str(IMAGES / "ohif-sr-positive-tracked.png"))
+    _no_errors(page)
