@@ -128,6 +128,9 @@ def test_daemon_processes_and_delivers_without_waiting_for_its_poll_intervals(tm
         parent_nice = os.getpriority(os.PRIO_PROCESS, daemon.pid)
         tasks = [int(t) for t in os.listdir(f"/proc/{children[0]}/task")]
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in tasks} == {min(19, parent_nice + 10)}
+        # torch is loaded by the worker child only, never by the listener's process
+        assert "libtorch" in Path(f"/proc/{children[0]}/maps").read_text()
+        assert "libtorch" not in Path(f"/proc/{daemon.pid}/maps").read_text()
     finally:
         daemon.stop()
         daemon.close_store()
@@ -138,7 +141,9 @@ def test_the_serve_process_does_not_import_torch() -> None:
     """The listener's process starts in about a second: torch (seconds, hundreds of MB) is the worker's."""
     code = (
         "import sys\n"
-        "import pacs_ai.cli.serve, pacs_ai.daemon.service, pacs_ai.receive.listener, pacs_ai.send.deliveries\n"
+        "from pacs_ai.cli import build_parser\n"
+        "build_parser()  # every sub-command's module\n"
+        "import pacs_ai.daemon.service, pacs_ai.receive.listener, pacs_ai.send.deliveries\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

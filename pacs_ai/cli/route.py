@@ -17,8 +17,6 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
-from pacs_ai.infer.model_card import load_card
-from pacs_ai.route.build import build_router
 from pacs_ai.route.facts import ImageFacts
 
 __all__ = ["register"]
@@ -42,6 +40,10 @@ def _facts_lines(facts: ImageFacts) -> list[str]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    # Imported here: every `pacs-ai` command builds this module's parser, and these import torch.
+    from pacs_ai.infer.model_card import load_card
+    from pacs_ai.route.build import build_router
+
     config = config_from_args(args)
     card = load_card(config.model.path[0])
     router = build_router(config.routing, card)

@@ -7,7 +7,6 @@ import dataclasses
 import os
 
 from pacs_ai.cli.common import add_config_argument, config_from_args
-from pacs_ai.daemon.service import Roles, Service
 from pacs_ai.ops.logging_setup import configure_logging
 
 
@@ -41,8 +40,19 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(config.logging)
     work = config.worker.enabled and not args.no_worker
     separate = config.worker.separate_process
+    child = None
+    if work and separate:
+        # Start the worker child before this process imports the listener's libraries: the child's start-up
+        # (torch, the model, the warm-up) is the longest, and it runs on the other core meanwhile.
+        from pacs_ai.daemon.wakeup import Doorbell
+        from pacs_ai.daemon.worker_process import WorkerProcess
+
+        child = WorkerProcess(config.source, niceness=config.worker.niceness, doorbells=(Doorbell(), Doorbell()))
+        child.start()
+    from pacs_ai.daemon.service import Roles, Service
+
     roles = Roles(listener=True, worker=work and not separate, deliveries=True, worker_process=work and separate)
-    return Service(config, roles).run_forever()
+    return Service(config, roles, worker_process=child).run_forever()
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -55,4 +65,6 @@ def run_worker(args: argparse.Namespace) -> int:
             model=dataclasses.replace(config.model, threads=threads),
         )
     configure_logging(config.logging)
+    from pacs_ai.daemon.service import Roles, Service
+
     return Service(config, Roles(listener=False, worker=True, deliveries=args.deliver)).run_forever()

@@ -129,8 +129,11 @@ def torch_threads(config: Config, roles: Roles) -> int:
 class Service:
     """One pacs-ai process. ``start()`` returns once everything runs; ``stop()`` shuts down in order."""
 
-    def __init__(self, config: Config, roles: Roles = Roles()) -> None:
+    def __init__(self, config: Config, roles: Roles = Roles(), worker_process: WorkerProcess | None = None) -> None:
+        """``worker_process``: a worker child already started (``pacs-ai serve`` starts it before importing
+        the listener's libraries); its doorbells become this service's. Used when ``roles.worker_process``."""
         self.config = config
+        self._early_child = worker_process
         self.roles = roles
         self._stop = threading.Event()
         self._loop_locks = {"worker": threading.Lock(), "deliveries": threading.Lock()}
@@ -146,6 +149,8 @@ class Service:
         # Wake-ups: the listener rings `jobs_bell` when a job is committed, the worker rings `results_bell`
         # when a job is done; a worker child inherits the ends it needs (see pacs_ai/daemon/wakeup.py).
         inherited = None if roles.listener else Doorbell.from_env()
+        if worker_process is not None and worker_process.doorbells is not None:
+            inherited = worker_process.doorbells
         self.jobs_bell, self.results_bell = inherited or (Doorbell(), Doorbell())
         self.observer: Observer = CompositeObserver(
             self.metrics, self.audit, WakeUpObserver(self.jobs_bell, self.results_bell)
@@ -231,7 +236,7 @@ class Service:
         )
 
     def _build_worker_process(self) -> WorkerProcess:
-        child = WorkerProcess(
+        child = self._early_child or WorkerProcess(
             self.config.source, niceness=self.config.worker.niceness, doorbells=(self.jobs_bell, self.results_bell)
         )
         self.health.register_probe("worker process", lambda: child.alive or self._stop.is_set())
@@ -430,6 +435,8 @@ class Service:
 
     def start(self) -> None:
         """Start every part this process runs, then tell systemd we are ready."""
+        if self.worker_process:  # first: its start-up (torch, model, warm-up) is the longest
+            self.worker_process.start()
         if self.metrics_server:
             self.metrics_server.start()
             if self.config.dashboard.enabled:
@@ -449,7 +456,6 @@ class Service:
                 "worker", self._work, self.jobs_bell, self.config.worker.poll_interval_s, before=self._warm_up
             )
         if self.worker_process:
-            self.worker_process.start()
             sched.add_job(self._supervise_worker, "interval", seconds=2, id="worker-process", **common)
         if self.deliveries:
             self._start_loop("deliveries", self._deliver, self.results_bell, self.config.delivery.poll_interval_s)
