@@ -45,3 +45,26 @@ def test_render_from_a_heat_map_on_the_picture_grid_matches_the_full_size_render
     assert direct.shape == reference.shape == (*picture_size(*shape), 3)
     diff = np.abs(direct.astype(np.int16) - reference.astype(np.int16))
     assert diff.mean() < 0.5 and np.percentile(diff, 99.9) <= 6
+
+
+def test_blend_matches_the_textbook_alpha_blend_and_leaves_cold_areas_exactly_grey() -> None:
+    """Against the float formula written out here: out = (1 - a) * grey + a * turbo(h),
+    a = 0.55 * clip((h - 0.15) / 0.85, 0, 1)."""
+    import cv2
+
+    from pacs_ai.explain.overlay import blend_heatmap
+
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, size=(300, 240), dtype=np.uint8)
+    y, x = np.mgrid[0:300, 0:240].astype(np.float32)
+    heat = np.exp(-((x - 90) ** 2 + (y - 140) ** 2) / (2 * 40.0**2)).astype(np.float32)
+    out = blend_heatmap(grey, heat)
+    levels = np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)
+    turbo = cv2.applyColorMap(levels, cv2.COLORMAP_TURBO)[..., ::-1].astype(np.float32)
+    a = 0.55 * np.clip((levels / 255.0 - 0.15) / 0.85, 0, 1)[..., None]
+    expected = (1 - a) * grey[..., None].astype(np.float32) + a * turbo
+    assert out.shape == (300, 240, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(np.float32) - expected).max() <= 2.0
+    cold = heat < 0.14
+    assert cold.any() and np.array_equal(out[cold], np.repeat(grey[cold][:, None], 3, axis=1))
+    assert np.array_equal(blend_heatmap(grey, np.zeros_like(heat)), np.repeat(grey[..., None], 3, axis=2))
