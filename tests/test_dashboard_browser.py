@@ -146,7 +146,10 @@ def test_dashboard_in_a_browser(tmp_path: Path, page) -> None:  # noqa: F811
             page.wait_for_selector(f"#dead-delivery-{dead_delivery.id}", state="detached", timeout=30_000)
 
             page.console_log.assert_clean()
-            assert not page.console_log.failed_requests, page.console_log.failed_requests
+            # A refresh in flight when a form is submitted is cancelled by the navigation (ERR_ABORTED):
+            # expected; any other failed request is not.
+            failed = [r for r in page.console_log.failed_requests if not r.endswith("net::ERR_ABORTED")]
+            assert not failed, failed
             audit = (daemon.data_dir / "audit.log").read_text()
             assert re.search(r'"action": "retry_job".*"ok": true', audit)
             assert TOKEN not in audit and TOKEN not in daemon.log_text()
