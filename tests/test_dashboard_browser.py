@@ -153,4 +153,5 @@ def test_dashboard_in_a_browser(tmp_path: Path, page) -> None:  # noqa: F811
             audit = (daemon.data_dir / "audit.log").read_text()
             assert re.search(r'"action": "retry_job".*"ok": true', audit)
             assert TOKEN not in audit and TOKEN not in daemon.log_text()
+            assert "Traceback" not in daemon.log_text(), daemon.log_tail()
     shutil.rmtree(images, ignore_errors=True)

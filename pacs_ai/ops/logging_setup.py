@@ -175,8 +175,15 @@ def configure_logging(config: LoggingConfig, *, stream: TextIO | None = None) ->
     # Libraries that are noisy about what pacs-ai handles itself: APScheduler logs every poll and warns
     # when a poll is skipped because the previous one still runs (max_instances=1 is deliberate);
     # highdicom logs several INFO lines per object built; pydicom logs an ERROR with a traceback for
-    # every decoder it tries on undecodable pixel data, which the worker reports as one clear reason.
-    for name, quiet in (("apscheduler", logging.ERROR), ("highdicom", logging.WARNING), ("pydicom", logging.CRITICAL)):
+    # every decoder it tries on undecodable pixel data, which the worker reports as one clear reason;
+    # uvicorn (the metrics/dashboard server) announces its start and stop, which pacs-ai logs itself.
+    quiet_levels = (
+        ("apscheduler", logging.ERROR),
+        ("highdicom", logging.WARNING),
+        ("pydicom", logging.CRITICAL),
+        ("uvicorn", logging.WARNING),
+    )
+    for name, quiet in quiet_levels:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else quiet)
     logging.captureWarnings(True)
     _route_uncaught_exceptions()
