@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch/torchvision pair known to work together here (see README); override on other platforms.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-DEBIAN_TEST_PACKAGES := dcmtk orthanc dicom3tools postgresql systemd chromium orthanc-dicomweb orthanc-gdcm
+DEBIAN_TEST_PACKAGES := dcmtk orthanc dicom3tools postgresql systemd chromium orthanc-dicomweb orthanc-gdcm orthanc-webviewer
 # OHIF v3, the web viewer the browser test opens the results in: its npm package ships a prebuilt dist/.
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .cache/ohif-$(OHIF_VERSION)

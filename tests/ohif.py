@@ -1,7 +1,8 @@
 """OHIF v3 over a real Orthanc, behind one origin, for browser tests.
 
 - :func:`orthanc_dicomweb_config`: the extra Orthanc configuration that loads the Debian
-  ``orthanc-dicomweb`` (root ``/dicom-web/``) and ``orthanc-gdcm`` (JPEG 2000 decoding) plugins.
+  ``orthanc-dicomweb`` (root ``/dicom-web/``), ``orthanc-gdcm`` (JPEG 2000 decoding) and
+  ``orthanc-webviewer`` (the Orthanc Web Viewer, ``/web-viewer/``) plugins.
 - :func:`ohif_app`: a Starlette app that serves OHIF's prebuilt ``dist/`` (``make ohif`` unpacks the npm
   package ``@ohif/app`` into ``.cache/ohif-VERSION``; unknown paths get ``index.html``, the viewer routes
   are client-side), answers ``/app-config.js`` with a configuration whose only data source is the
@@ -28,10 +29,12 @@ OHIF_DIST = REPO / ".cache" / f"ohif-{OHIF_VERSION}" / "dist"
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 DICOMWEB_PLUGIN = ORTHANC_PLUGINS / "libOrthancDicomWeb.so"
 GDCM_PLUGIN = ORTHANC_PLUGINS / "libOrthancGdcm.so"
+WEBVIEWER_PLUGIN = ORTHANC_PLUGINS / "libOrthancWebViewer.so"
 START_TIMEOUT_S = 20.0
 
 __all__ = [
     "DICOMWEB_PLUGIN",
+    "WEBVIEWER_PLUGIN",
     "OHIF_DIST",
     "OHIF_VERSION",
     "ServedApp",
@@ -58,8 +61,9 @@ def ohif_unavailable() -> str | None:
 
 
 def orthanc_dicomweb_config() -> dict[str, Any]:
-    """Extra Orthanc configuration: the DICOMweb plugin at /dicom-web/ (and GDCM when installed)."""
-    plugins = [str(DICOMWEB_PLUGIN)] + ([str(GDCM_PLUGIN)] if GDCM_PLUGIN.is_file() else [])
+    """Extra Orthanc configuration: the DICOMweb plugin at /dicom-web/, and the GDCM and Web Viewer
+    (/web-viewer/) plugins when installed (Debian ``orthanc-gdcm``, ``orthanc-webviewer``)."""
+    plugins = [str(DICOMWEB_PLUGIN)] + [str(p) for p in (GDCM_PLUGIN, WEBVIEWER_PLUGIN) if p.is_file()]
     return {"Plugins": plugins, "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"}}
 
 

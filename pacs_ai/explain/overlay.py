@@ -162,6 +162,9 @@ top centre. Viewers draw their overlay text in the four corners of the viewport 
 Viewer), which lie on the image's corners whenever the image fills the viewport's width; the top ones
 are the long ones (OHIF: study date and series description, about a quarter of the width), so the
 caption goes to the bottom, between the short window/level and instance-number overlays."""
+CAPTION_BOTTOM_GAP = 0.04
+"""Space below the caption, as a fraction of the height: the Orthanc Web Viewer writes "Not for diagnostic
+purpose" at the bottom centre of the viewport (about 2.5 % of its height)."""
 
 
 def _font_scale(lines: Sequence[tuple[str, tuple[int, int, int], float]], width: int, height: int) -> float:
@@ -183,7 +186,7 @@ def caption_box(shape: Sequence[int], caption: Caption) -> tuple[int, int, int, 
     box_h = sum(s[0][1] + s[1] + pad for s in sizes) + pad
     margin = max(2, round(8 * scale))
     x0 = max(0, (w - box_w) // 2)
-    y1 = h - margin
+    y1 = h - max(margin, round(CAPTION_BOTTOM_GAP * h))
     return x0, max(0, y1 - box_h), min(w, x0 + box_w), y1
 
 
