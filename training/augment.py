@@ -25,9 +25,8 @@ class AugmentConfig:
     contrast: float = 0.15
 
 
-def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
-    """One random augmentation of a square uint8 image (S, S) -> uint8 (S, S)."""
-    s = img.shape[0]
+def random_affine(s: int, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
+    """A random 2x3 affine matrix for an (s, s) image: rotation, zoom, shift, horizontal flip."""
     angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)
     scale = rng.uniform(*cfg.zoom)
     m = cv2.getRotationMatrix2D((s / 2.0, s / 2.0), angle, scale)
@@ -36,7 +35,10 @@ def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = Augm
         # x' = s - 1 - x applied after the affine
         m[0, :] = -m[0, :]
         m[0, 2] += s - 1
-    out = cv2.warpAffine(img, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return m
+
+
+def _photometric(out: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
     c = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
     b = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
     if c != 1.0 or b != 0.0:
@@ -44,6 +46,29 @@ def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = Augm
         adj = np.clip(out.astype(np.float32) * c + b, 0, 255).astype(np.uint8)
         out = np.where(mask, adj, out)
     return out
+
+
+def augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
+    """One random augmentation of a square uint8 image (S, S) -> uint8 (S, S)."""
+    s = img.shape[0]
+    m = random_affine(s, rng, cfg)
+    out = cv2.warpAffine(img, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return _photometric(out, rng, cfg)
+
+
+def augment_with_mask(
+    img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Augment a square uint8 image (S, S) and move a float32 mask (S, S) (e.g. fracture boxes) with it.
+
+    The same affine warps both (the mask bilinearly, so its values stay in [0, 1]); brightness and
+    contrast change only the image.
+    """
+    s = img.shape[0]
+    m = random_affine(s, rng, cfg)
+    out = cv2.warpAffine(img, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    moved = cv2.warpAffine(mask.astype(np.float32), m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return _photometric(out, rng, cfg), moved
 
 
 def augment_batch(imgs: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:

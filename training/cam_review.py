@@ -9,10 +9,8 @@ hits, with a Wilson 95% interval. Uses pytorch-grad-cam on ``architectures.cam_t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,36 +23,8 @@ from pacs_ai.infer.preprocess import cam_to_original, prepare
 from training.data import read_gray
 from training.evaluate import select_items
 from training.metrics import softmax_positive
+from training.pointing import Box, point_in_boxes, read_boxes, wilson
 from training.predict import pick_device
-
-Box = tuple[float, float, float, float]
-
-
-def read_boxes(path: Path) -> dict[str, list[Box]]:
-    """``file -> [(x0, y0, x1, y1), ...]`` as fractions of width and height."""
-    out: dict[str, list[Box]] = defaultdict(list)
-    with Path(path).open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            out[row["file"]].append((float(row["x0"]), float(row["y0"]), float(row["x1"]), float(row["y1"])))
-    return dict(out)
-
-
-def point_in_boxes(y: int, x: int, h: int, w: int, boxes: list[Box]) -> bool:
-    """Whether pixel (y, x) of an (h, w) image lies in any fractional box."""
-    fx, fy = (x + 0.5) / w, (y + 0.5) / h
-    return any(x0 <= fx <= x1 and y0 <= fy <= y1 for x0, y0, x1, y1 in boxes)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float | None]:
-    """Wilson score interval for a proportion."""
-    if n == 0:
-        return [None, None]
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, c - half), min(1.0, c + half)]
-
 
 def overlay(display: np.ndarray, cam: np.ndarray, boxes: list[Box], peak: tuple[int, int]) -> np.ndarray:
     """RGB uint8: heat map blended over the grey image, boxes in green, the maximum as a white cross."""

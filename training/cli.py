@@ -70,6 +70,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_threads(p)
 
+    p = sub.add_parser("train-map", help="localisation-supervised fracture-map model from boxes.csv (checkpoints, --resume)", description="Train a fracture-map model (per-cell fracture logits on the last feature map, log-sum-exp pooled to the image logit) on crops of images letterboxed at --scale px, supervised by the fracture boxes in DATA/boxes.csv. Validates whole images every epoch (AUROC, pointing game), checkpoints every epoch and every --checkpoint-minutes, exports the best epoch to OUT/model-best.")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="densenet121")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (fractured/, not_fractured/, manifest.csv, boxes.csv)")
+    p.add_argument("--split", type=Path, default=None, help="split CSV (default: group-aware split with --val-fraction/--seed, written to OUT/split.csv)")
+    p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, history and the exported model")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (also mid-epoch)")
+    p.add_argument("--scale", type=int, default=512, help="letterbox side of the whole image, as served (default: 512)")
+    p.add_argument("--crop", type=int, default=256, help="training crop side in pixels (default: 256)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--crops-per-epoch", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--pct-start", type=float, default=0.25, help="one-cycle warm-up share of the steps")
+    p.add_argument("--pool-r", type=float, default=5.0, help="log-sum-exp pooling sharpness")
+    p.add_argument("--map-weight", type=float, default=1.0, help="weight of the cell loss next to the image loss")
+    p.add_argument("--outside-weight", type=float, default=0.1, help="weight of negative cells outside the boxes of fractured images (0: ignored)")
+    p.add_argument("--pos-fraction", type=float, default=0.5, help="share of crops taken around fracture boxes")
+    p.add_argument("--hard-fraction", type=float, default=0.3, help="share of normal crops centred on last epoch's hottest normal regions")
+    p.add_argument("--hard-pool", type=int, default=128, help="normal training images scanned per epoch for hard negatives")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=None, help="cache letterboxed images here (.npy)")
+    p.add_argument("--name", default="pacs-ai-fracture-map", help="model name for the card")
+    p.add_argument("--version", default="2.0.0", help="model version for the card")
+    p.add_argument("--half", action="store_true", help="export weights as float16")
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--limit", type=int, default=None, help="use at most N train and N val images (smoke tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(p)
+
     p = sub.add_parser("evaluate", help="metrics with bootstrap 95%% intervals, confusion matrix, ROC curve PNG", description="Evaluate a model folder on labelled images (DICOM, JPEG or PNG). Uses the card's temperature and threshold.")
     p.add_argument("--model", type=Path, required=True, help="model folder (model.json + weights)")
     _add_eval_data(p)
@@ -138,13 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     except (PacsAiError, FileNotFoundError, ValueError) as exc:
         print(f"pacs-ai-train {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     if args.command == "split":
         from training.data import list_dataset, split_items, write_split
 
@@ -170,6 +203,25 @@ def _dispatch(args: argparse.Namespace) -> int:
             target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit, progress=not args.no_progress,
         )
         summary = train(cfg, resume=args.resume, log=lambda m: print(m, flush=True))
+        print(json.dumps(summary))
+        return 0
+    if args.command == "train-map":
+        import shlex
+
+        from training.maptrain import MapTrainConfig, train_map
+
+        cfg = MapTrainConfig(
+            data=str(args.data), out=str(args.out), arch=args.arch, split=str(args.split) if args.split else None,
+            val_fraction=args.val_fraction, seed=args.seed, scale=args.scale, crop=args.crop, epochs=args.epochs,
+            crops_per_epoch=args.crops_per_epoch, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            pct_start=args.pct_start, pool_r=args.pool_r, map_weight=args.map_weight, outside_weight=args.outside_weight,
+            pos_fraction=args.pos_fraction, hard_fraction=args.hard_fraction, hard_pool=args.hard_pool,
+            checkpoint_minutes=args.checkpoint_minutes, threads=args.threads, device=args.device,
+            cache_dir=str(args.cache_dir) if args.cache_dir else None, export_name=args.name, export_version=args.version,
+            export_half=args.half, target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit,
+            command="python -m training " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        )
+        summary = train_map(cfg, resume=args.resume, log=lambda m: print(m, flush=True), progress=not args.no_progress)
         print(json.dumps(summary))
         return 0
     if args.command == "evaluate":

@@ -65,12 +65,20 @@ def export_model(
     half: bool = False,
     description: str = "",
     n_boot: int = 1000,
+    head: str = "classifier",
+    extra_metrics: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """Calibrate on the validation logits and write ``out_dir`` (model.json + model.safetensors)."""
+    """Calibrate on the validation logits and write ``out_dir`` (model.json + model.safetensors).
+
+    ``extra_metrics`` (e.g. the pointing game) are merged into ``metrics["validation"]``.
+    """
     cal = calibration(val_logits, val_y, target_sensitivity, n_boot=n_boot)
+    if extra_metrics:
+        cal["validation"] = {**cal["validation"], **extra_metrics}
     card = ModelCard(
         name=name,
         architecture=arch,
+        head=head,
         version=version,
         input=spec,
         class_names=CLASS_NAMES,

@@ -1,4 +1,13 @@
-"""The three supported backbones (torchvision), with a new classification head.
+"""The three supported backbones (torchvision), with a new classification head or a fracture-map head.
+
+Two heads (the model card's ``head``):
+
+- ``classifier`` (format 1): torchvision's own model with its last linear layer replaced by a
+  ``num_classes`` layer; explained with Grad-CAM.
+- ``fracture_map`` (format 2): :class:`FractureMapNet`, the backbone's convolutional trunk followed by a
+  1x1 convolution that gives one fracture logit per cell of the last feature map (stride 32 for
+  resnet50 and densenet121, 16 for vgg16), and an image logit from a log-sum-exp pooling of that map
+  (multiple-instance learning: the image is fractured when some cell is). The map is the explanation.
 
 ``build_model`` never downloads anything (``weights=None``); ImageNet weights come from a local file via
 ``load_backbone_weights``. ``cam_target_layers`` names the layer Grad-CAM hooks for each architecture and
@@ -7,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -17,6 +27,9 @@ from pacs_ai.errors import ModelError
 
 __all__ = [
     "ARCHITECTURES",
+    "HEADS",
+    "FractureMapNet",
+    "build_fracture_map_model",
     "build_model",
     "cam_target_layers",
     "count_parameters",
@@ -26,6 +39,8 @@ __all__ = [
 ]
 
 ARCHITECTURES: tuple[str, ...] = ("resnet50", "vgg16", "densenet121")
+
+HEADS: tuple[str, ...] = ("classifier", "fracture_map")
 
 _HEAD_PREFIX = {"resnet50": "fc.", "vgg16": "classifier.6.", "densenet121": "classifier."}
 
@@ -41,11 +56,18 @@ def head_prefix(arch: str) -> str:
     return _HEAD_PREFIX[arch]
 
 
-def build_model(arch: str, num_classes: int = 2) -> nn.Module:
-    """Build a torchvision ``arch`` with random weights and a new ``num_classes`` linear head."""
+def build_model(arch: str, num_classes: int = 2, head: str = "classifier") -> nn.Module:
+    """Build ``arch`` with random weights: a ``num_classes`` linear head, or (``head="fracture_map"``)
+    a :class:`FractureMapNet` (two-logit output ``[0, z]``, so ``num_classes`` must be 2)."""
     import torchvision.models as tvm
 
     _check_arch(arch)
+    if head not in HEADS:
+        raise ModelError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    if head == "fracture_map":
+        if num_classes != 2:
+            raise ModelError(f"a fracture_map model has 2 classes, got {num_classes}")
+        return build_fracture_map_model(arch)
     if num_classes < 2:
         raise ModelError(f"num_classes must be at least 2, got {num_classes}")
     if arch == "resnet50":
@@ -60,6 +82,82 @@ def build_model(arch: str, num_classes: int = 2) -> nn.Module:
         model = tvm.densenet121(weights=None)
         model.classifier = nn.Linear(model.classifier.in_features, num_classes)
     return model
+
+
+class FractureMapNet(nn.Module):
+    """Backbone trunk + 1x1 convolution -> per-cell fracture logits, log-sum-exp pooled to an image logit.
+
+    ``forward(x)`` with x (N, 3, S, S) returns (N, 2) logits ``[0, z]`` where ``z`` is the pooled image
+    logit, so ``softmax(logits / T)[:, 1] == sigmoid(z / T)`` and every two-class tool (temperature
+    scaling, thresholds, metrics) applies unchanged. ``forward_map(x)`` returns ``(logits, cell_logits)``
+    with cell_logits (N, 1, S / stride, S / stride). ``pool_r`` (a buffer, saved with the weights) is
+    the log-sum-exp sharpness: ``z = log(mean(exp(r * s))) / r`` lies between the mean (r -> 0) and the
+    maximum (r -> inf) of the cell logits ``s``.
+
+    ``trunk`` is the torchvision model under its own parameter names (its classifier replaced by
+    ``nn.Identity``), so ImageNet weights load with :func:`load_backbone_weights` applied to ``trunk``.
+    """
+
+    def __init__(self, arch: str, trunk: nn.Module, channels: int, stride: int, pool_r: float = 5.0) -> None:
+        super().__init__()
+        self.arch = arch
+        self.trunk = trunk
+        self.stride = stride
+        self._vgg_end = 0
+        if arch == "vgg16":
+            feats = list(trunk.features)  # type: ignore[arg-type]
+            self._vgg_end = max(i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d))
+        self.map_head = nn.Conv2d(channels, 1, kernel_size=1)
+        nn.init.normal_(self.map_head.weight, std=0.01)
+        nn.init.constant_(self.map_head.bias, -2.0)
+        self.register_buffer("pool_r", torch.tensor(float(pool_r)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (N, C, S / stride, S / stride), after its ReLU."""
+        t = self.trunk
+        if self.arch == "densenet121":
+            return torch.relu(t.features(x))  # type: ignore[operator]
+        if self.arch == "resnet50":
+            x = t.maxpool(t.relu(t.bn1(t.conv1(x))))  # type: ignore[operator]
+            return t.layer4(t.layer3(t.layer2(t.layer1(x))))  # type: ignore[operator]
+        for m in list(t.features)[: self._vgg_end]:  # type: ignore[arg-type]
+            x = m(x)
+        return x  # the last ReLU before VGG's final max-pool: stride 16
+
+    def pool(self, cell_logits: torch.Tensor) -> torch.Tensor:
+        """(N, 1, h, w) cell logits -> (N,) image logits by log-sum-exp pooling."""
+        r = self.pool_r.to(cell_logits.dtype)
+        flat = cell_logits.flatten(1) * r
+        return (torch.logsumexp(flat, dim=1) - math.log(flat.shape[1])) / r
+
+    def forward_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, S, S) -> ((N, 2) logits ``[0, z]``, (N, 1, h, w) cell logits), one forward."""
+        cells = self.map_head(self.features(x))
+        z = self.pool(cells.float())
+        logits = torch.stack([torch.zeros_like(z), z], dim=1)
+        return logits, cells
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_map(x)[0]
+
+
+def build_fracture_map_model(arch: str, pool_r: float = 5.0) -> FractureMapNet:
+    """A :class:`FractureMapNet` on a randomly initialised torchvision ``arch`` (classifier dropped)."""
+    import torchvision.models as tvm
+
+    _check_arch(arch)
+    if arch == "resnet50":
+        trunk = tvm.resnet50(weights=None)
+        trunk.fc = nn.Identity()
+        return FractureMapNet(arch, trunk, 2048, 32, pool_r)
+    if arch == "densenet121":
+        trunk = tvm.densenet121(weights=None)
+        trunk.classifier = nn.Identity()
+        return FractureMapNet(arch, trunk, 1024, 32, pool_r)
+    trunk = tvm.vgg16(weights=None)
+    trunk.classifier = nn.Identity()
+    trunk.avgpool = nn.Identity()
+    return FractureMapNet(arch, trunk, 512, 16, pool_r)
 
 
 _DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pacs_ai.errors import ModelError
-from pacs_ai.infer.architectures import ARCHITECTURES, build_model
+from pacs_ai.infer.architectures import ARCHITECTURES, HEADS, build_model
 from pacs_ai.infer.preprocess import InputSpec
 
 __all__ = [
@@ -42,6 +42,7 @@ PT_FILE = "model.pt"
 _CARD_FIELDS = (
     "name",
     "architecture",
+    "head",
     "version",
     "input",
     "class_names",
@@ -67,11 +68,18 @@ class ModelCard:
 
     ``class_names[i]`` is the meaning of logit ``i``; the probability of ``"fractured"`` (if present,
     else of the last class) is compared with ``threshold`` after dividing the logits by ``temperature``.
+
+    ``head`` says how the model decides and explains: ``"classifier"`` (format 1, the default for cards
+    without the field: a torchvision classifier explained with Grad-CAM) or ``"fracture_map"`` (format 2:
+    per-cell fracture logits on the last feature map, log-sum-exp pooled to the image logit; the heat map
+    is the model's own map). The field is written only for ``fracture_map`` cards, so format-1 cards stay
+    byte-compatible with older readers.
     """
 
     name: str
     architecture: str
     version: str
+    head: str = "classifier"
     input: InputSpec = field(default_factory=InputSpec)
     class_names: tuple[str, ...] = ("not_fractured", "fractured")
     threshold: float = 0.5
@@ -113,6 +121,10 @@ class ModelCard:
                 raise bad(name, f"must be a non-empty string, got {value!r}")
         if self.architecture not in ARCHITECTURES:
             raise bad("architecture", f"must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.head not in HEADS:
+            raise bad("head", f"must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.head == "fracture_map" and len(self.class_names) != 2:
+            raise bad("class_names", f"a fracture_map model has exactly two classes, got {self.class_names!r}")
         if not isinstance(self.input, InputSpec):
             raise bad("input", f"must be an InputSpec, got {type(self.input).__name__}")
         cn = self.class_names
@@ -158,9 +170,11 @@ class ModelCard:
     # -- JSON -------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        head = {"head": self.head} if self.head != "classifier" else {}
         return {
             "name": self.name,
             "architecture": self.architecture,
+            **head,
             "version": self.version,
             "input": self.input.to_dict(),
             "class_names": list(self.class_names),
@@ -245,7 +259,8 @@ def save_model_folder(folder: str | Path, model: nn.Module, card: ModelCard, *, 
         if half and t.is_floating_point():
             t = t.to(torch.float16)
         tensors[k] = t.contiguous()
-    meta = {"architecture": card.architecture, "version": card.version, "format": "pacs-ai-model-1"}
+    fmt = "pacs-ai-model-2" if card.head == "fracture_map" else "pacs-ai-model-1"
+    meta = {"architecture": card.architecture, "head": card.head, "version": card.version, "format": fmt}
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
     _atomic_write(out / CARD_FILE, lambda tmp: Path(tmp).write_text(card.to_json(), encoding="utf-8"))
     return out
@@ -315,10 +330,13 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
         raise ModelError(f"model folder not found: {base}")
     card = load_card(base)
     state = load_state_dict_file(base, map_location=map_location)
-    model = build_model(card.architecture, num_classes=len(card.class_names))
+    model = build_model(card.architecture, num_classes=len(card.class_names), head=card.head)
     problem = _mismatch(model, state)
     if problem:
-        raise ModelError(f"{base}: weights do not match the card's architecture {card.architecture} with {len(card.class_names)} classes: {problem}")
+        raise ModelError(
+            f"{base}: weights do not match the card's architecture {card.architecture} ({card.head} head) "
+            f"with {len(card.class_names)} classes: {problem}"
+        )
     own = model.state_dict()
     state = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=True)

@@ -1,0 +1,521 @@
+"""Localisation-supervised training of a fracture-map model (``python -m training train-map``).
+
+The model (:class:`pacs_ai.infer.architectures.FractureMapNet`) gives one fracture logit per cell of its
+last feature map and an image logit by log-sum-exp pooling of that map. Training uses the FracAtlas
+fracture boxes (``boxes.csv``, fractions of width and height):
+
+- images are letterboxed once at ``scale`` px (the serving preprocessing, ``preprocess.letterbox``
+  with CLAHE at that scale) and cached as uint8;
+- each step takes ``crop`` px crops: half from fractured images, centred near a random box (jittered),
+  half from normal images, at random or (``hard_fraction``) at the hottest cell found by the previous
+  epoch's whole-image pass over a sample of normal training images (hard negatives);
+- the crop and a mask of its boxes go through the same random affine (``augment.augment_with_mask``);
+- cell targets: a cell is positive when its box coverage is at least ``pos_coverage`` (or it is the
+  best-covered cell of a crop whose coverage is positive); every cell of a normal image is negative
+  (weight 1); cells of a fractured image outside every box are negative with weight ``outside_weight``
+  (0 = ignored); partly covered cells are ignored;
+- loss = image BCE on the pooled logit (crops of a fractured image that lost their box are left out)
+  + ``map_weight`` x class-balanced cell BCE;
+- AdamW with a one-cycle schedule over ``epochs * crops_per_epoch / batch_size`` steps.
+
+Validation after every epoch runs the whole letterboxed validation images (``scale`` px, as served)
+through the model: AUROC of the pooled probability and the pointing game of the model's own map
+(``pacs_ai.explain.fracture_map.cells_to_heat``, the explainer the daemon uses). Checkpoints: ``last.pt``
+(everything needed to continue, also written every ``checkpoint_minutes`` inside an epoch: a resumed run
+replays the interrupted epoch's crop plan and skips the batches already done), ``epoch-NNN.pt`` (weights
++ validation figures) and ``best.pt``; the best epoch by AUROC is exported, calibrated, to
+``OUT/model-best`` (a model folder the daemon loads). The group-aware split is written to
+``OUT/split.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pacs_ai.explain.fracture_map import cells_to_heat
+from pacs_ai.infer.architectures import FractureMapNet, build_model
+from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, Geometry, InputSpec, normalise
+from training.augment import AugmentConfig, augment_with_mask
+from training.data import Item, list_dataset, load_images, read_gray, read_split, split_items, write_split
+from training.export import export_model, machine_description
+from training.metrics import binary_metrics
+from training.pointing import Box, boxes_on_grid, peak_hit, pointing_game, read_boxes
+
+PixelBox = tuple[float, float, float, float]
+
+
+@dataclass
+class MapTrainConfig:
+    """Everything a fracture-map run depends on (stored in each checkpoint and in the model card)."""
+
+    data: str
+    out: str
+    arch: str = "densenet121"
+    split: str | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    scale: int = 512
+    crop: int = 256
+    clahe: bool = True
+    epochs: int = 12
+    crops_per_epoch: int = 2048
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    pct_start: float = 0.25
+    pool_r: float = 5.0
+    map_weight: float = 1.0
+    pos_coverage: float = 0.2
+    outside_weight: float = 0.1
+    pos_fraction: float = 0.5
+    box_jitter: float = 0.35
+    hard_fraction: float = 0.3
+    hard_pool: int = 128
+    checkpoint_minutes: float = 10.0
+    threads: int | None = None
+    device: str = "auto"
+    cache_dir: str | None = None
+    export_name: str = "pacs-ai-fracture-map"
+    export_version: str = "2.0.0"
+    export_half: bool = False
+    target_sensitivity: float = 0.90
+    n_boot: int = 1000
+    limit: int | None = None
+    val_batch: int = 8
+    augment: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+
+    def spec(self) -> InputSpec:
+        """The serving input: the whole image letterboxed at ``scale`` px."""
+        return InputSpec(size=self.scale, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe=self.clahe)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: geometries, boxes, crops and cell targets
+# ----------------------------------------------------------------------------------------------------
+
+
+def item_geometries(root: Path, items: list[Item], size: int) -> list[Geometry]:
+    """Letterbox geometry of each item at ``size``: original size from ``manifest.csv`` (width,
+    height) when it has them, else read from the image."""
+    dims: dict[str, tuple[int, int]] = {}
+    manifest = Path(root) / "manifest.csv"
+    if manifest.is_file():
+        with manifest.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("width") and row.get("height"):
+                    dims[row["file"]] = (int(row["height"]), int(row["width"]))
+    out = []
+    for it in items:
+        h, w = dims.get(it.file) or read_gray(Path(root) / it.file).shape
+        out.append(Geometry.for_image(h, w, size))
+    return out
+
+
+def box_mask(shape: tuple[int, int], boxes: list[PixelBox], top: int = 0, left: int = 0) -> np.ndarray:
+    """float32 mask (h, w): 1 inside any pixel box (x0, y0, x1, y1) shifted by the crop origin."""
+    m = np.zeros(shape, dtype=np.float32)
+    h, w = shape
+    for x0, y0, x1, y1 in boxes:
+        a, b = max(0, int(math.floor(y0 - top))), min(h, int(math.ceil(y1 - top)))
+        c, d = max(0, int(math.floor(x0 - left))), min(w, int(math.ceil(x1 - left)))
+        if b > a and d > c:
+            m[a:b, c:d] = 1.0
+    return m
+
+
+def cell_targets(mask: np.ndarray, stride: int, fractured: bool, pos_coverage: float, outside_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Box mask (S, S) -> cell targets and weights (S/stride, S/stride), float32.
+
+    Positive: coverage >= ``pos_coverage``, or the best-covered cell when some coverage exists but no cell
+    reaches it (small boxes). Partly covered cells: weight 0. Normal image: every cell negative, weight 1.
+    Fractured image, uncovered cells: negative with weight ``outside_weight``.
+    """
+    g = mask.shape[0] // stride
+    if not fractured:
+        return np.zeros((g, g), np.float32), np.ones((g, g), np.float32)
+    cov = mask[: g * stride, : g * stride].reshape(g, stride, g, stride).mean(axis=(1, 3))
+    target = (cov >= pos_coverage).astype(np.float32)
+    if not target.any() and cov.max() > 0:
+        target[np.unravel_index(int(np.argmax(cov)), cov.shape)] = 1.0
+    weight = np.where(target > 0, 1.0, np.where(cov > 0, 0.0, outside_weight)).astype(np.float32)
+    return target, weight
+
+
+@dataclass
+class TrainData:
+    """Cached letterboxed images and their boxes (pixel coordinates on the letterboxed square)."""
+
+    items: list[Item]
+    images: np.ndarray
+    geometries: list[Geometry]
+    boxes: list[list[PixelBox]]
+    raw_boxes: list[list[Box]]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it.label for it in self.items])
+
+
+def load_data(cfg: MapTrainConfig, items: list[Item], boxes: dict[str, list[Box]], progress: bool = True) -> TrainData:
+    spec = cfg.spec()
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    images = load_images(Path(cfg.data), items, spec, cache, progress=progress)
+    geoms = item_geometries(Path(cfg.data), items, spec.size)
+    raw = [boxes.get(it.file, []) if it.label == 1 else [] for it in items]
+    return TrainData(items, images, geoms, [boxes_on_grid(b, g) for b, g in zip(raw, geoms)], raw)
+
+
+def _crop_origin(cy: float, cx: float, crop: int, size: int) -> tuple[int, int]:
+    top = int(round(cy - crop / 2))
+    left = int(round(cx - crop / 2))
+    return min(max(0, top), size - crop), min(max(0, left), size - crop)
+
+
+def plan_epoch(cfg: MapTrainConfig, data: TrainData, hard: list[tuple[int, float, float]], rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """The epoch's crops: ``(image index, top, left, is_fracture_crop)``; deterministic for ``rng``."""
+    size, crop = cfg.scale, cfg.crop
+    labels = data.labels
+    boxed = [i for i in range(len(labels)) if labels[i] == 1 and data.boxes[i]]
+    normal = np.flatnonzero(labels == 0)
+    if not boxed or len(normal) == 0:
+        raise ValueError("training needs fractured images with boxes and normal images")
+    n_pos = int(round(cfg.crops_per_epoch * cfg.pos_fraction))
+    plan: list[tuple[int, int, int, int]] = []
+    for _ in range(n_pos):
+        i = boxed[int(rng.integers(len(boxed)))]
+        x0, y0, x1, y1 = data.boxes[i][int(rng.integers(len(data.boxes[i])))]
+        j = cfg.box_jitter * crop
+        cy = (y0 + y1) / 2 + rng.uniform(-j, j)
+        cx = (x0 + x1) / 2 + rng.uniform(-j, j)
+        plan.append((i, *_crop_origin(cy, cx, crop, size), 1))
+    for _ in range(cfg.crops_per_epoch - n_pos):
+        if hard and rng.random() < cfg.hard_fraction:
+            i, cy, cx = hard[int(rng.integers(len(hard)))]
+            j = 0.25 * crop
+            cy, cx = cy + rng.uniform(-j, j), cx + rng.uniform(-j, j)
+        else:
+            i = int(normal[int(rng.integers(len(normal)))])
+            g = data.geometries[i]
+            cy = g.pad_top + rng.uniform(0, g.new_h)
+            cx = g.pad_left + rng.uniform(0, g.new_w)
+        plan.append((int(i), *_crop_origin(cy, cx, crop, size), 0))
+    order = rng.permutation(len(plan))
+    return [plan[k] for k in order]
+
+
+def make_batch(cfg: MapTrainConfig, data: TrainData, entries: list[tuple[int, int, int, int]], stride: int, rng: np.random.Generator, aug: AugmentConfig) -> dict[str, torch.Tensor]:
+    """Crops -> augmented network input and targets: x (B, 3, C, C), cell target/weight (B, g, g),
+    image label and image-label mask (B,)."""
+    crop = cfg.crop
+    imgs, targets, weights, ylab, ymask = [], [], [], [], []
+    for i, top, left, frac in entries:
+        img = np.ascontiguousarray(data.images[i, top : top + crop, left : left + crop])
+        mask = box_mask((crop, crop), data.boxes[i], top, left) if frac else np.zeros((crop, crop), np.float32)
+        img, mask = augment_with_mask(img, mask, rng, aug)
+        t, w = cell_targets(mask, stride, bool(frac), cfg.pos_coverage, cfg.outside_weight)
+        imgs.append(img)
+        targets.append(t)
+        weights.append(w)
+        has_box = bool(t.any())
+        ylab.append(1.0 if frac else 0.0)
+        ymask.append(1.0 if (not frac or has_box) else 0.0)
+    spec = InputSpec(size=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe=cfg.clahe)
+    return {
+        "x": normalise(np.stack(imgs), spec),
+        "target": torch.from_numpy(np.stack(targets)),
+        "weight": torch.from_numpy(np.stack(weights)),
+        "y": torch.tensor(ylab),
+        "y_mask": torch.tensor(ymask),
+    }
+
+
+def map_loss(logits: torch.Tensor, cells: torch.Tensor, batch: dict[str, torch.Tensor], map_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Image BCE (pooled logit, labelled crops only) + ``map_weight`` x class-balanced weighted cell BCE."""
+    z = logits[:, 1]
+    y, ym = batch["y"].to(z.device), batch["y_mask"].to(z.device)
+    img = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * ym).sum() / ym.sum().clamp(min=1.0)
+    c = cells[:, 0].float()
+    t, w = batch["target"].to(c.device), batch["weight"].to(c.device)
+    bce = F.binary_cross_entropy_with_logits(c, t, reduction="none")
+    wp, wn = w * t, w * (1 - t)
+    cell = (bce * wp).sum() / wp.sum().clamp(min=1.0) + (bce * wn).sum() / wn.sum().clamp(min=1.0)
+    loss = img + map_weight * cell
+    return loss, {"image_loss": float(img.detach()), "map_loss": float(cell.detach())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole-image passes: validation and hard-negative mining
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def whole_image_pass(model: FractureMapNet, images: np.ndarray, spec: InputSpec, indices: list[int] | np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Letterboxed uint8 images -> (N,) pooled logits and (N, h, w) cell logits, as served."""
+    model.eval()
+    zs, maps = [], []
+    idx = list(indices)
+    for s in range(0, len(idx), batch_size):
+        sel = idx[s : s + batch_size]
+        x = normalise(np.ascontiguousarray(images[sel]), spec).to(device).contiguous(memory_format=torch.channels_last)
+        logits, cells = model.forward_map(x)
+        zs.append(logits[:, 1].float().cpu().numpy())
+        maps.append(cells[:, 0].float().cpu().numpy())
+    if not zs:
+        return np.zeros(0, np.float32), np.zeros((0, 1, 1), np.float32)
+    return np.concatenate(zs), np.concatenate(maps)
+
+
+def validate(model: FractureMapNet, data: TrainData, spec: InputSpec, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """AUROC of the pooled probability and pointing game of the served heat map on whole images."""
+    z, cells = whole_image_pass(model, data.images, spec, np.arange(len(data.items)), batch_size, device)
+    y = data.labels
+    m = binary_metrics(y, 1.0 / (1.0 + np.exp(-z)), 0.5)
+    hits = []
+    for i in range(len(y)):
+        if y[i] == 1 and data.raw_boxes[i]:
+            heat = cells_to_heat(torch.from_numpy(cells[i : i + 1]), spec.size)[0].numpy()
+            hits.append(peak_hit(heat, data.raw_boxes[i], data.geometries[i]))
+    pg = pointing_game(hits)
+    return {"auc": m["auc"], "sens@0.5": m["sensitivity"], "spec@0.5": m["specificity"], **pg, "z": z}
+
+
+def mine_hard_negatives(model: FractureMapNet, data: TrainData, spec: InputSpec, cfg: MapTrainConfig, rng: np.random.Generator, device: torch.device) -> list[tuple[int, float, float]]:
+    """Hottest cell of ``hard_pool`` random normal training images; keeps the hotter half as
+    ``(image index, y, x)`` centres (letterboxed pixels) for next epoch's hard-negative crops."""
+    normal = np.flatnonzero(data.labels == 0)
+    if cfg.hard_pool <= 0 or cfg.hard_fraction <= 0 or len(normal) == 0:
+        return []
+    pick = rng.choice(normal, size=min(cfg.hard_pool, len(normal)), replace=False)
+    _, cells = whole_image_pass(model, data.images, spec, pick, cfg.val_batch, device)
+    stride = spec.size / cells.shape[-1]
+    found = []
+    for i, c in zip(pick, cells):
+        gy, gx = np.unravel_index(int(np.argmax(c)), c.shape)
+        found.append((float(c.max()), int(i), (gy + 0.5) * stride, (gx + 0.5) * stride))
+    found.sort(reverse=True)
+    return [(i, cy, cx) for _, i, cy, cx in found[: max(1, len(found) // 2)]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def _split(cfg: MapTrainConfig) -> dict[str, list[Item]]:
+    if cfg.split:
+        split = read_split(Path(cfg.split))
+    else:
+        split = split_items(list_dataset(Path(cfg.data)), cfg.val_fraction, cfg.seed)
+    for k in ("train", "val"):
+        if not split.get(k):
+            raise ValueError(f"split has no {k!r} items")
+    if cfg.limit:
+        rng = random.Random(cfg.seed)
+        for k in ("train", "val"):
+            pos = [i for i in split[k] if i.label == 1]
+            neg = [i for i in split[k] if i.label == 0]
+            kp = max(1, min(len(pos), cfg.limit // 2))
+            split[k] = rng.sample(pos, kp) + rng.sample(neg, min(len(neg), cfg.limit - kp))
+    return split
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_map(cfg: MapTrainConfig, resume: bool = False, log: Any = print, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a fracture-map training run. Returns a summary (best AUROC and pointing game)."""
+    t_start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cv2.setNumThreads(1)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    split = _split(cfg)
+    if not (out / "split.csv").is_file():
+        write_split(out / "split.csv", split)
+    boxes_path = Path(cfg.data) / "boxes.csv"
+    if not boxes_path.is_file():
+        raise FileNotFoundError(f"{boxes_path}: fracture-map training needs the fracture boxes")
+    boxes = read_boxes(boxes_path)
+    spec = cfg.spec()
+    tr = load_data(cfg, split["train"], boxes, progress)
+    va = load_data(cfg, split["val"], boxes, progress)
+    n_boxed_tr = sum(1 for b in tr.boxes if b)
+    log(
+        f"train {len(tr.items)} images ({int(tr.labels.sum())} fractured, {n_boxed_tr} with boxes), "
+        f"val {len(va.items)} ({int(va.labels.sum())} fractured, {sum(1 for b in va.raw_boxes if b)} with boxes); "
+        f"{cfg.crop}px crops of {cfg.scale}px images; device {device}, {torch.get_num_threads()} threads"
+    )
+
+    model = build_model(cfg.arch, 2, head="fracture_map")
+    assert isinstance(model, FractureMapNet)
+    with torch.no_grad():
+        model.pool_r.fill_(cfg.pool_r)
+    model.to(device).to(memory_format=torch.channels_last)
+    stride = model.stride
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(cfg.crops_per_epoch / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.pct_start, div_factor=25, final_div_factor=1e3
+    )
+    aug = AugmentConfig(**cfg.augment)
+
+    epoch, batch_done, best_auc, best_epoch, elapsed = 0, 0, -1.0, 0, 0.0
+    history: list[dict[str, Any]] = []
+    hard: list[tuple[int, float, float]] = []
+    if resume and (out / "last.pt").is_file():
+        ck = torch.load(out / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        epoch, batch_done = ck["epoch"], ck["batch_done"]
+        best_auc, best_epoch, elapsed = ck["best_auc"], ck["best_epoch"], ck["elapsed"]
+        history, hard = ck["history"], [tuple(h) for h in ck["hard"]]  # type: ignore[misc]
+        torch.set_rng_state(ck["torch_rng"])
+        log(f"resumed from {out / 'last.pt'}: epoch {epoch + 1}, batch {batch_done} (best AUROC {best_auc:.4f} at epoch {best_epoch})")
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    def state(ep: int, done: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "epoch": ep, "batch_done": done, "best_auc": best_auc, "best_epoch": best_epoch,
+            "elapsed": elapsed + (time.time() - t_session), "history": history, "hard": hard,
+            "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
+        }
+
+    t_session = time.time()
+    while epoch < cfg.epochs:
+        t_epoch = time.time()
+        plan = plan_epoch(cfg, tr, hard, np.random.default_rng([cfg.seed, epoch, 1_000_003]))
+        batches = [plan[s : s + cfg.batch_size] for s in range(0, len(plan), cfg.batch_size)]
+        model.train()
+        sums = {"loss": 0.0, "image_loss": 0.0, "map_loss": 0.0}
+        seen, last_ck, t_log = 0, time.time(), time.time()
+        for b in range(batch_done, len(batches)):
+            batch = make_batch(cfg, tr, batches[b], stride, np.random.default_rng([cfg.seed, epoch, b]), aug)
+            x = batch["x"].to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, cells = model.forward_map(x)
+            loss, parts = map_loss(logits, cells, batch, cfg.map_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            n = len(batches[b])
+            seen += n
+            sums["loss"] += float(loss.detach()) * n
+            for k, v in parts.items():
+                sums[k] += v * n
+            if time.time() - t_log > 120:
+                t_log = time.time()
+                log(f"  epoch {epoch + 1} batch {b + 1}/{len(batches)} loss {sums['loss'] / seen:.4f} "
+                    f"(image {sums['image_loss'] / seen:.4f}, map {sums['map_loss'] / seen:.4f}) "
+                    f"{seen / (time.time() - t_epoch):.2f} crops/s lr {sched.get_last_lr()[0]:.2e}")
+            if cfg.checkpoint_minutes and time.time() - last_ck > cfg.checkpoint_minutes * 60 and b + 1 < len(batches):
+                _save(state(epoch, b + 1), out / "last.pt")
+                last_ck = time.time()
+        train_s = time.time() - t_epoch
+        t_val = time.time()
+        v = validate(model, va, spec, cfg.val_batch, device)
+        z_val = v.pop("z")
+        val_s = time.time() - t_val
+        hard = mine_hard_negatives(model, tr, spec, cfg, np.random.default_rng([cfg.seed, epoch, 2_000_003]), device)
+        improved = v["auc"] > best_auc
+        if improved:
+            best_auc, best_epoch = v["auc"], epoch + 1
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": sums["loss"] / max(1, seen),
+            "image_loss": sums["image_loss"] / max(1, seen),
+            "map_loss": sums["map_loss"] / max(1, seen),
+            "val_auc": v["auc"],
+            "val_pointing_game": v["pointing_game"],
+            "val_pointing_game_ci95": v["pointing_game_ci95"],
+            "val_sens@0.5": v["sens@0.5"],
+            "val_spec@0.5": v["spec@0.5"],
+            "lr": sched.get_last_lr()[0],
+            "crops_per_s": seen / max(train_s, 1e-9),
+            "train_s": round(train_s, 1),
+            "val_s": round(val_s, 1),
+            "seconds": round(time.time() - t_epoch, 1),
+        }
+        history.append(rec)
+        log(json.dumps(rec))
+        epoch += 1
+        batch_done = 0
+        _save({"model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "validation": rec}, out / f"epoch-{epoch:03d}.pt")
+        if improved:
+            _save({"model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "validation": rec}, out / "best.pt")
+            logits = np.stack([np.zeros_like(z_val), z_val], axis=1)
+            info = map_training_info(cfg, tr, va, epoch, history, elapsed + time.time() - t_session)
+            card = export_model(
+                out / "model-best", model, cfg.arch, spec, logits, va.labels, name=cfg.export_name,
+                version=cfg.export_version, training=info, target_sensitivity=cfg.target_sensitivity,
+                half=cfg.export_half, description=map_description(cfg), n_boot=cfg.n_boot, head="fracture_map",
+                extra_metrics={k: v[k] for k in ("pointing_game", "pointing_game_ci95", "n_boxed")},
+            )
+            log(f"exported epoch {epoch} to {out / 'model-best'}: AUROC {card.metrics['validation']['auc']:.4f}, "
+                f"pointing game {v['pointing_game']}, T={card.temperature:.3f}, threshold={card.threshold:.4f}")
+        _save(state(epoch, 0), out / "last.pt")
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+    return {"best_auc": best_auc, "best_epoch": best_epoch, "epochs_run": len(history), "seconds": time.time() - t_start, "out": str(out)}
+
+
+def map_training_info(cfg: MapTrainConfig, tr: TrainData, va: TrainData, epoch: int, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The card's ``training`` object for a fracture-map model."""
+    return {
+        "data": Path(cfg.data).name,
+        "dataset": "FracAtlas (Abedeen et al., Scientific Data 10, 521, 2023; CC BY 4.0)" if "fracatlas" in str(cfg.data).lower() else str(cfg.data),
+        "split": f"group-aware (manifest group), label-stratified; val_fraction {cfg.val_fraction}, seed {cfg.seed}" if not cfg.split else f"split file {Path(cfg.split).name}",
+        "n_train": len(tr.items),
+        "n_train_fractured": int(tr.labels.sum()),
+        "n_train_with_boxes": sum(1 for b in tr.boxes if b),
+        "n_val": len(va.items),
+        "n_val_fractured": int(va.labels.sum()),
+        "weights": "none (trained from scratch)",
+        "recipe": (
+            f"localisation-supervised fracture map: {cfg.crop}px crops of images letterboxed at {cfg.scale}px "
+            f"({cfg.pos_fraction:.0%} around fracture boxes, the rest normal, {cfg.hard_fraction:.0%} of those hard negatives); "
+            f"cell BCE (box cells positive, normal cells negative, outside-box cells of fractured images weight {cfg.outside_weight}) "
+            f"+ image BCE on the log-sum-exp (r={cfg.pool_r}) pooled map"
+        ),
+        "epoch": epoch,
+        "epochs_planned": cfg.epochs,
+        "crops_per_epoch": cfg.crops_per_epoch,
+        "input_size": cfg.scale,
+        "batch_size": cfg.batch_size,
+        "optimizer": f"adamw lr {cfg.lr} weight_decay {cfg.weight_decay}, one-cycle (pct_start {cfg.pct_start})",
+        "augmentation": asdict(AugmentConfig(**cfg.augment)),
+        "seconds": round(seconds, 1),
+        "machine": machine_description(),
+        "command": cfg.command,
+        "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items() if k in ("epoch", "train_loss", "val_auc", "val_pointing_game")} for h in history],
+    }
+
+
+def map_description(cfg: MapTrainConfig) -> str:
+    return (
+        f"{cfg.arch} fracture-map model: per-region fracture probability on a {cfg.scale // (16 if cfg.arch == 'vgg16' else 32)}-cell grid "
+        f"of the whole radiograph letterboxed at {cfg.scale}px with CLAHE; the image probability is the log-sum-exp pooling "
+        "of the map. Trained from scratch with box supervision. Research use only; not a medical device; not for diagnostic use."
+    )
