@@ -35,7 +35,16 @@ from pacs_ai.infer.architectures import build_model
 from pacs_ai.infer.model_card import ModelCard, save_model_folder
 from pacs_ai.infer.preprocess import InputSpec, normalise
 
-__all__ = ["TEST_SIZE", "calibration_batch", "head_linear", "make_model", "make_model_folder", "model_folder"]
+__all__ = [
+    "TEST_SIZE",
+    "calibration_batch",
+    "head_linear",
+    "make_map_model",
+    "make_map_model_folder",
+    "make_model",
+    "make_model_folder",
+    "model_folder",
+]
 
 TEST_SIZE = 64
 
@@ -85,6 +94,40 @@ def make_model(arch: str, spec: InputSpec, *, seed: int = 0, num_classes: int = 
         head.bias.zero_()
         head.bias[-1] = -k * float(margin.mean())
     return model
+
+
+def make_map_model(arch: str, spec: InputSpec, *, seed: int = 0) -> nn.Module:
+    """A random-weight fracture-map ``arch`` whose cell logits have mean -1, std 1 on image-like inputs."""
+    torch.manual_seed(seed)
+    model = build_model(arch, 2, head="fracture_map").eval()
+    with torch.no_grad():
+        feats = model.features(calibration_batch(spec)).double()  # type: ignore[operator]
+        w = model.map_head.weight.double()[0, :, 0, 0]  # type: ignore[union-attr]
+        cells = torch.einsum("nchw,c->nhw", feats, w)
+        std = float(cells.std())
+        k = 1.0 / std if std > 1e-12 else 1.0
+        model.map_head.weight.mul_(k)  # type: ignore[union-attr]
+        model.map_head.bias.fill_(-1.0 - k * float(cells.mean()))  # type: ignore[union-attr]
+    return model
+
+
+def make_map_model_folder(
+    folder: str | Path,
+    arch: str = "densenet121",
+    *,
+    size: int = TEST_SIZE,
+    seed: int = 0,
+    threshold: float = 0.5,
+    temperature: float = 1.0,
+    half: bool = True,
+) -> Path:
+    """Write a random-weight fracture-map model folder (card ``head: fracture_map``); returns the folder."""
+    spec = InputSpec(size=size)
+    card = ModelCard(
+        name=f"test-map-{arch}", architecture=arch, head="fracture_map", version="2.0.0-test", input=spec,
+        threshold=threshold, temperature=temperature, description="random weights, for tests only",
+    )
+    return save_model_folder(folder, make_map_model(arch, spec, seed=seed), card, half=half)
 
 
 def make_model_folder(

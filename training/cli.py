@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-fraction", type=float, default=0.3, help="share of normal crops centred on last epoch's hottest normal regions")
     p.add_argument("--hard-pool", type=int, default=128, help="normal training images scanned per epoch for hard negatives")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--val-limit", type=int, default=None, help="score only every fractured and a fixed sample of normal validation images after each epoch, N in all (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None, help="cache letterboxed images here (.npy)")
@@ -218,7 +219,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
             pos_fraction=args.pos_fraction, hard_fraction=args.hard_fraction, hard_pool=args.hard_pool,
             checkpoint_minutes=args.checkpoint_minutes, threads=args.threads, device=args.device,
             cache_dir=str(args.cache_dir) if args.cache_dir else None, export_name=args.name, export_version=args.version,
-            export_half=args.half, target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit,
+            export_half=args.half, target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit, val_limit=args.val_limit,
             command="python -m training " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         )
         summary = train_map(cfg, resume=args.resume, log=lambda m: print(m, flush=True), progress=not args.no_progress)

@@ -94,6 +94,7 @@ class MapTrainConfig:
     n_boot: int = 1000
     limit: int | None = None
     val_batch: int = 8
+    val_limit: int | None = None
     augment: dict[str, Any] = field(default_factory=dict)
     command: str = ""
 
@@ -332,6 +333,19 @@ def _split(cfg: MapTrainConfig) -> dict[str, list[Item]]:
     return split
 
 
+def monitor_subset(items: list[Item], limit: int | None, seed: int) -> list[Item]:
+    """The validation images scored after each epoch: all of them, or (``limit``) every fractured image
+    plus a fixed random sample of normal ones up to ``limit`` (cheaper monitoring on a busy CPU; the
+    chosen checkpoint is then exported and scored on the whole validation split)."""
+    if limit is None or len(items) <= limit:
+        return items
+    pos = [it for it in items if it.label == 1]
+    neg = [it for it in items if it.label == 0]
+    rng = random.Random(seed + 17)
+    keep = set(it.file for it in rng.sample(neg, max(0, min(len(neg), limit - len(pos)))))
+    return [it for it in items if it.label == 1 or it.file in keep]
+
+
 def _save(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -359,7 +373,7 @@ def train_map(cfg: MapTrainConfig, resume: bool = False, log: Any = print, progr
     boxes = read_boxes(boxes_path)
     spec = cfg.spec()
     tr = load_data(cfg, split["train"], boxes, progress)
-    va = load_data(cfg, split["val"], boxes, progress)
+    va = load_data(cfg, monitor_subset(split["val"], cfg.val_limit, cfg.seed), boxes, progress)
     n_boxed_tr = sum(1 for b in tr.boxes if b)
     log(
         f"train {len(tr.items)} images ({int(tr.labels.sum())} fractured, {n_boxed_tr} with boxes), "
@@ -491,6 +505,7 @@ def map_training_info(cfg: MapTrainConfig, tr: TrainData, va: TrainData, epoch: 
         "n_train_fractured": int(tr.labels.sum()),
         "n_train_with_boxes": sum(1 for b in tr.boxes if b),
         "n_val": len(va.items),
+        "val_subset": cfg.val_limit is not None,
         "n_val_fractured": int(va.labels.sum()),
         "weights": "none (trained from scratch)",
         "recipe": (

@@ -97,7 +97,7 @@ def _write_overlay(path: Path, prepared: Any, prediction: Any) -> None:
         prediction.threshold,
         f"{prediction.model_name} {prediction.model_version}",
     )
-    rgb = render_result_image(prepared.display, heat, caption)
+    rgb = render_result_image(prepared.display, heat, caption, heat_scale=getattr(prediction, "heat_scale", "relative"))
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"cannot write {path}")
 

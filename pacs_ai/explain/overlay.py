@@ -206,17 +206,25 @@ def _draw_caption(img: np.ndarray, caption: Caption) -> None:
         y += base + pad
 
 
-def _draw_legend(img: np.ndarray) -> None:
-    """A horizontal colour bar (the part of the colour map that is actually shown) with low/high labels."""
+LEGENDS: dict[str, tuple[str, str, str]] = {
+    "relative": ("Grad-CAM: where the model looked", "low", "high"),
+    "probability": ("P(fracture) of each region", "0%", "100%"),
+}
+"""Legend (title, left label, right label) per heat scale: what the colours mean."""
+
+
+def _draw_legend(img: np.ndarray, heat_scale: str = "relative") -> None:
+    """A horizontal colour bar (the part of the colour map that is actually shown) with its meaning."""
+    title, low, high = LEGENDS[heat_scale]
     h, w = img.shape[:2]
     scale = max(0.4, min(w, h) / 1400.0)
     thickness = max(1, round(scale * 1.5))
     bar_w = max(40, w // 5)
     bar_h = max(6, round(h / 70))
     pad = max(3, round(10 * scale))
-    (lw, lh), lb = cv2.getTextSize("low", _FONT, scale, thickness)
-    (hw, _), _ = cv2.getTextSize("high", _FONT, scale, thickness)
-    (tw, th), tb = cv2.getTextSize("Grad-CAM heat", _FONT, scale, thickness)
+    (lw, lh), lb = cv2.getTextSize(low, _FONT, scale, thickness)
+    (hw, _), _ = cv2.getTextSize(high, _FONT, scale, thickness)
+    (tw, th), tb = cv2.getTextSize(title, _FONT, scale, thickness)
     box_w = lw + hw + bar_w + 4 * pad
     box_w = max(box_w, tw + 2 * pad)
     box_h = th + tb + max(bar_h, lh + lb) + 3 * pad
@@ -225,7 +233,7 @@ def _draw_legend(img: np.ndarray) -> None:
     if x0 < 0 or y0 < 0:
         return
     _shade(img, x0, y0, x0 + box_w, y0 + box_h)
-    cv2.putText(img, "Grad-CAM heat", (x0 + pad, y0 + pad + th), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
+    cv2.putText(img, title, (x0 + pad, y0 + pad + th), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
     row_top = y0 + 2 * pad + th + tb
     row_h = max(bar_h, lh + lb)
     bx = x0 + 2 * pad + lw
@@ -234,8 +242,8 @@ def _draw_legend(img: np.ndarray) -> None:
     by = row_top + (row_h - bar_h) // 2
     img[by : by + bar_h, bx : bx + bar_w] = blend_heatmap(grey, ramp, alpha_max=1.0)
     text_y = row_top + (row_h + lh) // 2
-    cv2.putText(img, "low", (x0 + pad, text_y), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
-    cv2.putText(img, "high", (bx + bar_w + pad, text_y), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
+    cv2.putText(img, low, (x0 + pad, text_y), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
+    cv2.putText(img, high, (bx + bar_w + pad, text_y), _FONT, scale, _WHITE, thickness, cv2.LINE_AA)
 
 
 def picture_size(height: int, width: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
@@ -251,14 +259,19 @@ def render_result_image(
     *,
     roi: Sequence[int] | None = None,
     max_side: int = MAX_SIDE,
+    heat_scale: str = "relative",
 ) -> np.ndarray:
     """Render the Secondary Capture picture; returns RGB uint8 (h, w, 3) with ``max(h, w) <= max_side``.
 
     ``display`` is the uint8 grey image at the original resolution, ``heat`` a heat map on the same grid
-    or, cheaper, already on the picture's grid (``picture_size``) (any non-negative scale; it is
-    normalised by its maximum; None or all-zero gives no tint), ``roi``
-    an ``(x0, y0, x1, y1)`` box in original pixel coordinates to outline.
+    or, cheaper, already on the picture's grid (``picture_size``) (``heat_scale="relative"``: any
+    non-negative scale, normalised by its maximum, e.g. Grad-CAM; ``"probability"``: per-region fracture
+    probability in [0, 1], shown as is so a cold map stays grey; None or all-zero gives no tint), ``roi``
+    an ``(x0, y0, x1, y1)`` box in original pixel coordinates to outline. The legend says what the
+    colours are (``LEGENDS``).
     """
+    if heat_scale not in LEGENDS:
+        raise ValueError(f"heat_scale must be one of {', '.join(LEGENDS)}, got {heat_scale!r}")
     grey = np.asarray(display)
     if grey.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {grey.shape}")
@@ -267,7 +280,12 @@ def render_result_image(
     oh, ow = grey.shape
     nh, nw = picture_size(oh, ow, max_side)
     factor = min(1.0, max_side / max(oh, ow))
-    h = normalise_heat(heat) if heat is not None else np.zeros((nh, nw), np.float32)
+    if heat is None:
+        h = np.zeros((nh, nw), np.float32)
+    elif heat_scale == "probability":
+        h = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    else:
+        h = normalise_heat(heat)
     if h.shape != (nh, nw):  # a map on the original grid (or another one): to the picture's grid
         if h.shape != (oh, ow):
             h = cv2.resize(h, (ow, oh), interpolation=cv2.INTER_LINEAR)
@@ -284,5 +302,5 @@ def render_result_image(
             cv2.LINE_AA,
         )
     _draw_caption(img, caption)
-    _draw_legend(img)
+    _draw_legend(img, heat_scale)
     return np.ascontiguousarray(img)

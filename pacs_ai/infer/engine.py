@@ -1,15 +1,20 @@
-"""The inference engine: load the model folder(s) once, classify batches, explain with Grad-CAM.
+"""The inference engine: load the model folder(s) once, classify batches, explain each result.
 
 ``InferenceEngine(model_paths, device="auto", batch_size=8, threads=0)`` loads every model folder once
 (an ensemble when there are several; all members must share one preprocessing ``InputSpec``) and keeps
-one :class:`~pacs_ai.explain.gradcam.CamExplainer` per model. ``predict(prepared_images)`` returns one
-:class:`Prediction` per image:
+one explainer per model: :class:`~pacs_ai.explain.fracture_map.MapExplainer` for a fracture-map model
+(card ``head: fracture_map``: the heat map is the model's own per-region fracture probability) and
+:class:`~pacs_ai.explain.gradcam.CamExplainer` for a classifier (format-1 cards: Grad-CAM).
+``predict(prepared_images)`` returns one :class:`Prediction` per image:
 
 - probability: the temperature-scaled softmax probability of the positive class (the card's
-  ``fractured`` class), the mean over the members of an ensemble;
+  ``fractured`` class; for a fracture-map model ``sigmoid(z / T)`` of the pooled map logit ``z``), the
+  mean over the members of an ensemble;
 - fractured: ``probability >= threshold``; the threshold is the first (primary) model's;
-- cam: the Grad-CAM heat map on the network input grid, computed from the same forward pass as the
-  probability (the model runs once per image), averaged over the members and scaled to a peak of 1;
+- cam: the heat map on the network input grid, computed from the same forward pass as the
+  probability (the model runs once per image), averaged over the members. ``heat_scale`` says what
+  its values are: ``"probability"`` (every member a fracture-map model: per-region fracture probability,
+  absolute) or ``"relative"`` (Grad-CAM, or a mixed ensemble: scaled to a peak of 1);
 - timings: seconds per image for preprocess (taken from ``Prepared.extra["preprocess_s"]`` when the
   caller measured it), forward and cam (batch time divided by the batch size).
 
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from pacs_ai.errors import ModelError
+from pacs_ai.explain.fracture_map import MapExplainer
 from pacs_ai.explain.gradcam import CamExplainer, freeze
 from pacs_ai.infer.device import autocast_dtype, configure_threads, select_device
 from pacs_ai.infer.model_card import ModelCard, load_model_folder
@@ -63,6 +69,9 @@ class Prediction:
     architecture: str
     timings: dict[str, float] = field(compare=False)
     """Seconds per image: preprocess, forward, cam."""
+    heat_scale: str = "relative"
+    """What ``cam`` values mean: ``"probability"`` (per-region P(fracture) from a fracture-map model) or
+    ``"relative"`` (Grad-CAM scaled to a peak of 1; intensities do not compare across images)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (without the heat map)."""
@@ -75,6 +84,7 @@ class Prediction:
             "model_version": self.model_version,
             "architecture": self.architecture,
             "timings": dict(self.timings),
+            "heat_scale": self.heat_scale,
         }
 
 
@@ -83,7 +93,7 @@ class _Member:
     path: Path
     model: nn.Module
     card: ModelCard
-    explainer: CamExplainer
+    explainer: CamExplainer | MapExplainer
 
 
 class InferenceEngine:
@@ -116,7 +126,11 @@ class InferenceEngine:
                     f"{card.input.to_dict()} differs from {first.path}'s {first.card.input.to_dict()}"
                 )
             model = freeze(model.eval()).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            explainer = CamExplainer(model, card.architecture, card.positive_index, autocast_dtype=self._amp)
+            explainer: CamExplainer | MapExplainer
+            if card.head == "fracture_map":
+                explainer = MapExplainer(model, card.temperature, autocast_dtype=self._amp)
+            else:
+                explainer = CamExplainer(model, card.architecture, card.positive_index, autocast_dtype=self._amp)
             self._members.append(_Member(path, model, card, explainer))
         primary = self._members[0].card
         thresholds = {m.card.threshold for m in self._members}
@@ -130,6 +144,7 @@ class InferenceEngine:
         self.model_name = "+".join(m.card.name for m in self._members)
         self.model_version = "+".join(m.card.version for m in self._members)
         self.architecture = "+".join(m.card.architecture for m in self._members)
+        self.heat_scale = "probability" if all(m.card.head == "fracture_map" for m in self._members) else "relative"
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -156,6 +171,7 @@ class InferenceEngine:
             "threads": self.threads,
             "precision": str(self._amp).removeprefix("torch.") if self._amp else "float32",
             "cam_method": "+".join(m.explainer.method for m in self._members),
+            "heat_scale": self.heat_scale,
         }
 
     # -- inference ----------------------------------------------------------------------------------
@@ -213,7 +229,9 @@ class InferenceEngine:
         if not np.all(np.isfinite(probs)):
             bad = [i for i in range(n) if not np.isfinite(probs[i])]
             raise ModelError(f"the model produced a non-finite output for image(s) {bad} of the batch")
-        if with_cam and len(self._members) > 1:
+        if with_cam and len(self._members) > 1 and self.heat_scale == "probability":
+            cams /= len(self._members)
+        elif with_cam and len(self._members) > 1:
             peak = cams.reshape(n, -1).max(axis=1)
             cams *= np.where(peak > 0, 1.0 / np.maximum(peak, 1e-30), 0.0).astype(np.float32)[:, None, None]
             np.clip(cams, 0.0, 1.0, out=cams)
@@ -237,6 +255,7 @@ class InferenceEngine:
                     model_version=self.model_version,
                     architecture=self.architecture,
                     timings=timings,
+                    heat_scale=self.heat_scale,
                 )
             )
         return out

@@ -116,7 +116,7 @@ def _picture(
     """The SC picture (RGB) and its PNG preview; the heat map goes straight to the picture's grid."""
     t = time.perf_counter()
     heat = _heat_on_picture(prepared, prediction)
-    rgb = render_result_image(prepared.display, heat, caption, roi=roi)
+    rgb = render_result_image(prepared.display, heat, caption, roi=roi, heat_scale=getattr(prediction, "heat_scale", "relative"))
     t_png = time.perf_counter()
     ok, png = cv2.imencode(".png", _preview(rgb), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB image
