@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,12 @@ import torch
 
 from pacs_ai.infer.architectures import build_model
 from pacs_ai.infer.model_card import ModelCard, load_model_folder, save_card
-from training.data import Item, list_dataset, load_images, read_split
+from pacs_ai.infer.preprocess import cam_to_original, prepare
+from training.data import Item, list_dataset, load_images, read_gray, read_split
 from training.export import calibration, export_model
-from training.metrics import softmax_positive, summarize
-from training.plots import confusion_png, roc_png
+from training.metrics import binary_metrics, bootstrap, json_clean, operating_points, reliability, softmax_positive, summarize
+from training.plots import confusion_png, reliability_png, roc_png
+from training.pointing import Box, peak_hit, pointing_game, read_boxes
 from training.predict import pick_device, predict_letterboxed
 
 
@@ -61,23 +64,126 @@ def evaluate_folder(model_dir: Path, data: Path, items: list[Item], cache_dir: P
     return metrics, pred, card
 
 
+REGIONS = ("hand", "leg", "hip", "shoulder")
+"""Manifest flag columns scored separately (``auc_by_region``)."""
+
+
+@dataclass
+class EngineRun:
+    """What the daemon's engine said about each image: probability, and for boxed fractured images
+    whether the heat-map peak (on the original pixels) fell inside a fracture box."""
+
+    items: list[Item]
+    y: np.ndarray
+    prob: np.ndarray
+    hits: dict[str, bool]
+    card: ModelCard
+    cam_method: str
+
+
+def engine_run(model_dir: Path, data: Path, items: list[Item], boxes: dict[str, list[Box]] | None, device: str = "auto", batch_size: int = 8, threads: int = 0, progress: bool = True) -> EngineRun:
+    """Run ``items`` through exactly the daemon's path: ``read_gray`` (``dicom_to_gray`` /
+    ``image_file_to_gray``) -> ``preprocess.prepare`` -> ``InferenceEngine.predict`` (its explainer) ->
+    ``cam_to_original``. Heat maps are computed only when ``boxes`` are given."""
+    from pacs_ai.infer.engine import InferenceEngine
+
+    engine = InferenceEngine(model_dir, device=device, batch_size=batch_size, threads=threads or 0)
+    probs: list[float] = []
+    hits: dict[str, bool] = {}
+    starts = range(0, len(items), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="engine", unit="batch", leave=False)
+    try:
+        for s in starts:
+            chunk = items[s : s + batch_size]
+            prepared = [prepare(read_gray(Path(data) / it.file), engine.spec) for it in chunk]
+            preds = engine.predict(prepared, with_cam=boxes is not None)
+            for it, prep, pred in zip(chunk, prepared, preds):
+                probs.append(pred.probability)
+                if boxes is not None and it.label == 1 and boxes.get(it.file):
+                    hits[it.file] = peak_hit(cam_to_original(pred.cam, prep.geometry), boxes[it.file])
+        card = engine.cards[0]
+        method = engine.describe()["cam_method"]
+    finally:
+        engine.close()
+    return EngineRun(items, np.array([it.label for it in items]), np.asarray(probs, dtype=np.float64), hits, card, method)
+
+
+def read_regions(data: Path) -> dict[str, dict[str, bool]]:
+    """``file -> {region: flag}`` from ``data/manifest.csv`` (columns hand, leg, hip, shoulder); empty without."""
+    path = Path(data) / "manifest.csv"
+    out: dict[str, dict[str, bool]] = {}
+    if not path.is_file():
+        return out
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            flags = {r: row.get(r, "").strip() in ("1", "true", "True") for r in REGIONS if r in row}
+            if flags:
+                out[row["file"]] = flags
+    return out
+
+
+def full_metrics(run: EngineRun, threshold: float, regions: dict[str, dict[str, bool]], n_boot: int = 1000) -> dict[str, Any]:
+    """``summarize`` plus operating points, pointing game, AUROC per region and calibration, with 95% intervals."""
+    y, prob = run.y, run.prob
+    m = summarize(y, prob, threshold, n_boot=n_boot)
+    m.update(operating_points(y, prob))
+    m.setdefault("ci95", {}).update(bootstrap(y, prob, operating_points, n_boot=n_boot, seed=1))
+    if run.hits:
+        m.update(pointing_game(list(run.hits.values())))
+        m["heat_map"] = run.cam_method
+    by_region: dict[str, Any] = {}
+    for region in REGIONS:
+        sel = np.array([regions.get(it.file, {}).get(region, False) for it in run.items])
+        if not sel.any():
+            continue
+        yy, pp = y[sel], prob[sel]
+        entry: dict[str, Any] = {"n": int(sel.sum()), "n_fractured": int(yy.sum())}
+        if 0 < yy.sum() < len(yy):
+            entry["auc"] = binary_metrics(yy, pp, threshold)["auc"]
+            entry["auc_ci95"] = bootstrap(yy, pp, lambda a, b: {"auc": binary_metrics(a, b, 0.5)["auc"]}, n_boot=n_boot, seed=2).get("auc")
+        else:
+            entry["auc"] = None
+        by_region[region] = entry
+    if by_region:
+        m["auc_by_region"] = by_region
+    rel = reliability(y, prob)
+    m["ece"] = rel["ece"]
+    m["reliability"] = rel
+    return json_clean(m)
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     items = select_items(args.data, args.split, args.subset)
-    metrics, pred, card = evaluate_folder(args.model, args.data, items, args.cache_dir, args.device, args.n_boot, args.batch_size)
+    boxes_path = Path(args.data) / "boxes.csv"
+    boxes = read_boxes(boxes_path) if boxes_path.is_file() else None
+    run = engine_run(args.model, args.data, items, boxes, args.device, min(args.batch_size, 8), args.threads or 0)
+    card = run.card
+    metrics = full_metrics(run, card.threshold, read_regions(args.data), n_boot=args.n_boot)
+    metrics.update({"model": card.name, "architecture": card.architecture, "head": card.head, "version": card.version, "temperature": card.temperature})
     out = args.out or (args.json.parent if args.json else None)
     if out is not None:
-        roc_png({card.name: (pred.y, pred.prob)}, Path(out) / "roc.png", f"ROC: {card.name} on {len(pred.y)} images")
+        roc_png({card.name: (run.y, run.prob)}, Path(out) / "roc.png", f"ROC: {card.name} on {len(run.y)} images")
         confusion_png({card.name: {**metrics["confusion_matrix"], "threshold": card.threshold}}, Path(out) / "confusion.png")
+        reliability_png(metrics["reliability"], Path(out) / "reliability.png", f"{card.name} on {len(run.y)} images")
     text = json.dumps(metrics, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
     ci = metrics.get("ci95", {})
-    print(f"{card.name} ({card.architecture}) on {metrics['n']} images ({metrics['n_fractured']} fractured), threshold {card.threshold:.4f}")
-    for k in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+    print(f"{card.name} ({card.architecture}, {card.head}) on {metrics['n']} images ({metrics['n_fractured']} fractured), threshold {card.threshold:.4f}")
+    for k in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "sensitivity_at_specificity_90", "specificity_at_sensitivity_90"):
         lo_hi = ci.get(k) or [None, None]
-        v = metrics[k]
-        print(f"  {k:12s} {v if v is None else round(v, 4)}  95% CI {lo_hi}")
+        v = metrics.get(k)
+        print(f"  {k:30s} {v if v is None else round(v, 4)}  95% CI {[None if x is None else round(x, 4) for x in lo_hi]}")
+    if "pointing_game" in metrics:
+        lo, hi = metrics["pointing_game_ci95"]
+        print(f"  {'pointing_game':30s} {metrics['pointing_game']:.4f}  ({metrics['hits']}/{metrics['n_boxed']}, 95% CI [{lo:.4f}, {hi:.4f}]; {metrics['heat_map']})")
+    for region, e in metrics.get("auc_by_region", {}).items():
+        print(f"  auc {region:26s} {e['auc'] if e['auc'] is None else round(e['auc'], 4)}  95% CI {e.get('auc_ci95')}  (n {e['n']}, {e['n_fractured']} fractured)")
+    print(f"  {'ece':30s} {metrics['ece']:.4f}")
     cm = metrics["confusion_matrix"]
     print(f"  confusion    tn {cm['tn']}  fp {cm['fp']}  fn {cm['fn']}  tp {cm['tp']}")
     return 0

@@ -335,15 +335,17 @@ def _split(cfg: MapTrainConfig) -> dict[str, list[Item]]:
 
 def monitor_subset(items: list[Item], limit: int | None, seed: int) -> list[Item]:
     """The validation images scored after each epoch: all of them, or (``limit``) every fractured image
-    plus a fixed random sample of normal ones up to ``limit`` (cheaper monitoring on a busy CPU; the
+    (at most half of ``limit``) plus a fixed random sample of normal ones up to ``limit`` (cheaper monitoring on a busy CPU; the
     chosen checkpoint is then exported and scored on the whole validation split)."""
     if limit is None or len(items) <= limit:
         return items
     pos = [it for it in items if it.label == 1]
     neg = [it for it in items if it.label == 0]
     rng = random.Random(seed + 17)
-    keep = set(it.file for it in rng.sample(neg, max(0, min(len(neg), limit - len(pos)))))
-    return [it for it in items if it.label == 1 or it.file in keep]
+    n_pos = min(len(pos), max(1, limit // 2))
+    keep_neg = set(it.file for it in rng.sample(neg, max(0, min(len(neg), limit - n_pos))))
+    keep_pos = set(it.file for it in (pos if n_pos == len(pos) else random.Random(seed + 18).sample(pos, n_pos)))
+    return [it for it in items if it.file in keep_pos or it.file in keep_neg]
 
 
 def _save(obj: dict[str, Any], path: Path) -> None:

@@ -151,3 +151,65 @@ def threshold_for_sensitivity(y: np.ndarray, prob: np.ndarray, target: float = 0
         return 0.5
     k = max(1, math.ceil(target * len(pos) - 1e-9))
     return float(pos[k - 1])
+
+
+def operating_points(y: np.ndarray, prob: np.ndarray, sensitivity: float = 0.90, specificity: float = 0.90) -> dict[str, float]:
+    """Points of the ROC curve (``sklearn.metrics.roc_curve``): the best sensitivity among thresholds with
+    specificity >= ``specificity``, and the best specificity among thresholds with sensitivity >=
+    ``sensitivity``. Keys ``sensitivity_at_specificity_90`` and ``specificity_at_sensitivity_90`` (the
+    suffix is the target in percent). NaN when a class is missing."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y).astype(int)
+    ks = f"sensitivity_at_specificity_{round(100 * specificity)}"
+    kp = f"specificity_at_sensitivity_{round(100 * sensitivity)}"
+    if not 0 < y.sum() < len(y):
+        return {ks: float("nan"), kp: float("nan")}
+    fpr, tpr, _ = roc_curve(y, np.asarray(prob, dtype=np.float64))
+    ok_spec = (1.0 - fpr) >= specificity - 1e-12
+    ok_sens = tpr >= sensitivity - 1e-12
+    return {ks: float(tpr[ok_spec].max()) if ok_spec.any() else 0.0, kp: float((1.0 - fpr[ok_sens]).max()) if ok_sens.any() else 0.0}
+
+
+def bootstrap(y: np.ndarray, prob: np.ndarray, stat: Any, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of every value of ``stat(y, prob) -> dict`` (label-stratified resamples)."""
+    y = np.asarray(y).astype(int)
+    prob = np.asarray(prob, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(pos) == 0 or len(neg) == 0 or n_boot <= 0:
+        return {}
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        for k, v in stat(y[idx], prob[idx]).items():
+            samples.setdefault(k, []).append(v)
+    out = {}
+    for k, v in samples.items():
+        a = np.asarray(v, dtype=np.float64)
+        a = a[np.isfinite(a)]
+        out[k] = [float(np.quantile(a, alpha / 2)), float(np.quantile(a, 1 - alpha / 2))] if len(a) else [float("nan")] * 2
+    return out
+
+
+def reliability(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error over ``n_bins`` equal-width bins of P(fracture) and the diagram's bins.
+
+    Bins as ``sklearn.calibration.calibration_curve(strategy="uniform")``; ECE = sum over non-empty bins
+    of (bin count / N) * |observed fracture rate - mean predicted probability| (Naeini et al., 2015).
+    Returns ``{"ece", "n_bins", "bins": [{"lo", "hi", "n", "mean_predicted", "observed"}]}``.
+    """
+    y = np.asarray(y).astype(int)
+    prob = np.asarray(prob, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ids = np.searchsorted(edges[1:-1], prob)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        sel = ids == b
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        mp, obs = float(prob[sel].mean()), float(y[sel].mean())
+        ece += n / len(y) * abs(obs - mp)
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": n, "mean_predicted": mp, "observed": obs})
+    return {"ece": float(ece) if len(y) else float("nan"), "n_bins": n_bins, "bins": bins}

@@ -54,3 +54,26 @@ def confusion_png(matrices: dict[str, dict[str, Any]], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def reliability_png(rel: dict[str, Any], path: Path, title: str = "Reliability diagram") -> Path:
+    """Observed fracture rate against mean predicted P(fracture) per bin (from ``metrics.reliability``),
+    with the bin counts as bars underneath and the ECE in the title."""
+    bins = rel["bins"]
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 6), dpi=120, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfect calibration")
+    ax.plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], marker="o", lw=1.5, label="model")
+    ax.set_ylabel("observed fracture rate")
+    ax.set_title(f"{title}\nECE {rel['ece']:.3f} ({rel['n_bins']} bins)", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    width = 1.0 / rel["n_bins"]
+    axn.bar([b["lo"] + width / 2 for b in bins], [b["n"] for b in bins], width=width * 0.9, color="tab:grey")
+    axn.set_xlabel("predicted P(fracture)")
+    axn.set_ylabel("images")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
