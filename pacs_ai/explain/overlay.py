@@ -207,10 +207,15 @@ def _draw_caption(img: np.ndarray, caption: Caption) -> None:
 
 
 LEGENDS: dict[str, tuple[str, str, str]] = {
-    "relative": ("Grad-CAM: where the model looked", "low", "high"),
-    "probability": ("P(fracture) of each region", "0%", "100%"),
+    "relative": ("Grad-CAM (relative)", "low", "high"),
+    "probability": ("P(fracture) per region", "0%", "100%"),
 }
-"""Legend (title, left label, right label) per heat scale: what the colours mean."""
+"""Legend (title, left label, right label) per heat scale: what the colours mean. ``relative``: where a
+classifier looked (Grad-CAM, scaled to its own peak, so a colour does not compare across images);
+``probability``: a fracture-map model's own per-region fracture probability (absolute)."""
+
+LEGEND_MAX_WIDTH = 0.55
+"""The legend's box is at most this fraction of the picture's width (its font shrinks to fit)."""
 
 
 def _draw_legend(img: np.ndarray, heat_scale: str = "relative") -> None:
@@ -218,8 +223,10 @@ def _draw_legend(img: np.ndarray, heat_scale: str = "relative") -> None:
     title, low, high = LEGENDS[heat_scale]
     h, w = img.shape[:2]
     scale = max(0.4, min(w, h) / 1400.0)
-    thickness = max(1, round(scale * 1.5))
     bar_w = max(40, w // 5)
+    widest = max(cv2.getTextSize(title, _FONT, 1.0, 1)[0][0], cv2.getTextSize(low + high, _FONT, 1.0, 1)[0][0] + bar_w / scale)
+    scale = max(0.3, min(scale, 0.9 * LEGEND_MAX_WIDTH * w / max(1.0, widest)))
+    thickness = max(1, round(scale * 1.5))
     bar_h = max(6, round(h / 70))
     pad = max(3, round(10 * scale))
     (lw, lh), lb = cv2.getTextSize(low, _FONT, scale, thickness)
