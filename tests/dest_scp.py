@@ -87,6 +87,7 @@ class Received:
     at: float  # time.time() when the C-STORE arrived
     status: int  # what we answered
     referenced_sop_instance_uids: tuple[str, ...] = ()
+    transfer_syntax: str = ""  # of the presentation context it came in
 
 
 @dataclass
@@ -107,6 +108,10 @@ class DestSCP:
     port: int = 0
     keep_datasets: bool = False
     save_dir: Path | None = None
+    transfer_syntaxes: list[str] | None = None
+    """Accept only these transfer syntaxes (like a restrictive PACS: ``[ImplicitVRLittleEndian]``)."""
+    refuse_sop_classes: frozenset[str] = frozenset()
+    """SOP classes whose presentation contexts are rejected (e.g. ``{COMPREHENSIVE_3D_SR}``)."""
     received: list[Received] = field(default_factory=list)
     datasets: dict[str, Dataset] = field(default_factory=dict)
 
@@ -150,8 +155,8 @@ class DestSCP:
         ae.dimse_timeout = 30
         contexts = {c.abstract_syntax for c in AllStoragePresentationContexts}
         contexts |= {SECONDARY_CAPTURE, *SR_CLASSES}
-        for uid in sorted(contexts):
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        for uid in sorted(contexts - set(self.refuse_sop_classes)):
+            ae.add_supported_context(uid, self.transfer_syntaxes or TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         deadline = time.monotonic() + 10
@@ -213,6 +218,7 @@ class DestSCP:
             at=time.time(),
             status=status,
             referenced_sop_instance_uids=tuple(dict.fromkeys(r for r in refs if r)),
+            transfer_syntax=str(event.context.transfer_syntax),
         )
         if status == 0x0000:
             if self.save_dir is not None:

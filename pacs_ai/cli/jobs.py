@@ -104,7 +104,37 @@ def _cmd_show(args: argparse.Namespace) -> int:
             f"  #{d.id} {d.destination}: {d.state.value}, {d.attempts} attempt(s), "
             f"delivered {_when(d.delivered_at)}" + (f", error: {d.last_error}" if d.last_error else "")
         )
+        for line in object_lines(d.objects):
+            print(f"      {line}")
     return 0
+
+
+_SOP_CLASS_NAMES = {
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
+}
+_TS_NAMES = {"1.2.840.10008.1.2": "Implicit VR LE", "1.2.840.10008.1.2.1": "Explicit VR LE"}
+
+
+def object_lines(objects: dict[str, Any] | None) -> list[str]:
+    """One line per result object of a delivery: ``sc: delivered as Secondary Capture (Implicit VR LE)``,
+    ``sr: refused for good: <reason>``, ``sr: not delivered yet (will retry): <reason>``."""
+    lines = []
+    for key, info in sorted((objects or {}).items()):
+        if not isinstance(info, dict):
+            continue
+        state = info.get("state")
+        if state == "done":
+            what = _SOP_CLASS_NAMES.get(str(info.get("sop_class_uid")), str(info.get("sop_class_uid", "?")))
+            ts = _TS_NAMES.get(str(info.get("transfer_syntax_uid")), str(info.get("transfer_syntax_uid", "?")))
+            lines.append(f"{key}: delivered as {what} ({ts}) at {str(info.get('at', '-'))[:19].replace('T', ' ')}")
+        elif state == "dead":
+            lines.append(f"{key}: refused for good: {info.get('error', '')}")
+        else:
+            lines.append(f"{key}: not delivered yet (will retry): {info.get('error', '')}")
+    return lines
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:

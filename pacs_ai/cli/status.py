@@ -195,6 +195,7 @@ def read_queue(config: Config) -> dict[str, Any]:
             report["oldest_queued"] = None
         deliveries = store.delivery_counts()
         report["deliveries"] = deliveries
+        report["deliveries_partial"] = store.partly_delivered_counts()
         names = [d.name for d in config.destinations]
         report["deliveries_pending"] = {
             name: sum(deliveries.get(name, {}).get(s, 0) for s in PENDING_STATES)
@@ -318,7 +319,9 @@ def format_status(status: dict[str, Any]) -> str:
         for name, n in pending.items():
             states = queue["deliveries"].get(name, {})
             detail = "  ".join(f"{s} {states.get(s, 0)}" for s in DELIVERY_STATES)
-            rows.append(("deliveries", f"{name}: {n} pending  ({detail})"))
+            partial = queue.get("deliveries_partial", {}).get(name, 0)
+            extra = f"; {partial} partly delivered (some objects stored, see jobs show)" if partial else ""
+            rows.append(("deliveries", f"{name}: {n} pending  ({detail}){extra}"))
     for model in status["models"]:
         if model["ok"]:
             text = (f"{model['name']} {model['version']} ({model['architecture']}, {model['input_size']} px, "

@@ -102,6 +102,13 @@ class Delivery:
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+    objects: dict | None = None
+    """Per result object (``sc``, ``sr``): ``{"state", "at", "error", "sop_class_uid", ...}``; None before
+    anything was recorded for one."""
+
+    def delivered_objects(self) -> set[str]:
+        """Keys of the objects this destination already stored (a retry sends only the others)."""
+        return {k for k, v in (self.objects or {}).items() if isinstance(v, dict) and v.get("state") == "done"}
 
 
 @dataclass(frozen=True)
@@ -752,14 +759,50 @@ class JobStore:
                 )
             )
 
+    def record_object(self, delivery_id: int, owner: str, key: str, info: dict[str, Any]) -> None:
+        """Record that object ``key`` of a delivery (``sc``, ``sr``) was stored by the destination.
+
+        ``info`` says as what (``sop_class_uid``, ``sop_instance_uid``, ``transfer_syntax_uid``, ...).
+        Called as soon as the peer confirmed the object, so a later failure or crash cannot make it be
+        sent again. Raises LeaseLostError when ``owner`` no longer holds the delivery.
+        """
+        now = self.now()
+        with self._write() as conn:
+            row = self._owned_delivery(conn, delivery_id, owner, "record an object of")
+            objects = dict(row.objects or {})
+            objects[key] = {**{k: v for k, v in info.items() if k not in ("error", "state")}, "state": "done", "at": now.isoformat()}
+            conn.execute(D.update().where(D.c.id == delivery_id).values(objects=objects, updated_at=now))
+
     def fail_delivery(
-        self, delivery_id: int, owner: str, reason: str, *, permanent: bool = False
+        self,
+        delivery_id: int,
+        owner: str,
+        reason: str,
+        *,
+        permanent: bool = False,
+        objects: dict[str, dict[str, Any]] | None = None,
     ) -> DeliveryState:
+        """Record a failed attempt: retried with backoff, or dead when ``permanent`` or out of attempts.
+
+        ``objects`` gives the failure of each object not stored (``{"sr": {"error": ..., "permanent":
+        bool}}``); objects already recorded as stored stay so.
+        """
         now = self.now()
         with self._write() as conn:
             row = self._owned_delivery(conn, delivery_id, owner, "fail")
             dead = permanent or row.attempts >= self.delivery_policy.max_attempts
             state = DeliveryState.DEAD if dead else DeliveryState.FAILED
+            merged = dict(row.objects or {})
+            for key, info in (objects or {}).items():
+                if isinstance(merged.get(key), dict) and merged[key].get("state") == "done":
+                    continue
+                object_dead = dead or bool(info.get("permanent"))
+                merged[key] = {
+                    **{k: v for k, v in info.items() if k not in ("permanent", "state")},
+                    "error": _clip(str(info.get("error", reason))),
+                    "state": "dead" if object_dead else "failed",
+                    "at": now.isoformat(),
+                }
             conn.execute(
                 D.update()
                 .where(D.c.id == delivery_id)
@@ -772,6 +815,7 @@ class JobStore:
                     if dead
                     else now + timedelta(seconds=self.delivery_policy.delay(row.attempts)),
                     updated_at=now,
+                    objects=merged or row.objects,
                 )
             )
             return state
@@ -827,6 +871,19 @@ class JobStore:
         with self._read() as conn:
             for destination, state, n in conn.execute(query):
                 counts.setdefault(destination, {})[state] = int(n)
+        return counts
+
+    def partly_delivered_counts(self) -> dict[str, int]:
+        """destination -> deliveries not done of which at least one object was stored (e.g. the SC
+        delivered while the SR was refused); destinations with none are left out."""
+        counts: dict[str, int] = {}
+        query = sa.select(D.c.destination, D.c.objects).where(
+            D.c.state != DeliveryState.DONE.value, D.c.objects.is_not(None)
+        )
+        with self._read() as conn:
+            for destination, objects in conn.execute(query):
+                if any(isinstance(v, dict) and v.get("state") == "done" for v in (objects or {}).values()):
+                    counts[destination] = counts.get(destination, 0) + 1
         return counts
 
     def all_delivered(self, job_id: int) -> bool:

@@ -128,10 +128,18 @@ def _v3_studies(conn: sa.Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_study ON jobs (study_instance_uid)"))
 
 
+def _v4_delivery_objects(conn: sa.Connection) -> None:
+    # Delivery state per result object (SC delivered while the SR was refused; a retry sends only what is
+    # missing): a JSON column on deliveries, NULL for rows written before (nothing recorded per object).
+    column_type = sa.JSON().compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE deliveries ADD COLUMN objects {column_type}"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema: jobs and deliveries", _v1_initial),
     Migration(2, "indexes for listing, purging and per-job delivery lookups", _v2_job_indexes),
     Migration(3, "studies: study-level results and their deliveries; jobs indexed by study", _v3_studies),
+    Migration(4, "deliveries: state per result object", _v4_delivery_objects),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -80,6 +80,9 @@ deliveries = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Column("delivered_at", UTCDateTime, nullable=True),
+    # Per result object (key "sc"/"sr"): {"state": "done"|"failed"|"dead", "at", "error", and as what it
+    # was sent: "sop_class_uid", "sop_instance_uid", "transfer_syntax_uid"}. Migration step 4.
+    sa.Column("objects", sa.JSON, nullable=True),
     sa.UniqueConstraint("job_id", "destination", name="uq_deliveries_job_destination"),
     sa.Index("ix_deliveries_state_next", "state", "next_attempt_at"),
 )

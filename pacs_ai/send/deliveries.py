@@ -5,11 +5,14 @@ done). ``DeliveryProcessor.run_once()`` gives every destination its own worker t
 that destination's due deliveries (up to ``batch_size``), sends each job's SC and SR over one
 association, and records the outcome:
 
-- success -> ``jobs.complete_delivery`` and ``observer.delivered`` (seconds since the image was received);
-- failure -> ``jobs.fail_delivery`` (the store applies exponential backoff and dead-letters after the
-  configured attempts, or at once for a permanent error) and ``observer.delivery_failed``. When the
-  destination cannot be reached at all, the rest of its batch is failed with the same reason without
-  trying again in this round.
+- each object the peer stored -> ``jobs.record_object`` at once (the delivery keeps a state per object:
+  an SC stored while the SR was refused shows as such, and a retry sends only what is missing);
+- success (every object stored) -> ``jobs.complete_delivery`` and ``observer.delivered`` (seconds since
+  the image was received);
+- failure -> ``jobs.fail_delivery`` with each missing object's reason (the store applies exponential
+  backoff and dead-letters after the configured attempts, or at once when every missing object was
+  refused for good) and ``observer.delivery_failed``. When the destination cannot be reached at all, the
+  rest of its batch is failed with the same reason without trying again in this round.
 
 A destination that is down or slow never blocks the others: ``run_once`` waits at most ``max_wait_s``
 for the destinations' threads and collects a slow one's outcome in a later call, while the other
@@ -39,10 +42,10 @@ from pydicom.filereader import read_file_meta_info
 from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError
 from pacs_ai.ops.events import NullObserver, Observer
-from pacs_ai.send.sender import DestinationUnreachable, send_files
+from pacs_ai.send.sender import DestinationUnreachable, ObjectOutcome, outgoing_object, send_files, send_objects
 from pacs_ai.store.spool import write_atomic
 
-__all__ = ["OUTBOX", "DeliveryProcessor", "destination_names", "result_files"]
+__all__ = ["OUTBOX", "DeliveryProcessor", "ObjectsNotDelivered", "destination_names", "result_file_map", "result_files"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,32 @@ def result_files(result: Mapping[str, Any] | None) -> list[Path]:
     if not paths:
         raise DeliveryError("-", "the job's result names no DICOM files to deliver", permanent=True)
     return paths
+
+
+def result_file_map(result: Mapping[str, Any] | None) -> dict[str, Path]:
+    """The DICOM files to deliver by object key: ``{"sc": ..., "sr": ...}`` for ``write_results`` output,
+    the file names for a list of paths. Raises DeliveryError (permanent) when there is nothing to deliver."""
+    paths = result_files(result)  # raises when there is nothing
+    files = (result or {}).get("files", result)
+    if isinstance(files, Mapping):
+        return {k: Path(str(files[k])) for k in ("sc", "sr") if files.get(k)}
+    return {p.name: p for p in paths}
+
+
+class ObjectsNotDelivered(DeliveryError):
+    """Some objects of a delivery were not stored; ``outcomes`` has every object's outcome of this attempt."""
+
+    def __init__(self, destination: str, outcomes: Sequence[ObjectOutcome]) -> None:
+        failed = [o for o in outcomes if not o.stored]
+        stored = [o.key for o in outcomes if o.stored]
+        detail = "; ".join(f"{o.key}: {o.detail}" for o in failed)
+        if stored:
+            detail = f"{', '.join(stored)} delivered; " + detail
+        super().__init__(destination, detail, permanent=all(o.permanent for o in failed))
+        self.outcomes = list(outcomes)
+
+    def object_errors(self) -> dict[str, dict[str, Any]]:
+        return {o.key: {**o.to_dict(), "error": o.detail, "permanent": o.permanent} for o in self.outcomes if not o.stored}
 
 
 def _safe_name(uid: str) -> str:
@@ -227,7 +256,7 @@ class DeliveryProcessor:
 
             try:
                 job = self.jobs.get(delivery.job_id)
-                self._deliver_job(name, job, on_stored=record)
+                self._deliver_job(name, job, on_stored=record, delivery=delivery)
             except DeliveryError as exc:
                 if recorded:  # the files were stored and recorded; only the release went wrong
                     log.warning("delivery %d to %s: stored, but: %s", delivery.id, name, exc.detail)
@@ -295,23 +324,51 @@ class DeliveryProcessor:
 
     # -- one job -----------------------------------------------------------------------------------
 
-    def _deliver_job(self, name: str, job: Any, on_stored: Callable[[], None] | None = None) -> None:
+    def _deliver_job(
+        self, name: str, job: Any, on_stored: Callable[[], None] | None = None, delivery: Any = None
+    ) -> None:
+        """Send the job's result objects that ``delivery`` has not delivered yet (all without a delivery).
+
+        Raises ObjectsNotDelivered (some objects stored, some not) or DeliveryError.
+        """
         try:
-            paths = result_files(job.result)
+            files = result_file_map(job.result)
         except DeliveryError as exc:
             raise DeliveryError(name, f"job {job.id}: {exc.detail}", permanent=True) from exc
         destination = self.destinations.get(name)
         if destination is None:
-            self._to_outbox(job, paths)
+            self._to_outbox(job, list(files.values()))
             return
-        send_files(
+        done = delivery.delivered_objects() if delivery is not None and hasattr(delivery, "delivered_objects") else set()
+        missing = {key: path for key, path in files.items() if key not in done}
+        if done:
+            log.info("job %d to %s: %s already delivered, sending %s", job.id, name, ", ".join(sorted(done)), ", ".join(missing) or "nothing")
+        if not missing:
+            if on_stored is not None:
+                on_stored()
+            return
+        if delivery is None:
+            send_files(
+                destination, list(missing.values()), calling_ae_title=self.calling_ae_title,
+                timeout_s=self.timeout_s, ssl_context=self.ssl_contexts.get(name), on_stored=on_stored,
+            )
+            return
+        objects = [outgoing_object(name, key, path) for key, path in missing.items()]
+
+        def stored(outcome: ObjectOutcome) -> None:
+            self.jobs.record_object(delivery.id, self.owner, outcome.key, outcome.to_dict())
+
+        outcomes = send_objects(
             destination,
-            paths,
+            objects,
             calling_ae_title=self.calling_ae_title,
             timeout_s=self.timeout_s,
             ssl_context=self.ssl_contexts.get(name),
-            on_stored=on_stored,
+            on_object_stored=stored,
+            on_all_stored=on_stored,
         )
+        if not all(o.stored for o in outcomes):
+            raise ObjectsNotDelivered(name, outcomes)
 
     def _to_outbox(self, job: Any, paths: Sequence[Path]) -> None:
         folder = self.outbox_dir / _safe_name(str(job.study_instance_uid or "unknown-study"))
@@ -350,7 +407,12 @@ class DeliveryProcessor:
 
     def _failed(self, delivery: Any, exc: DeliveryError) -> None:
         try:
-            state = self.jobs.fail_delivery(delivery.id, self.owner, exc.detail, permanent=exc.permanent)
+            if isinstance(exc, ObjectsNotDelivered):
+                state = self.jobs.fail_delivery(
+                    delivery.id, self.owner, exc.detail, permanent=exc.permanent, objects=exc.object_errors()
+                )
+            else:
+                state = self.jobs.fail_delivery(delivery.id, self.owner, exc.detail, permanent=exc.permanent)
         except LeaseLostError as lost:
             log.warning("delivery %d to %s: %s", delivery.id, delivery.destination, lost)
             return

@@ -1,16 +1,21 @@
 """C-STORE SCU: send result files to one destination over one association.
 
-``send_files(destination, paths, calling_ae_title=...)`` proposes one presentation context per
-(SOP class, transfer syntax) pair found in the files' meta information (each file is sent as it is
-encoded, no conversion), opens one association, C-STOREs every file and releases the association.
-Anything short of success for every file raises :class:`~pacs_ai.errors.DeliveryError`:
+``send_objects(destination, objects, ...)`` proposes for every object its own transfer syntax plus
+Explicit and Implicit VR Little Endian, and for an SR the other SR classes that can carry its content
+(contexts.py); it opens one association, sends each object in what the peer accepted (converted by
+pydicom when needed), and returns one ``ObjectOutcome`` per object, so that an SC stored while the SR
+was refused is recorded as such and a retry sends only what is missing. ``send_files(destination,
+paths, ...)`` is the all-or-nothing form: it raises :class:`~pacs_ai.errors.DeliveryError` unless every
+file was stored.
+
+Failures, as ``DeliveryError.permanent`` or ``ObjectOutcome.permanent``:
 
 - ``permanent=False`` (retry later with backoff): the peer cannot be reached, the association is
   rejected or aborted, the peer does not answer in time, or it answers with a status that may change
   (0xA7xx out of resources, 0x0110 processing failure, unknown failures);
-- ``permanent=True`` (retrying cannot help): a file is missing or not DICOM, the peer does not accept the
-  SOP class / transfer syntax, or it answers 0x0122 (SOP class not supported), 0xA9xx (data set does not
-  match SOP class) or 0xCxxx (cannot understand).
+- ``permanent=True`` (retrying cannot help): a file is missing or not DICOM, the peer accepts none of the
+  object's SOP classes in any of its transfer syntaxes, or it answers 0x0122 (SOP class not supported),
+  0xA9xx (data set does not match SOP class) or 0xCxxx (cannot understand).
 
 Warning statuses (0x0001, 0xBxxx) count as stored.
 """
@@ -20,17 +25,38 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom.presentation import build_context
 
 from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError
+from pacs_ai.send.contexts import (
+    COMPREHENSIVE_3D_SR,
+    COMPREHENSIVE_SR,
+    OutgoingObject,
+    accepted_syntaxes,
+    choose,
+    dataset_to_send,
+    propose,
+    sop_class_alternatives,
+    transfer_syntax_preference,
+)
 
-__all__ = ["DestinationUnreachable", "is_permanent_status", "send_files"]
+__all__ = [
+    "DestinationUnreachable",
+    "ObjectOutcome",
+    "is_permanent_status",
+    "outgoing_object",
+    "send_files",
+    "send_objects",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +77,36 @@ def _is_success(status: int) -> bool:
     return status == 0x0000 or status == 0x0001 or (status & 0xF000) == 0xB000
 
 
-def _file_meta(destination: str, path: Path) -> tuple[str, str]:
+@dataclass(frozen=True)
+class ObjectOutcome:
+    """What became of one object: stored, or not (``permanent``: retrying cannot help), and as what."""
+
+    key: str
+    stored: bool
+    permanent: bool = False
+    detail: str = ""
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+    status: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+def outgoing_object(destination: str, key: str, path: Path) -> OutgoingObject:
+    """Read what the sender needs of a result file (meta information; an SR's content for alternatives).
+
+    Raises DeliveryError (permanent) when the file is missing or not DICOM.
+    """
     try:
         meta = read_file_meta_info(path)
-        return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        sop_class, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        sop_instance = str(meta.MediaStorageSOPInstanceUID)
+        alternatives: tuple[str, ...] = ()
+        if sop_class in (COMPREHENSIVE_3D_SR, COMPREHENSIVE_SR):
+            alternatives = sop_class_alternatives(pydicom.dcmread(path, stop_before_pixels=True))
+        return OutgoingObject(key, Path(path), sop_class, sop_instance, ts, alternatives)
     except FileNotFoundError as exc:
         raise DeliveryError(destination, f"{path} does not exist", permanent=True) from exc
     except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
@@ -70,27 +122,55 @@ def send_files(
     ssl_context: ssl.SSLContext | None = None,
     on_stored: Callable[[], None] | None = None,
 ) -> None:
-    """C-STORE every file of ``paths`` to ``destination`` over one association; raise DeliveryError on failure.
+    """C-STORE every file of ``paths`` to ``destination`` over one association; raise DeliveryError
+    unless every one was stored (permanent only when every failure is).
 
     ``on_stored`` is called once every file was stored, before the association is released, so that the
     caller records the delivery as soon as the peer has the files: a crash after that point cannot make
     the files be sent again.
     """
-    name = destination.name
     files = [Path(p) for p in paths]
     if not files:
         return
-    metas = [_file_meta(name, p) for p in files]
-    pairs = list(dict.fromkeys(metas))
-    if len(pairs) > MAX_CONTEXTS:
-        raise DeliveryError(name, f"{len(pairs)} presentation contexts needed, at most {MAX_CONTEXTS}", permanent=True)
+    objects = [outgoing_object(destination.name, f"{i}:{p.name}", p) for i, p in enumerate(files)]
+    outcomes = send_objects(
+        destination, objects, calling_ae_title=calling_ae_title, timeout_s=timeout_s, ssl_context=ssl_context,
+        on_all_stored=on_stored,
+    )
+    failed = [o for o in outcomes if not o.stored]
+    if failed:
+        raise DeliveryError(destination.name, failed[0].detail, permanent=all(o.permanent for o in failed))
+
+
+def send_objects(
+    destination: Destination,
+    objects: Sequence[OutgoingObject],
+    *,
+    calling_ae_title: str,
+    timeout_s: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
+    on_object_stored: Callable[[ObjectOutcome], None] | None = None,
+    on_all_stored: Callable[[], None] | None = None,
+) -> list[ObjectOutcome]:
+    """C-STORE ``objects`` to ``destination`` over one association; one outcome per object, in order.
+
+    ``on_object_stored(outcome)`` is called as soon as the peer confirmed an object (before the next one
+    and before the release: a crash later cannot make it be sent again); ``on_all_stored()`` once every
+    object was stored. Raises :class:`DestinationUnreachable` when no association could be established
+    (nothing was sent) and DeliveryError (permanent) when more contexts would be needed than allowed.
+    """
+    name = destination.name
+    if not objects:
+        return []
+    contexts = propose(objects)
+    if len(contexts) > MAX_CONTEXTS:
+        raise DeliveryError(name, f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}", permanent=True)
 
     ae = AE(ae_title=calling_ae_title or "PACSAI")
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
-    contexts = [build_context(sop_class, [ts]) for sop_class, ts in pairs]
     tls_args = (ssl_context, destination.host) if ssl_context is not None else None
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     answer: dict[str, object] = {}
@@ -124,40 +204,70 @@ def send_files(
             # fix: retry with backoff; the delivery is dead-lettered after the configured attempts anyway.
             raise DestinationUnreachable(name, f"association rejected by {where} ({answer.get('rejected', 'no reason')})")
         if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
-            offered = ", ".join(f"{c} ({t})" for c, t in pairs)
-            raise DeliveryError(name, f"{where} accepts none of the presentation contexts: {offered}", permanent=True)
+            return [_refused_all(obj, where) for obj in objects]
         if assoc.is_aborted and answer.get("connected"):
             raise DestinationUnreachable(name, f"association aborted by {where} (no answer or abort during negotiation)")
         raise DestinationUnreachable(name, f"cannot connect to {where} (connection refused, unreachable or timed out)")
 
+    outcomes: list[ObjectOutcome] = []
     try:
-        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
-        for path, pair in zip(files, metas):
-            if pair not in accepted:
-                raise DeliveryError(
-                    name,
-                    f"{where} does not accept SOP class {pair[0]} in transfer syntax {pair[1]} ({path.name})",
-                    permanent=True,
-                )
-            status_ds = assoc.send_c_store(path)
-            status = getattr(status_ds, "Status", None)
-            if status is None:
-                raise DeliveryError(name, f"no C-STORE response from {where} for {path.name} (timeout or abort)")
-            status = int(status)
-            if not _is_success(status):
-                comment = str(getattr(status_ds, "ErrorComment", "") or "")
-                detail = f"{where} refused {path.name} with status 0x{status:04X}" + (f": {comment}" if comment else "")
-                raise DeliveryError(name, detail, permanent=is_permanent_status(status))
-            if status != 0x0000:
-                log.warning("%s stored %s with warning status 0x%04X", where, path.name, status)
-        if on_stored is not None:
-            on_stored()
-        assoc.release()
-    except DeliveryError:
+        accepted = accepted_syntaxes(assoc.accepted_contexts)
+        for obj in objects:
+            if not assoc.is_established:
+                outcomes.append(ObjectOutcome(obj.key, False, False, f"not sent: the association with {where} ended"))
+                continue
+            outcome = _send_one(assoc, obj, accepted, where)
+            outcomes.append(outcome)
+            if outcome.stored and on_object_stored is not None:
+                on_object_stored(outcome)
+        if on_all_stored is not None and all(o.stored for o in outcomes):
+            on_all_stored()
+        if assoc.is_established:
+            assoc.release()
+    except BaseException:
         assoc.abort()
         raise
-    except (OSError, RuntimeError, ValueError, AttributeError) as exc:
-        assoc.abort()
-        raise DeliveryError(name, f"sending to {where} failed: {exc}") from exc
     finally:
         ae.shutdown()
+    return outcomes
+
+
+def _refused_all(obj: OutgoingObject, where: str) -> ObjectOutcome:
+    offered = ", ".join(f"{c} ({', '.join(transfer_syntax_preference(obj.transfer_syntax_uid))})" for c in obj.sop_classes)
+    return ObjectOutcome(obj.key, False, True, f"{where} accepts none of the presentation contexts: {offered}")
+
+
+def _send_one(assoc: Any, obj: OutgoingObject, accepted: dict[str, list[str]], where: str) -> ObjectOutcome:
+    """C-STORE one object in the context ``choose`` picks; its outcome (never raises for a DIMSE failure)."""
+    choice = choose(obj, accepted)
+    if choice is None:
+        return _refused_all(obj, where)
+    try:
+        ds = dataset_to_send(obj, choice)
+    except FileNotFoundError:
+        return ObjectOutcome(obj.key, False, True, f"{obj.path} does not exist")
+    except Exception as exc:  # noqa: BLE001 - unreadable or not convertible: sending it again cannot help
+        return ObjectOutcome(obj.key, False, True, f"cannot prepare {obj.path.name} for {where}: {type(exc).__name__}: {exc}")
+    sent: dict[str, Any] = {
+        "sop_class_uid": choice.sop_class_uid, "sop_instance_uid": str(ds.SOPInstanceUID), "transfer_syntax_uid": choice.transfer_syntax_uid
+    }
+    if choice.sop_class_uid != obj.sop_class_uid or choice.transfer_syntax_uid != obj.transfer_syntax_uid:
+        log.info(
+            "%s: sending %s as %s in %s (what the peer accepted)",
+            where, obj.path.name, UID(choice.sop_class_uid).name, UID(choice.transfer_syntax_uid).name,
+        )
+    try:
+        status_ds = assoc.send_c_store(ds)
+    except (OSError, RuntimeError, ValueError, AttributeError) as exc:
+        return ObjectOutcome(obj.key, False, False, f"sending {obj.path.name} to {where} failed: {exc}", **sent)
+    status = getattr(status_ds, "Status", None)
+    if status is None:
+        return ObjectOutcome(obj.key, False, False, f"no C-STORE response from {where} for {obj.path.name} (timeout or abort)", **sent)
+    status = int(status)
+    if not _is_success(status):
+        comment = str(getattr(status_ds, "ErrorComment", "") or "")
+        detail = f"{where} refused {obj.path.name} with status 0x{status:04X}" + (f": {comment}" if comment else "")
+        return ObjectOutcome(obj.key, False, is_permanent_status(status), detail, status=status, **sent)
+    if status != 0x0000:
+        log.warning("%s stored %s with warning status 0x%04X", where, obj.path.name, status)
+    return ObjectOutcome(obj.key, True, False, "", status=status, **sent)

@@ -22,10 +22,11 @@ __all__ = ["KINDS", "derive_uid"]
 
 KINDS: tuple[str, ...] = (
     "sc-series", "sc", "sr-series", "sr", "tracking", "roi-tracking", "device",
-    "study-sr-series", "study-sr", "study-tracking",
+    "study-sr-series", "study-sr", "study-tracking", "sr-class",
 )
 """The kinds of UID pacs-ai derives from a source image (``device`` is per model, not per image; the
-``study-*`` kinds are derived from a Study Instance UID: the study result, one per study and model)."""
+``study-*`` kinds are derived from a Study Instance UID: the study result, one per study and model;
+``sr-class`` is an SR re-sent in another SR SOP class: derived from the SR's own UID and that class)."""
 
 _NAMESPACE = "pacs-ai/result-uid/v1"
 
