@@ -168,6 +168,7 @@ def test_writer_failure_is_retried_then_dead(store, engine, tmp_path, sample_fil
         assert worker.run_once() == 1
         job = store.get(job_id)
         assert job.state == expected and "disk on fire" in job.last_error
+        assert not (tmp_path / "results" / str(job_id)).exists(), "a failed attempt left an empty results folder"
     assert calls["n"] == 3 and worker.run_once() == 0
 
 
@@ -184,6 +185,7 @@ def test_result_object_that_cannot_be_built_goes_dead_at_once(store, engine, tmp
     job = store.get(job_id)
     assert job.state == JobState.DEAD
     assert job.last_error.startswith("result_not_writable:") and "Study Instance UID" in job.last_error
+    assert not (tmp_path / "results" / str(job_id)).exists(), "a dead job left an empty results folder"
 
 
 def test_drain_processes_the_queue_in_batches_and_honours_stop(store, engine, tmp_path, sample_files) -> None:

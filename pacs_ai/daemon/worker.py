@@ -268,12 +268,15 @@ class Worker:
             if item.routing is not None:
                 result["routing"] = item.routing
         except InputError as exc:
+            _remove_if_empty(folder)
             self._fail(job, str(exc), permanent=True)
             return
         except DicomWriteError as exc:  # the source lacks what the result objects need: will not change
+            _remove_if_empty(folder)
             self._fail(job, f"result_not_writable: {exc}", permanent=True)
             return
         except Exception as exc:  # noqa: BLE001 - e.g. StorageError (disk full): retried with backoff
+            _remove_if_empty(folder)
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}", permanent=False)
             return
         try:
@@ -315,3 +318,11 @@ class Worker:
             self.jobs.release(job.id, self.owner)
         except LeaseLostError as exc:
             log.warning("job %s: not released: %s", job.id, exc)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a job's results folder that the failed attempt left empty (a dead job leaves no empty folder)."""
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass

@@ -9,6 +9,11 @@ A resend is recognised by SOP Instance UID and the SHA-256 of the stored file: i
 duplicate (acknowledged, no new job); different bytes (a corrected header, or the same instance
 re-encoded by another sender, e.g. dcmtk re-encodes item lengths) re-queue the existing job.
 
+A peer that aborts or disconnects in the middle of a C-STORE is logged (calling AE title, address, bytes
+of the incomplete message received; nothing of it is stored, and it was never acknowledged, so the
+sender still holds the image). The count comes from the P-DATA PDUs received since the last complete
+DIMSE message.
+
 Log lines name SOP Instance UIDs, job IDs and calling AE titles, never patient attributes.
 """
 
@@ -93,6 +98,9 @@ class Listener:
         self._server: Any = None
         self._lock = threading.Lock()
         self._allowed = {a.strip() for a in config.allowed_calling_aets if a.strip()}
+        self._partial: dict[int, int] = {}  # id(association) -> bytes of the message being received
+        self._peer_aborted: set[int] = set()  # associations whose peer sent an A-ABORT
+        self._partial_lock = threading.Lock()
         self.ae = self._build_ae()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -124,6 +132,10 @@ class Listener:
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_ACCEPTED, self._on_accepted),
                 (evt.EVT_REJECTED, self._on_rejected),
+                (evt.EVT_PDU_RECV, self._on_pdu),
+                (evt.EVT_DIMSE_RECV, self._on_message),
+                (evt.EVT_ABORTED, self._on_ended),
+                (evt.EVT_CONN_CLOSE, self._on_ended),
             ]
             address = (self.config.host, self.config.port)
             try:
@@ -202,6 +214,36 @@ class Listener:
             reason = f"too many associations (max_associations = {self.config.max_associations})"
         log.warning("association from %s at %s rejected: %s", calling, peer, reason)
         self._notify("association", calling, peer, False, reason)
+
+    def _on_pdu(self, event: Any) -> None:
+        pdu_type = getattr(getattr(event, "pdu", None), "pdu_type", None)
+        if pdu_type == 0x04:  # P-DATA-TF: part of a DIMSE message
+            with self._partial_lock:
+                key = id(event.assoc)
+                self._partial[key] = self._partial.get(key, 0) + int(getattr(event.pdu, "pdu_length", 0)) + 6
+        elif pdu_type == 0x07:  # A-ABORT from the peer
+            with self._partial_lock:
+                self._peer_aborted.add(id(event.assoc))
+
+    def _on_message(self, event: Any) -> None:
+        with self._partial_lock:
+            self._partial.pop(id(event.assoc), None)
+
+    def _on_ended(self, event: Any) -> None:
+        """Abort or connection close: log a C-STORE cut off in the middle (once per association)."""
+        with self._partial_lock:
+            received = self._partial.pop(id(event.assoc), 0)
+            aborted = id(event.assoc) in self._peer_aborted
+            self._peer_aborted.discard(id(event.assoc))
+        if not received:
+            return
+        calling, peer = self._peer(event)
+        how = "aborted (A-ABORT)" if aborted else "disconnected"
+        log.warning(
+            "association from %s at %s %s in the middle of a C-STORE: %d bytes of an incomplete message "
+            "received, nothing stored (not acknowledged: the sender still holds the image)",
+            calling or "(no AE title)", peer, how, received,
+        )
 
     def _on_store(self, event: Any) -> int:
         try:
