@@ -146,6 +146,25 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
+def _merge_objects(
+    recorded: dict | None, outcomes: dict[str, dict[str, Any]], now: datetime, *, dead: bool, reason: str = ""
+) -> dict | None:
+    """Per-object delivery state after an attempt: stored objects ``done`` (with as what they went), the
+    others ``failed`` or ``dead`` with their error; an object done earlier stays done. None if nothing."""
+    merged = dict(recorded or {})
+    for key, info in outcomes.items():
+        if isinstance(merged.get(key), dict) and merged[key].get("state") == "done":
+            continue
+        details = {k: v for k, v in info.items() if k not in ("stored", "permanent", "state", "error")}
+        if info.get("stored", True):
+            merged[key] = {**details, "state": "done", "at": now.isoformat()}
+        else:
+            object_dead = dead or bool(info.get("permanent"))
+            error = _clip(str(info.get("error") or reason))
+            merged[key] = {**details, "state": "dead" if object_dead else "failed", "error": error, "at": now.isoformat()}
+    return merged or None
+
+
 def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
     for i in range(0, len(ids), _CHUNK):
         yield ids[i : i + _CHUNK]
@@ -742,10 +761,12 @@ class JobStore:
             )
         return row
 
-    def complete_delivery(self, delivery_id: int, owner: str) -> None:
+    def complete_delivery(self, delivery_id: int, owner: str, objects: dict[str, dict[str, Any]] | None = None) -> None:
+        """Mark a delivery done; ``objects`` says as what each object went (``{"sc": {"sop_class_uid": ...}}``)."""
         now = self.now()
         with self._write() as conn:
-            self._owned_delivery(conn, delivery_id, owner, "complete")
+            row = self._owned_delivery(conn, delivery_id, owner, "complete")
+            merged = _merge_objects(row.objects, objects or {}, now, dead=False)
             conn.execute(
                 D.update()
                 .where(D.c.id == delivery_id)
@@ -756,22 +777,9 @@ class JobStore:
                     last_error=None,
                     delivered_at=now,
                     updated_at=now,
+                    objects=merged,
                 )
             )
-
-    def record_object(self, delivery_id: int, owner: str, key: str, info: dict[str, Any]) -> None:
-        """Record that object ``key`` of a delivery (``sc``, ``sr``) was stored by the destination.
-
-        ``info`` says as what (``sop_class_uid``, ``sop_instance_uid``, ``transfer_syntax_uid``, ...).
-        Called as soon as the peer confirmed the object, so a later failure or crash cannot make it be
-        sent again. Raises LeaseLostError when ``owner`` no longer holds the delivery.
-        """
-        now = self.now()
-        with self._write() as conn:
-            row = self._owned_delivery(conn, delivery_id, owner, "record an object of")
-            objects = dict(row.objects or {})
-            objects[key] = {**{k: v for k, v in info.items() if k not in ("error", "state")}, "state": "done", "at": now.isoformat()}
-            conn.execute(D.update().where(D.c.id == delivery_id).values(objects=objects, updated_at=now))
 
     def fail_delivery(
         self,
@@ -784,25 +792,16 @@ class JobStore:
     ) -> DeliveryState:
         """Record a failed attempt: retried with backoff, or dead when ``permanent`` or out of attempts.
 
-        ``objects`` gives the failure of each object not stored (``{"sr": {"error": ..., "permanent":
-        bool}}``); objects already recorded as stored stay so.
+        ``objects`` gives this attempt's outcome per object: ``{"sc": {"stored": True, "sop_class_uid":
+        ...}, "sr": {"stored": False, "error": ..., "permanent": bool}}``; objects stored in an earlier
+        attempt stay so.
         """
         now = self.now()
         with self._write() as conn:
             row = self._owned_delivery(conn, delivery_id, owner, "fail")
             dead = permanent or row.attempts >= self.delivery_policy.max_attempts
             state = DeliveryState.DEAD if dead else DeliveryState.FAILED
-            merged = dict(row.objects or {})
-            for key, info in (objects or {}).items():
-                if isinstance(merged.get(key), dict) and merged[key].get("state") == "done":
-                    continue
-                object_dead = dead or bool(info.get("permanent"))
-                merged[key] = {
-                    **{k: v for k, v in info.items() if k not in ("permanent", "state")},
-                    "error": _clip(str(info.get("error", reason))),
-                    "state": "dead" if object_dead else "failed",
-                    "at": now.isoformat(),
-                }
+            merged = _merge_objects(row.objects, objects or {}, now, dead=dead, reason=reason)
             conn.execute(
                 D.update()
                 .where(D.c.id == delivery_id)
@@ -815,7 +814,7 @@ class JobStore:
                     if dead
                     else now + timedelta(seconds=self.delivery_policy.delay(row.attempts)),
                     updated_at=now,
-                    objects=merged or row.objects,
+                    objects=merged,
                 )
             )
             return state

@@ -143,11 +143,14 @@ def choose(obj: OutgoingObject, accepted: Mapping[str, Sequence[str]]) -> Choice
     return None
 
 
-def dataset_to_send(obj: OutgoingObject, choice: Choice) -> pydicom.Dataset:
+def dataset_to_send(obj: OutgoingObject, choice: Choice) -> Path | pydicom.Dataset:
     """The object as it goes to the peer: class and transfer syntax of ``choice``, content unchanged.
 
+    The file itself when it goes as it is (pynetdicom sends it), else the converted dataset.
     Raises ValueError (from pydicom) when a compressed object cannot be decompressed.
     """
+    if choice == Choice(obj.sop_class_uid, obj.transfer_syntax_uid):
+        return obj.path
     ds = pydicom.dcmread(obj.path)
     if choice.sop_class_uid != obj.sop_class_uid:
         ds = copy.deepcopy(ds)

@@ -5,13 +5,13 @@ done). ``DeliveryProcessor.run_once()`` gives every destination its own worker t
 that destination's due deliveries (up to ``batch_size``), sends each job's SC and SR over one
 association, and records the outcome:
 
-- each object the peer stored -> ``jobs.record_object`` at once (the delivery keeps a state per object:
-  an SC stored while the SR was refused shows as such, and a retry sends only what is missing);
-- success (every object stored) -> ``jobs.complete_delivery`` and ``observer.delivered`` (seconds since
-  the image was received);
-- failure -> ``jobs.fail_delivery`` with each missing object's reason (the store applies exponential
-  backoff and dead-letters after the configured attempts, or at once when every missing object was
-  refused for good) and ``observer.delivery_failed``. When the destination cannot be reached at all, the
+- success (every object stored) -> ``jobs.complete_delivery`` with as what each object went (class,
+  transfer syntax), recorded before the association is released, and ``observer.delivered`` (seconds
+  since the image was received);
+- failure -> ``jobs.fail_delivery`` with each object's outcome: the delivery keeps a state per object (an
+  SC stored while the SR was refused shows as such, and a retry sends only what is missing); the store
+  applies exponential backoff and dead-letters after the configured attempts, or at once when every
+  missing object was refused for good; and ``observer.delivery_failed``. When the destination cannot be reached at all, the
   rest of its batch is failed with the same reason without trying again in this round.
 
 A destination that is down or slow never blocks the others: ``run_once`` waits at most ``max_wait_s``
@@ -103,8 +103,9 @@ class ObjectsNotDelivered(DeliveryError):
         super().__init__(destination, detail, permanent=all(o.permanent for o in failed))
         self.outcomes = list(outcomes)
 
-    def object_errors(self) -> dict[str, dict[str, Any]]:
-        return {o.key: {**o.to_dict(), "error": o.detail, "permanent": o.permanent} for o in self.outcomes if not o.stored}
+    def object_outcomes(self) -> dict[str, dict[str, Any]]:
+        """Every object's outcome, for ``JobStore.fail_delivery(objects=...)``."""
+        return {o.key: {**o.to_dict(), "stored": o.stored, "error": o.detail, "permanent": o.permanent} for o in self.outcomes}
 
 
 def _safe_name(uid: str) -> str:
@@ -249,9 +250,9 @@ class DeliveryProcessor:
                 continue
             recorded = False
 
-            def record(delivery: Any = delivery) -> None:
+            def record(objects: dict[str, dict[str, Any]] | None = None, delivery: Any = delivery) -> None:
                 nonlocal recorded
-                self._succeeded(delivery, job)
+                self._succeeded(delivery, job, objects)
                 recorded = True
 
             try:
@@ -325,7 +326,7 @@ class DeliveryProcessor:
     # -- one job -----------------------------------------------------------------------------------
 
     def _deliver_job(
-        self, name: str, job: Any, on_stored: Callable[[], None] | None = None, delivery: Any = None
+        self, name: str, job: Any, on_stored: Callable[..., None] | None = None, delivery: Any = None
     ) -> None:
         """Send the job's result objects that ``delivery`` has not delivered yet (all without a delivery).
 
@@ -354,9 +355,11 @@ class DeliveryProcessor:
             )
             return
         objects = [outgoing_object(name, key, path) for key, path in missing.items()]
+        stored: dict[str, dict[str, Any]] = {}
 
-        def stored(outcome: ObjectOutcome) -> None:
-            self.jobs.record_object(delivery.id, self.owner, outcome.key, outcome.to_dict())
+        def all_stored() -> None:
+            if on_stored is not None:
+                on_stored(stored)
 
         outcomes = send_objects(
             destination,
@@ -364,8 +367,8 @@ class DeliveryProcessor:
             calling_ae_title=self.calling_ae_title,
             timeout_s=self.timeout_s,
             ssl_context=self.ssl_contexts.get(name),
-            on_object_stored=stored,
-            on_all_stored=on_stored,
+            on_object_stored=lambda outcome: stored.__setitem__(outcome.key, outcome.to_dict()),
+            on_all_stored=all_stored,
         )
         if not all(o.stored for o in outcomes):
             raise ObjectsNotDelivered(name, outcomes)
@@ -394,9 +397,12 @@ class DeliveryProcessor:
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def _succeeded(self, delivery: Any, job: Any) -> None:
+    def _succeeded(self, delivery: Any, job: Any, objects: dict[str, dict[str, Any]] | None = None) -> None:
         try:
-            self.jobs.complete_delivery(delivery.id, self.owner)
+            if objects:
+                self.jobs.complete_delivery(delivery.id, self.owner, objects)
+            else:
+                self.jobs.complete_delivery(delivery.id, self.owner)
         except LeaseLostError as exc:
             log.warning("delivery %d to %s was stored but: %s", delivery.id, delivery.destination, exc)
             return
@@ -409,7 +415,7 @@ class DeliveryProcessor:
         try:
             if isinstance(exc, ObjectsNotDelivered):
                 state = self.jobs.fail_delivery(
-                    delivery.id, self.owner, exc.detail, permanent=exc.permanent, objects=exc.object_errors()
+                    delivery.id, self.owner, exc.detail, permanent=exc.permanent, objects=exc.object_outcomes()
                 )
             else:
                 state = self.jobs.fail_delivery(delivery.id, self.owner, exc.detail, permanent=exc.permanent)

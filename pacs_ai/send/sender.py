@@ -248,8 +248,9 @@ def _send_one(assoc: Any, obj: OutgoingObject, accepted: dict[str, list[str]], w
         return ObjectOutcome(obj.key, False, True, f"{obj.path} does not exist")
     except Exception as exc:  # noqa: BLE001 - unreadable or not convertible: sending it again cannot help
         return ObjectOutcome(obj.key, False, True, f"cannot prepare {obj.path.name} for {where}: {type(exc).__name__}: {exc}")
+    sop_instance_uid = obj.sop_instance_uid if isinstance(ds, Path) else str(ds.SOPInstanceUID)
     sent: dict[str, Any] = {
-        "sop_class_uid": choice.sop_class_uid, "sop_instance_uid": str(ds.SOPInstanceUID), "transfer_syntax_uid": choice.transfer_syntax_uid
+        "sop_class_uid": choice.sop_class_uid, "sop_instance_uid": sop_instance_uid, "transfer_syntax_uid": choice.transfer_syntax_uid
     }
     if choice.sop_class_uid != obj.sop_class_uid or choice.transfer_syntax_uid != obj.transfer_syntax_uid:
         log.info(
