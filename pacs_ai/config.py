@@ -73,6 +73,8 @@ class DatabaseConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: tuple[Path, ...] = (BUNDLED_MODEL,)
+    shadow: tuple[Path, ...] = ()
+    """Shadow model folders: scored on every analysed image in the same pass, stored, never sent."""
     device: str = "auto"
     batch_size: int = 8
     threads: int = 0

@@ -222,6 +222,11 @@ class Service:
         router = build_router(self.config.routing, engine.cards[0])
         for line in router.describe():
             log.info("routing: %s", line)
+        from pacs_ai.shadow.scoring import load_shadow_scorer
+
+        shadow = load_shadow_scorer(
+            model.shadow, device=model.device, batch_size=model.batch_size, threads=torch_threads(self.config, self.roles)
+        )
         return Worker(
             self.jobs,
             engine,
@@ -233,6 +238,7 @@ class Service:
             lease_seconds=self.config.worker.lease_seconds,
             observer=self.observer,
             router=router,
+            shadow=shadow,
         )
 
     def _build_worker_process(self) -> WorkerProcess:

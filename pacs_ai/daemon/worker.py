@@ -5,7 +5,7 @@
 0. reads the spooled DICOM file's header and asks the router (``pacs_ai.route``) whether the image is to
    be analysed; an image outside the rules ends ``skipped`` with the deciding rule, before any pixel is
    decoded, and nothing is sent for it;
-1. preprocesses the image with the engine's ``InputSpec``. An image that can
+1. preprocesses the image (and, with shadow models, their inputs from the same decoded image) with the engine's ``InputSpec``. An image that can
    never be processed (``InputError``: undecodable pixel data, unsupported photometric interpretation,
    not DICOM at all, ...) fails its job *permanently* (straight to dead) with ``"reason: detail"``;
 2. runs the engine on all the good images of the batch at once (one forward + Grad-CAM);
@@ -39,6 +39,7 @@ from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.queue.jobstore import Job, JobStore
 from pacs_ai.route.facts import ImageFacts
+from pacs_ai.shadow.scoring import ShadowScorer
 from pacs_ai.route.rules import Decision, Router
 
 __all__ = ["ResultWriter", "Worker", "job_result"]
@@ -99,6 +100,8 @@ class _Item:
     dataset: pydicom.Dataset
     prepared: Prepared
     routing: dict[str, Any] | None = None
+    shadow_inputs: list[Prepared] | None = None
+    shadow_results: list[dict[str, Any]] | None = None
 
 
 class Worker:
@@ -117,6 +120,7 @@ class Worker:
         lease_seconds: float = 300.0,
         observer: Observer | None = None,
         router: Router | None = None,
+        shadow: ShadowScorer | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -130,6 +134,7 @@ class Worker:
         self.lease_seconds = float(lease_seconds)
         self.observer: Observer = observer or NullObserver()
         self.router = router
+        self.shadow = shadow
         self._stop: threading.Event | None = None
         # Writing results (SC, SR, PNG, fsyncs) of batch n overlaps the forward pass of batch n+1.
         self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
@@ -187,8 +192,13 @@ class Worker:
         if not items:
             return
         predictions = self._predict(items)
+        scored = [(item, p) for item, p in zip(items, predictions) if p is not None]
+        if self.shadow is not None and scored:  # same pass, same decoded images; stored, never sent
+            shadows = self.shadow.score([item.shadow_inputs or [] for item, _ in scored])
+            for (item, _), result in zip(scored, shadows):
+                item.shadow_results = result
         self._wait_for_writes()
-        done = [(item, p) for item, p in zip(items, predictions) if p is not None]
+        done = scored
         self._writing.append(self._writer_pool.submit(self._finish_all, done))
 
     def _finish_all(self, done: list[tuple[_Item, Prediction]]) -> None:
@@ -219,6 +229,7 @@ class Worker:
             gray = dicom_to_gray(ds)
             t_gray = time.perf_counter()
             prepared = prepare(gray, self.engine.spec)
+            shadow_inputs = self.shadow.inputs(gray, self.engine.spec, prepared) if self.shadow is not None else None
             del gray
             _drop_decoded_pixels(ds)
         except InputError as exc:
@@ -238,7 +249,7 @@ class Worker:
             "decode": t_gray - t_read,  # pixel data decoding, modality/VOI LUTs, MONOCHROME1
             "contrast_resize": t_end - t_gray,  # uint8, resize, CLAHE, normalise
         }
-        return _Item(job, ds, prepared, routing)
+        return _Item(job, ds, prepared, routing, shadow_inputs)
 
     def _predict(self, items: list[_Item]) -> list[Prediction | None]:
         """Predictions in order; an image the engine fails on is failed alone (None in its slot)."""
@@ -267,6 +278,8 @@ class Worker:
             result = job_result(prediction, files, item.prepared.extra.get("phases"))
             if item.routing is not None:
                 result["routing"] = item.routing
+            if item.shadow_results is not None:
+                result["shadow"] = _jsonable(item.shadow_results)
         except InputError as exc:
             _remove_if_empty(folder)
             self._fail(job, str(exc), permanent=True)
