@@ -100,6 +100,8 @@ def test_study_result_after_quiet_period_and_replaced(tmp_path: Path) -> None:
             assert sr2.SOPInstanceUID == study_sr_uid
             assert [g.source_sop_instance_uids for g in read_study_report(sr2)][0] == tuple(sops)
             assert len(orthanc.instances_of_study(study_uid)) == 9  # 4 x (SC + SR) + 1 study SR
+            by_study = _cli(daemon, "jobs", "list", "--study", study_uid)
+            assert sum(line.split()[1] == "done" for line in by_study.splitlines()[1:]) == 4
             show = _cli(daemon, "studies", "show", study_uid)
             print(show)
             assert "revision 2" in show and "#1 orthanc: done" in show

@@ -122,6 +122,9 @@ def config_problems(config: Config) -> list[tuple[str, str]]:
     for i, folder in enumerate(config.model.path):
         if not (folder / "model.json").is_file():
             problems.append((f"model.path[{i}]", f"{folder} is not a model folder (no model.json)"))
+    for i, folder in enumerate(config.model.shadow):
+        if not (folder / "model.json").is_file():
+            problems.append((f"model.shadow[{i}]", f"{folder} is not a model folder (no model.json)"))
     from pacs_ai.ops.tls import client_context, server_context
 
     checks = [("listener.tls", config.listener.tls, True)]

@@ -52,7 +52,12 @@ def _when(value: Any) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     store = open_job_store(config_from_args(args))
     try:
-        jobs = store.list_jobs(args.state, args.limit)
+        if args.study:
+            from pacs_ai.studies.store import StudyStore
+
+            jobs = [j for j in StudyStore(store).study_jobs(args.study) if args.state is None or j.state == args.state]
+        else:
+            jobs = store.list_jobs(args.state, args.limit)
     finally:
         store.close()
     if args.json:
@@ -226,6 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_config_argument(p)
     p.add_argument("--state", type=JobState, choices=list(JobState), help="only jobs in this state")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument("--study", metavar="STUDY_INSTANCE_UID", help="only the jobs of this study (see pacs-ai studies)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_list)
 
