@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,8 @@ from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.queue.jobstore import Job, JobStore
 from pacs_ai.route.facts import ImageFacts
-from pacs_ai.shadow.scoring import ShadowScorer
 from pacs_ai.route.rules import Decision, Router
+from pacs_ai.shadow.scoring import ShadowScorer
 
 __all__ = ["ResultWriter", "Worker", "job_result"]
 

@@ -142,7 +142,7 @@ def resolve_body_part(ds: pydicom.Dataset) -> BodyPart:
     for keyword in SOURCES:
         try:
             value = ds.get(keyword)
-        except Exception:  # noqa: BLE001 - a malformed element reads as missing
+        except Exception:  # noqa: BLE001, S112 - a malformed element reads as missing
             continue
         if value in (None, ""):
             continue

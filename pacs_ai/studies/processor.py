@@ -116,7 +116,7 @@ class StudyProcessor:
                     done += 1
             except PacsAiError as exc:
                 log.error("study %s: no study result this round: %s", uid, exc)
-            except Exception:  # noqa: BLE001 - one study must not stop the others
+            except Exception:
                 log.exception("study %s: no study result this round", uid)
         return done
 
@@ -141,7 +141,16 @@ class StudyProcessor:
             except Exception as exc:  # noqa: BLE001 - e.g. purged spool file
                 left_out.append({"job_id": job.id, "sop_instance_uid": job.sop_instance_uid, "state": "unreadable", "reason": str(exc)})
                 continue
-            findings.append(ImageFinding(header, float(result["probability"]), bool(result["fractured"]), float(result["threshold"])))
+            roi = (result.get("files") or {}).get("roi")
+            findings.append(
+                ImageFinding(
+                    header,
+                    float(result["probability"]),
+                    bool(result["fractured"]),
+                    float(result["threshold"]),
+                    tuple(float(v) for v in roi) if isinstance(roi, list) and len(roi) == 4 else None,
+                )
+            )
             model = ModelInfo(str(result.get("model_name") or "fracture-classifier"), str(result.get("model_version") or "0"), str(result.get("architecture") or ""))
             images.append(
                 {

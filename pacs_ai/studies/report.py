@@ -1,16 +1,18 @@
 """The study Structured Report: one TID 1500 Measurement Report for a whole study (highdicom).
 
-Content (under the "Imaging Measurement Report" root, Comprehensive 3D SR):
+Same layout as the image SR (``pacs_ai.write.structured_report``, shaped for OHIF v3), built with the
+same helpers, for several images:
 
-- observation context (the device observer "pacs-ai"), procedure reported, an image library entry per
-  analysed image;
-- the study finding: a *Measurements and Qualitative Evaluations* group (TID 1501), tracking identifier
-  "AI study fracture finding", finding type Fracture, every analysed image as source, the algorithm
-  with parameters ``threshold=`` and ``study_rule=``: Fracture = Present/Absent, Probability (the study
-  probability by the rule) and Threshold Value;
-- one such group per analysed image, in the order received: tracking identifier "AI fracture
-  classification: image N of M" with the same tracking UID as the image's own SR, the image as source,
-  its Fracture evaluation, Probability and Threshold Value.
+- language, observation context (the device observer "pacs-ai"), procedure reported, an image library
+  entry per analysed image;
+- row 6, *Imaging Measurements*: for every analysed image, in the order received, its finding as in its
+  own SR (``image_finding_groups``): a region group (the suspected region, else the whole image) and a
+  TID 1501 group with its Probability and Threshold Value in percent, linked by the same tracking UID as
+  the image's own SR, and referencing the image;
+- row 10, *Derived Imaging Measurements*: the study Probability (the rule applied to the images'
+  probabilities) and the study Threshold Value, in percent, each referencing every analysed image, with
+  the algorithm (parameters ``threshold=`` and ``study_rule=``);
+- row 12, *Qualitative Evaluations*: the study finding, Fracture = Present / Absent.
 
 UIDs derive from the Study Instance UID and the model version (``study-sr``, ``study-sr-series``), so a
 later revision (more images arrived after completion) has the same Series and SOP Instance UIDs and
@@ -31,16 +33,23 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_ai.errors import DicomWriteError
-from pacs_ai.write.common import MANUFACTURER, ModelInfo, contributing_equipment, copy_patient_study, source_header
+from pacs_ai.write.common import (
+    MANUFACTURER,
+    ModelInfo,
+    contributing_equipment,
+    copy_patient_study,
+    source_header,
+)
 from pacs_ai.write.structured_report import (
     ABSENT,
     FRACTURE,
-    NO_UNITS,
+    PERCENT,
     PRESENT,
     PROBABILITY,
-    PROCEDURE,
     THRESHOLD,
     _library_entry,
+    _measurement_report,
+    image_finding_groups,
 )
 from pacs_ai.write.uids import derive_uid
 
@@ -67,6 +76,8 @@ class ImageFinding:
     probability: float
     fractured: bool
     threshold: float
+    roi: tuple[float, float, float, float] | None = None
+    """The suspected region (x0, y0, x1, y1, source pixels) of the image's own result, if any."""
 
 
 @dataclass(frozen=True)
@@ -83,22 +94,6 @@ def _algorithm(model: ModelInfo, threshold: float, rule: str | None = None) -> h
         params.append(f"architecture={model.architecture}")
     return hd.sr.AlgorithmIdentification(
         name=model.name[:64], version=model.version[:64], parameters=params, manufacturer=MANUFACTURER
-    )
-
-
-def _group(
-    tracking: str, tracking_uid: str, algorithm: Any, fractured: bool, probability: float, threshold: float, headers: Sequence[pydicom.Dataset]
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking),
-        finding_type=FRACTURE,
-        algorithm_id=algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, PRESENT if fractured else ABSENT)],
-        measurements=[
-            hd.sr.Measurement(name=PROBABILITY, value=float(probability), unit=NO_UNITS),
-            hd.sr.Measurement(name=THRESHOLD, value=float(threshold), unit=NO_UNITS),
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
     )
 
 
@@ -126,34 +121,32 @@ def build_study_report(
                 model_name=model.model_name_lo,
             ),
         )
-        groups = [
-            _group(
-                STUDY_TRACKING,
-                derive_uid(study_uid, model.version, "study-tracking"),
-                _algorithm(model, study.threshold, study.rule),
-                study.fractured,
-                study.probability,
-                study.threshold,
-                headers,
+        regions: list[Any] = []
+        for image, header in zip(images, headers):
+            regions += image_finding_groups(
+                header,
+                model,
+                _algorithm(model, image.threshold),
+                probability=image.probability,
+                threshold=image.threshold,
+                fractured=image.fractured,
+                roi=image.roi,
             )
+        study_algorithm = _algorithm(model, study.threshold, study.rule)
+        references = [hd.sr.SourceImageForMeasurement.from_source_image(h) for h in headers]
+        derived = [
+            hd.sr.Measurement(
+                name=name, value=100.0 * float(value), unit=PERCENT, algorithm_id=study_algorithm,
+                referenced_images=references,
+            )
+            for name, value in ((PROBABILITY, study.probability), (THRESHOLD, study.threshold))
         ]
-        for n, (image, header) in enumerate(zip(images, headers), 1):
-            groups.append(
-                _group(
-                    f"AI fracture classification: image {n} of {len(images)}",
-                    derive_uid(str(header.SOPInstanceUID), model.version, "tracking"),
-                    _algorithm(model, image.threshold),
-                    image.fractured,
-                    image.probability,
-                    image.threshold,
-                    [header],
-                )
-            )
-        report = hd.sr.MeasurementReport(
-            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-            procedure_reported=PROCEDURE,
-            imaging_measurements=groups,
-            referenced_images=[_library_entry(h) for h in headers],
+        report = _measurement_report(
+            observer=hd.sr.ObservationContext(observer_device_context=observer),
+            library_entry=[_library_entry(h) for h in headers],
+            derived=derived,
+            evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, PRESENT if study.fractured else ABSENT)],
+            regions=regions,
         )
         sr = hd.sr.Comprehensive3DSR(
             evidence=headers,
@@ -174,12 +167,14 @@ def build_study_report(
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the study Structured Report: {exc}") from exc
     copy_patient_study(images[0].source, sr, what="study Structured Report")  # headers[] have them blanked
+    sr.SeriesDate = sr.ContentDate  # viewers list series by it (as the image SR)
+    sr.SeriesTime = sr.ContentTime
     return sr
 
 
 @dataclass(frozen=True)
 class GroupFinding:
-    """One measurement group of a study SR, read back."""
+    """One finding of a study SR, read back: the study's (first) or one image's."""
 
     tracking: str
     fractured: bool
@@ -192,29 +187,62 @@ def _code(item: Any, attr: str) -> tuple[str, str] | None:
     return (str(seq[0].CodeValue), str(seq[0].CodingSchemeDesignator)) if seq else None
 
 
+def _percent(item: Any) -> float:
+    measured = item.MeasuredValueSequence[0]
+    value = float(measured.NumericValue)
+    unit = _code(measured, "MeasurementUnitsCodeSequence")
+    return value / 100.0 if unit == (PERCENT.value, PERCENT.scheme_designator) else value
+
+
+def _images(item: Any) -> list[str]:
+    return [
+        str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for c in item.get("ContentSequence") or []
+        if c.get("ValueType") == "IMAGE"
+    ]
+
+
 def read_study_report(sr: pydicom.Dataset) -> list[GroupFinding]:
-    """The measurement groups of a study SR (study group first), read with plain pydicom."""
+    """The study finding (tracking ``STUDY_TRACKING``) then each image's, read with plain pydicom."""
+    root = sr.get("ContentSequence") or []
+    study_p, study_refs, study_fx = None, (), None
+    images: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for container in root:
+        name = _code(container, "ConceptNameCodeSequence")
+        if name == ("126011", "DCM"):  # Derived Imaging Measurements: the study probability
+            for item in container.get("ContentSequence") or []:
+                if _code(item, "ConceptNameCodeSequence") == (PROBABILITY.value, PROBABILITY.scheme_designator):
+                    study_p, study_refs = _percent(item), tuple(_images(item))
+        elif name == ("C0034375", "UMLS"):  # Qualitative Evaluations: the study finding
+            for item in container.get("ContentSequence") or []:
+                if _code(item, "ConceptNameCodeSequence") == (FRACTURE.value, FRACTURE.scheme_designator):
+                    study_fx = _code(item, "ConceptCodeSequence") == (PRESENT.value, PRESENT.scheme_designator)
+        elif name == ("126010", "DCM"):  # Imaging Measurements: the groups of each image's finding
+            for group in container.get("ContentSequence") or []:
+                uid = tracking = ""
+                entry: dict[str, Any] = {}
+                for item in group.get("ContentSequence") or []:
+                    concept, vt = _code(item, "ConceptNameCodeSequence"), item.get("ValueType")
+                    if vt == "UIDREF" and concept == ("112040", "DCM"):
+                        uid = str(item.UID)
+                    elif vt == "TEXT" and concept == ("112039", "DCM"):
+                        tracking = str(item.TextValue)
+                    elif vt == "CODE" and concept == (FRACTURE.value, FRACTURE.scheme_designator):
+                        entry["fractured"] = _code(item, "ConceptCodeSequence") == (PRESENT.value, PRESENT.scheme_designator)
+                    elif vt == "NUM" and concept == (PROBABILITY.value, PROBABILITY.scheme_designator):
+                        entry["probability"] = _percent(item)
+                    elif vt == "IMAGE":
+                        entry["source"] = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                if uid not in images:
+                    images[uid] = {"tracking": tracking}
+                    order.append(uid)
+                images[uid].update(entry)
     out = []
-
-    def walk(items: Any) -> Any:
-        for item in items or []:
-            yield item
-            yield from walk(item.get("ContentSequence"))
-
-    for item in walk(sr.get("ContentSequence")):
-        if item.get("ValueType") != "CONTAINER" or _code(item, "ConceptNameCodeSequence") != ("125007", "DCM"):
-            continue
-        tracking, fractured, probability, sources = "", None, None, []
-        for child in item.get("ContentSequence") or []:
-            concept, vt = _code(child, "ConceptNameCodeSequence"), child.get("ValueType")
-            if vt == "TEXT" and concept == ("112039", "DCM"):
-                tracking = str(child.TextValue)
-            elif vt == "CODE" and concept == (FRACTURE.value, FRACTURE.scheme_designator) and fractured is None:
-                fractured = _code(child, "ConceptCodeSequence") == (PRESENT.value, PRESENT.scheme_designator)
-            elif vt == "NUM" and concept == (PROBABILITY.value, PROBABILITY.scheme_designator):
-                probability = float(child.MeasuredValueSequence[0].NumericValue)
-            elif vt == "IMAGE":
-                sources.append(str(child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
-        if fractured is not None and probability is not None:
-            out.append(GroupFinding(tracking, fractured, probability, tuple(sources)))
+    if study_p is not None and study_fx is not None:
+        out.append(GroupFinding(STUDY_TRACKING, study_fx, study_p, study_refs))
+    for uid in order:
+        e = images[uid]
+        if "probability" in e and "fractured" in e:
+            out.append(GroupFinding(e["tracking"], e["fractured"], e["probability"], (e.get("source", ""),)))
     return out

@@ -29,7 +29,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from pacs_ai.errors import JobStoreError, LeaseLostError
-from pacs_ai.queue.jobstore import MAX_ERROR_CHARS, DeliveryState, Job, JobState, JobStore, _claimable, _job
+from pacs_ai.queue.jobstore import (
+    MAX_ERROR_CHARS,
+    DeliveryState,
+    Job,
+    JobState,
+    JobStore,
+    _claimable,
+    _job,
+)
 from pacs_ai.queue.models import jobs as J
 from pacs_ai.queue.models import studies as S
 from pacs_ai.queue.models import study_deliveries as SD

@@ -71,6 +71,7 @@ __all__ = [
     "THRESHOLD",
     "SrFinding",
     "build_structured_report",
+    "image_finding_groups",
     "read_finding",
 ]
 
@@ -149,7 +150,7 @@ def _container(name: Code, items: Sequence[Any], template_id: str | None = None)
 def _measurement_report(
     *,
     observer: hd.sr.ObservationContext,
-    library_entry: pydicom.Dataset,
+    library_entry: pydicom.Dataset | Sequence[pydicom.Dataset],
     derived: Sequence[hd.sr.Measurement],
     evaluations: Sequence[hd.sr.QualitativeEvaluation],
     regions: Sequence[Any],
@@ -166,13 +167,72 @@ def _measurement_report(
         hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE),
         observer,
         procedure,
-        hd.sr.ImageLibrary([library_entry]),
+        hd.sr.ImageLibrary(list(library_entry) if isinstance(library_entry, (list, tuple)) else [library_entry]),
     ]
     if regions:
         items.append(_container(IMAGING_MEASUREMENTS, regions))
     items.append(_container(DERIVED_IMAGING_MEASUREMENTS, derived))
     items.append(_container(QUALITATIVE_EVALUATIONS, evaluations))
     return _container(IMAGING_MEASUREMENT_REPORT, items, template_id="1500")
+
+
+def image_finding_groups(
+    header: pydicom.Dataset,
+    model: ModelInfo,
+    algorithm: hd.sr.AlgorithmIdentification,
+    *,
+    probability: float,
+    threshold: float,
+    fractured: bool,
+    roi: Sequence[float] | None,
+) -> list[Any]:
+    """The two row-6 groups of one image's finding, linked by one tracking UID (module docstring).
+
+    ``header``: the source image as returned by ``source_header``. Used by the image SR and, once per
+    image, by the study SR (``pacs_ai.studies.report``).
+    """
+    src_uid = str(header.SOPInstanceUID)
+    finding = PRESENT if fractured else ABSENT
+    # OHIF 3.13 opens a TID 1500 report only when it holds at least one region (it fails on a group
+    # without one, and on a report without groups): without a suspected region, the region the
+    # classifier evaluated, the whole image, is reported.
+    whole_image = (0, 0, int(header.Columns), int(header.Rows))
+    region_box = roi if (fractured and roi is not None) else whole_image
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_roi_polyline(region_box),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=header.SOPClassUID, referenced_sop_instance_uid=src_uid
+        ),
+    )
+    # One finding, two groups linked by the tracking UID: the region (TID 1410, no measurements:
+    # TID 1419 allows none inferred from elsewhere, and OHIF takes a group's first NUM as the
+    # geometry when the user tracks it) and the probability and threshold of that finding (TID 1501).
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derive_uid(src_uid, model.version, "tracking"),
+        identifier=IMAGE_TRACKING if region_box is whole_image else REGION_TRACKING,
+    )
+    finding_type = FRACTURE if fractured else None
+    regions: list[Any] = [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=region,
+            finding_type=finding_type,
+            algorithm_id=algorithm,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, finding)],
+        ),
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=finding_type,
+            algorithm_id=algorithm,
+            measurements=[
+                hd.sr.Measurement(name=name, value=100.0 * float(value), unit=PERCENT)
+                for name, value in ((PROBABILITY, probability), (THRESHOLD, threshold))
+            ],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
+        ),
+    ]
+    return regions
 
 
 def build_structured_report(
@@ -198,7 +258,6 @@ def build_structured_report(
     Raises DicomWriteError when highdicom refuses the inputs.
     """
     header = source_header(source)
-    src_uid = str(header.SOPInstanceUID)
     numbering = number_results(source, "", SERIES_TITLE)
     series_number = series_number if series_number is not None else numbering.sr_series_number
     instance_number = instance_number if instance_number is not None else numbering.instance_number
@@ -223,45 +282,9 @@ def build_structured_report(
             )
             for name, value in ((PROBABILITY, probability), (THRESHOLD, threshold))
         ]
-        # OHIF 3.13 opens a TID 1500 report only when it holds at least one region (it fails on a group
-        # without one, and on a report without groups): without a suspected region, the region the
-        # classifier evaluated, the whole image, is reported.
-        whole_image = (0, 0, int(header.Columns), int(header.Rows))
-        region_box = roi if (fractured and roi is not None) else whole_image
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=_roi_polyline(region_box),
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=header.SOPClassUID, referenced_sop_instance_uid=src_uid
-            ),
+        regions = image_finding_groups(
+            header, model, algorithm, probability=probability, threshold=threshold, fractured=fractured, roi=roi
         )
-        # One finding, two groups linked by the tracking UID: the region (TID 1410, no measurements:
-        # TID 1419 allows none inferred from elsewhere, and OHIF takes a group's first NUM as the
-        # geometry when the user tracks it) and the probability and threshold of that finding (TID 1501).
-        tracking = hd.sr.TrackingIdentifier(
-            uid=derive_uid(src_uid, model.version, "tracking"),
-            identifier=IMAGE_TRACKING if region_box is whole_image else REGION_TRACKING,
-        )
-        finding_type = FRACTURE if fractured else None
-        regions: list[Any] = [
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                referenced_region=region,
-                finding_type=finding_type,
-                algorithm_id=algorithm,
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, finding)],
-            ),
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                finding_type=finding_type,
-                algorithm_id=algorithm,
-                measurements=[
-                    hd.sr.Measurement(name=name, value=100.0 * float(value), unit=PERCENT)
-                    for name, value in ((PROBABILITY, probability), (THRESHOLD, threshold))
-                ],
-                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
-            ),
-        ]
         report = _measurement_report(
             observer=hd.sr.ObservationContext(observer_device_context=observer),
             library_entry=_library_entry(header),
