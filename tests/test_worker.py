@@ -110,7 +110,7 @@ def test_batch_with_good_undecodable_and_non_dicom_files(store, engine, tmp_path
         assert timings["preprocess"] > 0
         # the phases are parts of the preprocessing time measured around them
         parts = timings["read"] + timings["decode"] + timings["contrast_resize"]
-        assert 0 < parts <= timings["preprocess"] + 1e-6
+        assert 0 < parts <= timings["preprocess"] + 4e-6  # four values each rounded to 1e-6
         png = Path(result["files"]["heatmap"])
         assert png == tmp_path / "results" / str(job_id) / "heatmap.png" and png.is_file()
         ds = pydicom.dcmread(job.spool_path, stop_before_pixels=True)
