@@ -61,6 +61,7 @@ test: install-test-deps
 
 bench: install-test-deps
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/bench_latency.py --full-size   # WG-04 radiographs from ../shared (skips, saying why, without)
 
 install: install-deps
 	bash systemd/install.sh
