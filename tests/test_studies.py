@@ -189,3 +189,32 @@ def test_study_report_passes_dciodvfy(jobs: JobStore, clock: Clock, tmp_path: Pa
     out = subprocess.run(["dciodvfy", summary.record.result["files"]["sr"]], capture_output=True, text=True, timeout=60)
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert errors == []
+
+
+FIELD_CASES = sorted((REPO / "tests" / "data" / "field_cases").glob("*.dcm"))
+
+
+@pytest.mark.parametrize("case", FIELD_CASES, ids=[p.stem for p in FIELD_CASES])
+def test_study_report_of_field_case_headers(case: Path, jobs: JobStore, clock: Clock, tmp_path: Path) -> None:
+    """Header values from the field (issue 10's kinds) never stop the study result either.
+
+    Expected values are read from the source file with pydicom: the study SR carries the source's
+    Specific Character Set and Patient's Name bytes as received, and passes dciodvfy without errors.
+    """
+    (path,) = copies(case, tmp_path / "in", 1)
+    finish(jobs, receive(jobs, path), 0.7)
+    clock.advance(QUIET + 1)
+    processor(jobs, tmp_path).run_once()
+    (summary,) = StudyStore(jobs).summaries()
+    assert summary.record is not None, f"no study result for {case.name}"
+    sr_path = summary.record.result["files"]["sr"]
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    sr = pydicom.dcmread(sr_path)
+    assert sr.get("SpecificCharacterSet") == source.get("SpecificCharacterSet")
+    if "PatientName" in source and source["PatientName"].value:
+        raw_source = pydicom.dcmread(path, stop_before_pixels=True, defer_size=None)
+        assert sr.get_item(0x00100010).value == raw_source.get_item(0x00100010).value  # raw bytes as received
+    if have_tool("dciodvfy"):
+        out = subprocess.run(["dciodvfy", sr_path], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        assert errors == []

@@ -163,6 +163,8 @@ def build_study_report(
             series_description=SERIES_DESCRIPTION,
             manufacturer_model_name=model.model_name_lo,
             software_versions=model.software_versions,
+            # the source's character set is copied below with its text (header.py), as in the image SR
+            specific_character_set=None,
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the study Structured Report: {exc}") from exc
