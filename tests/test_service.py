@@ -114,3 +114,22 @@ def test_leases_of_a_stopped_process_on_this_host_are_taken_back_at_start(tmp_pa
         assert {alive[0].id, elsewhere[0].id}.isdisjoint({j.id for j in again})
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_refuses_to_start_without_a_loadable_model(command: str, tmp_path: Path) -> None:
+    """A daemon that could never classify must not start (it would acknowledge images nobody processes)."""
+    data = tmp_path / "data"
+    missing = tmp_path / "no-such-model"
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{data}"\n[listener]\nport = {free_port()}\n'
+        f'[metrics]\nenabled = false\n[model]\npath = ["{missing}"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pacs_ai", command, "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "model.path[0]" in done.stderr and str(missing) in done.stderr
+    assert not data.exists()  # refused before the spool or the job store were created

@@ -7,6 +7,9 @@ import dataclasses
 import os
 
 from pacs_ai.cli.common import add_config_argument, config_from_args
+from pacs_ai.cli.config_check import config_problems
+from pacs_ai.config import Config
+from pacs_ai.errors import ConfigError
 from pacs_ai.ops.logging_setup import configure_logging
 
 
@@ -33,12 +36,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     worker.set_defaults(func=run_worker)
 
 
+def require_model_folders(config: Config) -> None:
+    """Refuse to start a worker whose model folders cannot load (checked without importing torch).
+
+    Without this the daemon would acknowledge images that no worker can ever classify, while its worker
+    child restarts in a loop. Raises ConfigError naming the first missing ``model.path`` or
+    ``model.shadow`` entry (the same check as ``pacs-ai config check``'s warnings).
+    """
+    for key, problem in config_problems(config):
+        if key.startswith("model."):
+            raise ConfigError(key, problem)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.port:
         config = dataclasses.replace(config, listener=dataclasses.replace(config.listener, port=args.port))
     configure_logging(config.logging)
     work = config.worker.enabled and not args.no_worker
+    if work:
+        require_model_folders(config)
     separate = config.worker.separate_process
     child = None
     if work and separate:
@@ -57,6 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    require_model_folders(config)
     if args.child:  # the parent `serve` serves the metrics, talks to systemd and needs a core to listen
         threads = config.model.threads or max(1, (os.cpu_count() or 1) - 1)
         config = dataclasses.replace(
