@@ -264,6 +264,26 @@ def test_same_uid_with_changed_content_requeues_the_job(serve, chunked_send, sam
     assert server.observer.of("image_received")[-1][3] is False  # not a plain duplicate
 
 
+def test_resend_with_other_sender_and_trailing_padding_is_a_duplicate(serve, chunked_send, sample_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The same data set from another AE and with a Data Set Trailing Padding element is the same instance."""
+    server = serve()
+    assert send(server.port, [sample_file], aet="ROUTER-A") == [0]
+    uid = str(meta(sample_file).MediaStorageSOPInstanceUID)
+    first = server.jobs.find_by_sop_uid(uid)
+    assert first is not None
+    (claimed,) = server.jobs.claim("worker")
+    server.jobs.complete(claimed.id, "worker", {"probability": 0.1}, [])
+    assert 0xFFFCFFFC in pydicom.dcmread(sample_file)  # the WG-04 sample carries trailing padding
+    unpadded = craft(tmp_path, sample_file, "unpadded.dcm", lambda ds: ds.__delitem__(0xFFFCFFFC))  # as dcmtk sends it
+    padded = craft(tmp_path, sample_file, "padded.dcm", lambda ds: setattr(ds, "DataSetTrailingPadding", b"\xfc\xff" * 64))
+    assert len({dataset_bytes(f) for f in (sample_file, unpadded, padded)}) == 3  # the wire bytes really differ
+    assert send(server.port, [unpadded], aet="ROUTER-B") == [0]
+    assert send(server.port, [padded], aet="ROUTER-C") == [0]
+    job = server.jobs.find_by_sop_uid(uid)
+    assert job is not None and job.id == first.id and job.state is JobState.DONE  # not re-queued
+    assert [r[3] for r in server.observer.of("image_received")] == [False, True, True]  # plain duplicates
+
+
 def test_sop_classes_we_do_not_take_are_not_negotiated(serve) -> None:  # type: ignore[no-untyped-def]
     from pynetdicom.sop_class import ComputedRadiographyImageStorage, MRImageStorage
 

@@ -37,6 +37,7 @@ from pacs_ai.errors import ConfigError, JobStoreError, PacsAiError, StorageError
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.queue.jobstore import JobStore
 from pacs_ai.receive import contexts as cx
+from pacs_ai.store.digest import dataset_digest
 from pacs_ai.store.spool import Spool
 
 log = logging.getLogger("pacs_ai.receive")
@@ -305,6 +306,13 @@ class Listener:
             data = event.encoded_dataset(include_meta=True)
             stored = self.spool.store(uid, data)
             del data
+            with request.DataSet.getbuffer() as encoded:  # the data set as received, no copy
+                content = dataset_digest(
+                    encoded,
+                    implicit_vr=transfer_syntax.is_implicit_VR,
+                    little_endian=transfer_syntax.is_little_endian,
+                    deflated=transfer_syntax.is_deflated,
+                )
             outcome = self.jobs.enqueue(
                 sop_instance_uid=uid,
                 study_instance_uid=uids["study_instance_uid"],
@@ -312,7 +320,7 @@ class Listener:
                 sop_class_uid=uids["sop_class_uid"],
                 calling_aet=calling[:16],
                 spool_path=str(stored.path),
-                sha256=stored.sha256,
+                sha256=content,  # resends that differ only in file meta or trailing padding are duplicates
                 size=stored.size,
             )
         except StorageError as exc:
@@ -333,7 +341,7 @@ class Listener:
                 "UID collision with changed content: SOP Instance %s from %s arrived again with "
                 "different bytes (changed, or re-encoded by the sender); job %d re-queued with the "
                 "new file (sha256 %s)",
-                uid, calling, outcome.job_id, stored.sha256[:16],
+                uid, calling, outcome.job_id, content[:16],
             )
         else:
             log.info(
