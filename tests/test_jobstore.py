@@ -454,3 +454,21 @@ def test_skipped_job_has_its_rule_and_no_delivery(store: JobStore) -> None:
     assert store.counts()["skipped"] == 1
     store.retry(job_id)  # after a rule change, an admin can have it analysed
     assert store.get(job_id).state is JobState.QUEUED
+
+
+@pytest.mark.parametrize("argv", [("jobs", "list"), ("studies", "list"), ("shadow", "report")])
+def test_admin_commands_do_not_create_a_database(argv: tuple[str, ...], tmp_path: Path) -> None:
+    """Without the service's database (a forgotten --config), the admin commands say so and create nothing."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    cfg = tmp_path / "pacs-ai.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{data}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "pacs_ai", *argv, "--config", str(cfg)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "no database at" in done.stderr and "--config" in done.stderr
+    assert not data.exists() and not (tmp_path / "pacs-ai-data").exists()
