@@ -472,3 +472,15 @@ def test_admin_commands_do_not_create_a_database(argv: tuple[str, ...], tmp_path
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "no database at" in done.stderr and "--config" in done.stderr
     assert not data.exists() and not (tmp_path / "pacs-ai-data").exists()
+
+
+def test_retry_decision() -> None:
+    """One decision for every leased item: backoff base * 2**(n-1) capped, dead when permanent or out of attempts."""
+    from datetime import UTC, datetime, timedelta
+
+    policy = RetryPolicy(3, 10.0, 25.0)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert policy.next_attempt_at(1, now) == now + timedelta(seconds=10)
+    assert policy.next_attempt_at(2, now) == now + timedelta(seconds=20)
+    assert policy.next_attempt_at(3, now) is None  # third attempt used: dead
+    assert policy.next_attempt_at(1, now, permanent=True) is None

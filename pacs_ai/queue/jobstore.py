@@ -65,6 +65,16 @@ class RetryPolicy:
             return self.backoff_max_s
         return min(self.backoff_base_s * (2**exponent), self.backoff_max_s)
 
+    def next_attempt_at(self, attempts: int, now: datetime, *, permanent: bool = False) -> datetime | None:
+        """The one retry decision for jobs, deliveries and study deliveries after a failed attempt.
+
+        ``attempts`` is how many claims the failed item has used. Returns when to try again (``now`` plus
+        :meth:`delay`), or None when it goes dead: a ``permanent`` error, or ``max_attempts`` used.
+        """
+        if permanent or attempts >= self.max_attempts:
+            return None
+        return now + timedelta(seconds=self.delay(attempts))
+
 
 @dataclass(frozen=True)
 class Job:
@@ -552,7 +562,8 @@ class JobStore:
         now = self.now()
         with self._write() as conn:
             row = self._owned_job(conn, job_id, owner, "fail")
-            dead = permanent or row.attempts >= self.job_policy.max_attempts
+            retry_at = self.job_policy.next_attempt_at(row.attempts, now, permanent=permanent)
+            dead = retry_at is None
             state = JobState.DEAD if dead else JobState.FAILED
             conn.execute(
                 J.update()
@@ -562,9 +573,7 @@ class JobStore:
                     lease_owner=None,
                     lease_expires_at=None,
                     last_error=_clip(reason),
-                    next_attempt_at=None
-                    if dead
-                    else now + timedelta(seconds=self.job_policy.delay(row.attempts)),
+                    next_attempt_at=retry_at,
                     updated_at=now,
                     finished_at=now if dead else None,
                 )
@@ -799,7 +808,8 @@ class JobStore:
         now = self.now()
         with self._write() as conn:
             row = self._owned_delivery(conn, delivery_id, owner, "fail")
-            dead = permanent or row.attempts >= self.delivery_policy.max_attempts
+            retry_at = self.delivery_policy.next_attempt_at(row.attempts, now, permanent=permanent)
+            dead = retry_at is None
             state = DeliveryState.DEAD if dead else DeliveryState.FAILED
             merged = _merge_objects(row.objects, objects or {}, now, dead=dead, reason=reason)
             conn.execute(
@@ -810,9 +820,7 @@ class JobStore:
                     lease_owner=None,
                     lease_expires_at=None,
                     last_error=_clip(reason),
-                    next_attempt_at=None
-                    if dead
-                    else now + timedelta(seconds=self.delivery_policy.delay(row.attempts)),
+                    next_attempt_at=retry_at,
                     updated_at=now,
                     objects=merged,
                 )

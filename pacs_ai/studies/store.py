@@ -359,11 +359,10 @@ class StudyStore:
 
     def fail_delivery(self, delivery_id: int, owner: str, reason: str, *, permanent: bool = False) -> DeliveryState:
         now = self.now()
-        policy = self.jobs.delivery_policy
         with self.jobs._write() as conn:
             row = self._owned(conn, delivery_id, owner, "fail")
-            dead = permanent or row.attempts >= policy.max_attempts
-            state = DeliveryState.DEAD if dead else DeliveryState.FAILED
+            retry_at = self.jobs.delivery_policy.next_attempt_at(row.attempts, now, permanent=permanent)
+            state = DeliveryState.DEAD if retry_at is None else DeliveryState.FAILED
             conn.execute(
                 SD.update()
                 .where(SD.c.id == delivery_id)
@@ -372,7 +371,7 @@ class StudyStore:
                     lease_owner=None,
                     lease_expires_at=None,
                     last_error=_clip(reason),
-                    next_attempt_at=None if dead else now + timedelta(seconds=policy.delay(row.attempts)),
+                    next_attempt_at=retry_at,
                     updated_at=now,
                 )
             )
