@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--image", type=Path, default=REPO / "tests" / "data" / "cr_hip_mono2_small.dcm")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up waiting after this many seconds")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the daemon's folder here")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the daemon's folder here (default: a scratch folder removed at the end)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     full = ap.add_argument_group("full-size mode (benchmarks/latency_fullsize.py)")
     full.add_argument("--full-size", action="store_true",
@@ -80,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     full.add_argument("--threads", type=int, default=0,
                       help="torch threads of the worker and of the bare rate (0: the daemon's default)")
     args = ap.parse_args(argv)
+    if args.workdir is not None:
+        return _run(args)
+    # Without --workdir the folder (about 1.3 GB in full-size mode) is scratch, removed at the end.
+    args.workdir = Path(tempfile.mkdtemp(prefix="pacs-ai-bench-latency-"))
+    try:
+        return _run(args)
+    finally:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.full_size:
         from latency_fullsize import run
 
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             args.idle = 8
         return run(args)
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="pacs-ai-bench-latency-"))
+    work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     model = random_model(work / f"model-{args.arch}-{args.size}", args.arch, args.size, version="bench-1")

@@ -244,7 +244,7 @@ def run(args: Any) -> int:
     from pacs_ai.write.uids import derive_uid
 
     card = load_card(REFERENCE_MODEL)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="pacs-ai-bench-fullsize-"))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="pacs-ai-bench-fullsize-"))  # bench_latency passes one
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     worker_threads = args.threads or max(1, cores - 1)
