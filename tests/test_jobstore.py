@@ -354,10 +354,10 @@ def test_unusable_database_url() -> None:
 
 
 def test_postgresql_claim_uses_skip_locked(store: JobStore) -> None:
-    store.dialect = "postgresql"  # only the query builder is exercised here, no server
-    query = store._for_update(sa.select(jobs_table.c.id).limit(1), skip_locked=True)
+    store.db.dialect = "postgresql"  # only the query builder is exercised here, no server
+    query = store.db.for_update(sa.select(jobs_table.c.id).limit(1), skip_locked=True)
     assert "FOR UPDATE SKIP LOCKED" in str(query.compile(dialect=postgresql.dialect()))
-    store.dialect = "sqlite"
+    store.db.dialect = "sqlite"
 
 
 # -- pacs-ai jobs ----------------------------------------------------------------------------------------

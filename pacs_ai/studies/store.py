@@ -28,23 +28,30 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pacs_ai.errors import JobStoreError, LeaseLostError
-from pacs_ai.queue.jobstore import (
-    MAX_ERROR_CHARS,
-    DeliveryState,
-    Job,
-    JobState,
-    JobStore,
-    _claimable,
-    _job,
-)
+from pacs_ai.errors import JobStoreError
+from pacs_ai.queue import leases
+from pacs_ai.queue.jobstore import JobStore
+from pacs_ai.queue.leases import LeasedKind
 from pacs_ai.queue.models import jobs as J
 from pacs_ai.queue.models import studies as S
 from pacs_ai.queue.models import study_deliveries as SD
+from pacs_ai.queue.records import DeliveryState, Job, JobState, job_from_row
 
 __all__ = ["StudyDelivery", "StudyRecord", "StudyStore", "StudySummary"]
 
 OPEN_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
+
+STUDY_DELIVERY_LEASES = LeasedKind(
+    SD,
+    "study delivery",
+    "study deliveries",
+    fresh=DeliveryState.PENDING,
+    leased=DeliveryState.SENDING,
+    done=DeliveryState.DONE,
+    failed=DeliveryState.FAILED,
+    dead=DeliveryState.DEAD,
+    delivered_column="delivered_at",
+)
 
 
 @dataclass(frozen=True)
@@ -108,10 +115,6 @@ def _study_delivery(row: Any) -> StudyDelivery:
     return StudyDelivery(**values)
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
 class StudyStore:
     """Study grouping on top of a :class:`~pacs_ai.queue.jobstore.JobStore` (same database and policies)."""
 
@@ -165,17 +168,17 @@ class StudyStore:
             .order_by(agg.c.last_received)
             .limit(limit)
         )
-        with self.jobs._read() as conn:
+        with self.jobs.db.read() as conn:
             return [str(r.uid) for r in conn.execute(query)]
 
     def study_jobs(self, study_instance_uid: str) -> list[Job]:
         """Every job of the study, in the order received."""
         query = sa.select(J).where(J.c.study_instance_uid == study_instance_uid).order_by(J.c.received_at, J.c.id)
-        with self.jobs._read() as conn:
-            return [_job(r) for r in conn.execute(query)]
+        with self.jobs.db.read() as conn:
+            return [job_from_row(r) for r in conn.execute(query)]
 
     def get(self, study_instance_uid: str) -> StudyRecord | None:
-        with self.jobs._read() as conn:
+        with self.jobs.db.read() as conn:
             row = conn.execute(sa.select(S).where(S.c.study_instance_uid == study_instance_uid)).first()
         return None if row is None else _record(row)
 
@@ -185,7 +188,7 @@ class StudyStore:
         query = sa.select(agg).order_by(agg.c.last_received.desc()).limit(limit)
         if study_instance_uid is not None:
             query = query.where(agg.c.uid == study_instance_uid)
-        with self.jobs._read() as conn:
+        with self.jobs.db.read() as conn:
             rows = conn.execute(query).all()
             uids = [str(r.uid) for r in rows]
             states: dict[str, dict[str, int]] = {u: {} for u in uids}
@@ -225,7 +228,7 @@ class StudyStore:
 
     def _upsert(self, conn: sa.Connection, study_instance_uid: str, now: datetime) -> Any:
         row = conn.execute(
-            self.jobs._for_update(sa.select(S).where(S.c.study_instance_uid == study_instance_uid))
+            self.jobs.db.for_update(sa.select(S).where(S.c.study_instance_uid == study_instance_uid))
         ).first()
         if row is not None:
             return row
@@ -240,7 +243,7 @@ class StudyStore:
         Raises JobStoreError when no image of that study was received.
         """
         now = self.now()
-        with self.jobs._write() as conn:
+        with self.jobs.db.write() as conn:
             known = conn.execute(
                 sa.select(J.c.id).where(J.c.study_instance_uid == study_instance_uid).limit(1)
             ).first()
@@ -262,7 +265,7 @@ class StudyStore:
         when the result was made, ``finished_jobs``: how many of its jobs had finished then (a job
         finishing later, or a new one, makes the study due again)."""
         now = self.now()
-        with self.jobs._write() as conn:
+        with self.jobs.db.write() as conn:
             row = self._upsert(conn, study_instance_uid, now)
             revision = int(row.revision) + 1
             conn.execute(
@@ -283,16 +286,7 @@ class StudyStore:
                 for r in conn.execute(sa.select(SD.c.id, SD.c.destination).where(SD.c.study_id == row.id))
             }
             for destination in dict.fromkeys(destinations):
-                values = dict(
-                    state=DeliveryState.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    last_error=None,
-                    delivered_at=None,
-                    updated_at=now,
-                )
+                values = leases.renew_values(STUDY_DELIVERY_LEASES, now)
                 if destination in existing:
                     conn.execute(SD.update().where(SD.c.id == existing[destination]).values(**values))
                 else:
@@ -308,82 +302,55 @@ class StudyStore:
         if limit <= 0:
             return []
         now = self.now()
-        claimable = _claimable(SD, DeliveryState.PENDING, DeliveryState.FAILED, DeliveryState.SENDING, now)
-        query = sa.select(SD.c.id, SD.c.state, SD.c.attempts).where(claimable)
+        query = sa.select(SD.c.id, SD.c.state, SD.c.attempts).where(leases.claimable(STUDY_DELIVERY_LEASES, now))
         if destination is not None:
             query = query.where(SD.c.destination == destination)
         query = query.order_by(SD.c.id).limit(limit)
-        with self.jobs._write() as conn:
-            ids = self.jobs._lease(
-                conn,
-                SD,
-                query,
-                owner=owner,
-                lease_seconds=lease_seconds,
-                now=now,
-                leased=DeliveryState.SENDING,
-                max_attempts=self.jobs.delivery_policy.max_attempts,
+        db = self.jobs.db
+        with db.write() as conn:
+            ids = leases.claim(
+                db, conn, STUDY_DELIVERY_LEASES, query, owner=owner, lease_seconds=lease_seconds, now=now,
+                policy=self.jobs.delivery_policy,
             )
             if not ids:
                 return []
             rows = conn.execute(sa.select(SD).where(SD.c.id.in_(ids)).order_by(SD.c.id))
             return [_study_delivery(r) for r in rows]
 
-    def _owned(self, conn: sa.Connection, delivery_id: int, owner: str, action: str) -> Any:
-        row = conn.execute(self.jobs._for_update(sa.select(SD).where(SD.c.id == delivery_id))).first()
-        if row is None:
-            raise JobStoreError(f"study delivery {delivery_id} does not exist")
-        if row.state != DeliveryState.SENDING.value or row.lease_owner != owner:
-            raise LeaseLostError(
-                f"cannot {action} study delivery {delivery_id}: {owner!r} no longer holds its lease "
-                f"(state {row.state}, lease owner {row.lease_owner!r})"
-            )
-        return row
-
     def complete_delivery(self, delivery_id: int, owner: str) -> None:
+        """Mark a leased study delivery done. Raises LeaseLostError when ``owner`` no longer holds it."""
         now = self.now()
-        with self.jobs._write() as conn:
-            self._owned(conn, delivery_id, owner, "complete")
-            conn.execute(
-                SD.update()
-                .where(SD.c.id == delivery_id)
-                .values(
-                    state=DeliveryState.DONE.value,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    last_error=None,
-                    delivered_at=now,
-                    updated_at=now,
-                )
-            )
+        db = self.jobs.db
+        with db.write() as conn:
+            leases.owned(db, conn, STUDY_DELIVERY_LEASES, delivery_id, owner, "complete")
+            leases.complete(conn, STUDY_DELIVERY_LEASES, delivery_id, now)
+
+    def extend_delivery_lease(self, delivery_id: int, owner: str, lease_seconds: float) -> datetime:
+        """Heartbeat of a long study delivery: its lease now ends ``lease_seconds`` from now (returned).
+
+        Raises LeaseLostError when ``owner`` no longer holds it.
+        """
+        now = self.now()
+        db = self.jobs.db
+        with db.write() as conn:
+            return leases.extend(db, conn, STUDY_DELIVERY_LEASES, delivery_id, owner, lease_seconds, now)
 
     def fail_delivery(self, delivery_id: int, owner: str, reason: str, *, permanent: bool = False) -> DeliveryState:
+        """Record a failed attempt: retried with the delivery policy's backoff, or dead."""
         now = self.now()
-        with self.jobs._write() as conn:
-            row = self._owned(conn, delivery_id, owner, "fail")
-            retry_at = self.jobs.delivery_policy.next_attempt_at(row.attempts, now, permanent=permanent)
-            state = DeliveryState.DEAD if retry_at is None else DeliveryState.FAILED
-            conn.execute(
-                SD.update()
-                .where(SD.c.id == delivery_id)
-                .values(
-                    state=state.value,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    last_error=_clip(reason),
-                    next_attempt_at=retry_at,
-                    updated_at=now,
-                )
-            )
-            return state
+        db = self.jobs.db
+        with db.write() as conn:
+            row = leases.owned(db, conn, STUDY_DELIVERY_LEASES, delivery_id, owner, "fail")
+            policy = self.jobs.delivery_policy
+            return DeliveryState(leases.fail(conn, STUDY_DELIVERY_LEASES, row, policy, reason, now, permanent=permanent))
 
     def list_deliveries(self, study_id: int) -> list[StudyDelivery]:
-        with self.jobs._read() as conn:
+        with self.jobs.db.read() as conn:
             rows = conn.execute(sa.select(SD).where(SD.c.study_id == study_id).order_by(SD.c.id))
             return [_study_delivery(r) for r in rows]
 
     def study_of_delivery(self, delivery: StudyDelivery) -> StudyRecord:
-        with self.jobs._read() as conn:
+        with self.jobs.db.read() as conn:
             row = conn.execute(sa.select(S).where(S.c.id == delivery.study_id)).first()
         if row is None:
             raise JobStoreError(f"study {delivery.study_id} of study delivery {delivery.id} does not exist")
