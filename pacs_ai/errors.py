@@ -32,6 +32,10 @@ class LeaseLostError(JobStoreError):
     """A worker tried to finish a job or delivery whose lease it no longer holds."""
 
 
+class ResultFormatError(JobStoreError):
+    """A job's stored result is in no shape this or an earlier version wrote (``pacs_ai.results``)."""
+
+
 class InputError(PacsAiError):
     """An image cannot be processed. ``reason`` is a short machine-readable code."""
 

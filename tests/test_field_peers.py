@@ -67,7 +67,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     for i, name in enumerate(("c01_patient_sex_u", "c07_iso2022_ir87", "c16_study_view1")):
         ds = pydicom.dcmread(FIELD_CASES / f"{name}.dcm")
         prepared = prepare(dicom_to_gray(ds), InputSpec(size=64))
-        out[name] = write_results(ds, prepared, _Prediction(i != 2), tmp_path_factory.mktemp(name))
+        out[name] = write_results(ds, prepared, _Prediction(i != 2), tmp_path_factory.mktemp(name)).files
     return out
 
 
@@ -76,7 +76,7 @@ def _dest(scp: DestSCP | None = None, *, name: str = "pacs", ae: str | None = No
 
 
 def _objects(r: dict[str, Any]) -> list:
-    return [outgoing_object("pacs", k, Path(r[k])) for k in ("sc", "sr")]
+    return [outgoing_object("pacs", k, getattr(r, k)) for k in ("sc", "sr")]
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
@@ -101,13 +101,13 @@ def test_implicit_only_peer_gets_both_objects_in_implicit(results: dict[str, dic
         assert scp.wait_for(lambda d: d.total() >= 2, timeout=10)
         assert {s.transfer_syntax for s in scp.stored()} == {ImplicitVRLittleEndian}
         assert {o.transfer_syntax_uid for o in outcomes} == {ImplicitVRLittleEndian}
-        sc, sr = (scp.datasets[r[f"{k}_sop_instance_uid"]] for k in ("sc", "sr"))
-        original_sc = pydicom.dcmread(r["sc"])
+        sc, sr = (scp.datasets[getattr(r, f"{k}_sop_instance_uid")] for k in ("sc", "sr"))
+        original_sc = pydicom.dcmread(r.sc)
         assert sc.PixelData == original_sc.PixelData
         # Character set and the name's bytes survive the transcoding.
         assert list(sc.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
         assert sc.PatientName.original_string.rstrip(b" ") == original_sc.PatientName.original_string.rstrip(b" ")
-        assert read_finding(sr) == read_finding(pydicom.dcmread(r["sr"]))
+        assert read_finding(sr) == read_finding(pydicom.dcmread(r.sr))
         for path in sorted((tmp_path / "got").glob("*.dcm")):
             assert _dciodvfy_errors(path) == [], path.name
 
@@ -134,10 +134,10 @@ def test_peer_without_the_sr_class_gets_an_sr_it_accepts(
         assert scp.wait_for(lambda d: d.total() >= 2, timeout=10)
         classes = [s.sop_class_uid for s in scp.stored()]
         assert classes == [SECONDARY_CAPTURE, expected_class]
-        sr_uid = derive_uid(r["sr_sop_instance_uid"], expected_class, "sr-class")
+        sr_uid = derive_uid(r.sr_sop_instance_uid, expected_class, "sr-class")
         assert outcomes[1].sop_instance_uid == sr_uid and outcomes[1].sop_class_uid == expected_class
         received = scp.datasets[sr_uid]
-        original = pydicom.dcmread(r["sr"])
+        original = pydicom.dcmread(r.sr)
         # Same content: finding, probability, threshold, algorithm, ROI, source image; same series.
         assert read_finding(received) == read_finding(original)
         assert received.ContentSequence == original.ContentSequence
@@ -158,7 +158,7 @@ def _store_with_job(tmp_path: Path, r: dict[str, Any], destinations: list[str]) 
         sha256="0" * 64, size=1,
     )
     [job] = store.claim("worker", limit=1)
-    store.complete(job.id, "worker", {"files": {"sc": r["sc"], "sr": r["sr"]}}, destinations)
+    store.complete(job.id, "worker", {"files": {"sc": str(r.sc), "sr": str(r.sr)}}, destinations)
     return store, outcome.job_id
 
 
@@ -180,7 +180,7 @@ def test_sc_delivered_while_no_sr_class_is_accepted_then_retry_sends_only_the_sr
         assert delivery.state == DeliveryState.DEAD
         assert delivery.delivered_objects() == {"sc"}
         assert delivery.objects["sr"]["state"] == "dead" and "accepts none" in delivery.objects["sr"]["error"]
-        assert delivery.objects["sc"]["sop_instance_uid"] == r["sc_sop_instance_uid"]
+        assert delivery.objects["sc"]["sop_instance_uid"] == r.sc_sop_instance_uid
         lines = object_lines(delivery.objects)
         assert lines[0].startswith("sc: delivered as Secondary Capture") and lines[1].startswith("sr: refused for good")
         assert store.partly_delivered_counts() == {"pacs": 1}
@@ -214,8 +214,8 @@ def test_transient_refusal_of_the_sr_retries_only_the_sr(results: dict[str, dict
         while store.list_deliveries(job_id=job_id)[0].state != DeliveryState.DONE and time.monotonic() < deadline:
             processor.run_once()
         assert store.list_deliveries(job_id=job_id)[0].state == DeliveryState.DONE
-        assert scp.counts()[r["sc_sop_instance_uid"]] == 1, "the SC was sent again"
-        assert scp.counts()[r["sr_sop_instance_uid"]] == 1
+        assert scp.counts()[r.sc_sop_instance_uid] == 1, "the SC was sent again"
+        assert scp.counts()[r.sr_sop_instance_uid] == 1
     store.close()
 
 
@@ -292,10 +292,10 @@ def test_orthanc_implicit_only(results: dict[str, dict[str, Any]], tmp_path: Pat
     with OrthancServer(tmp_path / "orthanc", extra_config={"AcceptedTransferSyntaxes": [ImplicitVRLittleEndian]}) as pacs:
         dest = Destination(name="orthanc", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port)
         # Without Implicit in the proposal this peer refuses everything (the field problem):
-        only_explicit = send_objects(dest, [outgoing_object("o", "sc", Path(r["sc"]))], calling_ae_title="PACSAI", timeout_s=10)
+        only_explicit = send_objects(dest, [outgoing_object("o", "sc", Path(r.sc))], calling_ae_title="PACSAI", timeout_s=10)
         assert only_explicit[0].stored and only_explicit[0].transfer_syntax_uid == ImplicitVRLittleEndian
         outcomes = send_objects(dest, _objects(r), calling_ae_title="PACSAI", timeout_s=10)
         assert [o.stored for o in outcomes] == [True, True]
         stored = {pacs.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in pacs.get("/instances")}
-        assert stored == {r["sc_sop_instance_uid"], r["sr_sop_instance_uid"]}
+        assert stored == {r.sc_sop_instance_uid, r.sr_sop_instance_uid}
         assert ExplicitVRLittleEndian not in {o.transfer_syntax_uid for o in outcomes}

@@ -207,7 +207,7 @@ def _source_with(bad: Bad) -> tuple[pydicom.Dataset, dict[str, bytes]]:
     return pydicom.dcmread(io.BytesIO(buf.getvalue())), planted
 
 
-def _dciodvfy_errors(path: str) -> list[str]:
+def _dciodvfy_errors(path: str | Path) -> list[str]:
     out = subprocess.run(["dciodvfy", path], capture_output=True, text=True, errors="replace", timeout=60, check=False)
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
@@ -247,13 +247,13 @@ def test_bad_header_values_never_stop_a_result(bad: Bad, tmp_path: Path, caplog:
     source, planted = _source_with(bad)
     assert planted, "the kind applies to no attribute"
     caplog.set_level(logging.WARNING, logger="pacs_ai.write.header")
-    out = write_results(source, _prepared(source), _prediction("densenet121", True), tmp_path)
+    out = write_results(source, _prepared(source), _prediction("densenet121", True), tmp_path).files
     for kind in ("sc", "sr"):
-        assert _dciodvfy_errors(out[kind]) == [], f"{kind}: dciodvfy errors for {bad.name}"
+        assert _dciodvfy_errors(getattr(out, kind)) == [], f"{kind}: dciodvfy errors for {bad.name}"
 
     logged = [r.getMessage() for r in caplog.records]
     for kind, what in (("sc", "Secondary Capture"), ("sr", "Structured Report")):
-        result = pydicom.dcmread(out[kind])
+        result = pydicom.dcmread(getattr(out, kind))
         lines = [m for m in logged if m.startswith(f"{what} header: ")]
         for keyword, value in planted.items():
             if keyword in SERIES_ATTRIBUTES and kind == "sr":
@@ -315,10 +315,10 @@ def test_character_sets(charset: list[str], name: bytes, expected: list[str] | N
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     source = pydicom.dcmread(io.BytesIO(buf.getvalue()))
-    out = write_results(source, _prepared(source), _prediction("resnet50", False), tmp_path)
+    out = write_results(source, _prepared(source), _prediction("resnet50", False), tmp_path).files
     for kind in ("sc", "sr"):
-        assert _dciodvfy_errors(out[kind]) == [], f"{kind}: dciodvfy errors"
-        result = pydicom.dcmread(out[kind])
+        assert _dciodvfy_errors(getattr(out, kind)) == [], f"{kind}: dciodvfy errors"
+        result = pydicom.dcmread(getattr(out, kind))
         got = result.get("SpecificCharacterSet")
         got_list = None if got is None else ([got] if isinstance(got, str) else list(got))
         assert got_list == expected
@@ -334,9 +334,9 @@ def test_field_cases_keep_charset_and_name_bytes(tmp_path: Path) -> None:
         source = pydicom.dcmread(FIELD_CASES / name)
         raw = _raw_value(source, "PatientName")
         charset = list(source.SpecificCharacterSet)
-        out = write_results(source, _prepared(source), _prediction("vgg16", True), tmp_path / name)
+        out = write_results(source, _prepared(source), _prediction("vgg16", True), tmp_path / name).files
         for kind in ("sc", "sr"):
-            result = pydicom.dcmread(out[kind])
+            result = pydicom.dcmread(getattr(out, kind))
             assert list(result.SpecificCharacterSet) == charset
             assert _raw_value(result, "PatientName") == raw
 
@@ -344,9 +344,9 @@ def test_field_cases_keep_charset_and_name_bytes(tmp_path: Path) -> None:
 def test_sex_u_is_blanked_and_logged_without_the_value(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = pydicom.dcmread(FIELD_CASES / "c01_patient_sex_u.dcm")
     caplog.set_level(logging.WARNING, logger="pacs_ai.write.header")
-    out = write_results(source, _prepared(source), _prediction("resnet50", True), tmp_path)
+    out = write_results(source, _prepared(source), _prediction("resnet50", True), tmp_path).files
     for kind in ("sc", "sr"):
-        result = pydicom.dcmread(out[kind])
+        result = pydicom.dcmread(getattr(out, kind))
         assert "PatientSex" in result and result["PatientSex"].is_empty
         assert result.PatientID == source.PatientID and result.PatientName == source.PatientName
     lines = [r.getMessage() for r in caplog.records if "PatientSex" in r.getMessage()]

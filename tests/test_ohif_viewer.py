@@ -125,11 +125,11 @@ def _write(case: Case, folder: Path) -> Stored:
         label="fractured" if case.fractured else "not_fractured", cam=_cam(), model_name="fracture-densenet121",
         model_version="1.0.0-browser-test", architecture="densenet121", timings={},
     )
-    out = write_results(source, prepared, prediction, folder)
+    out = write_results(source, prepared, prediction, folder).files
     model = ModelInfo.from_prediction(prediction)
     caption = Caption(case.fractured, case.probability, THRESHOLD, model.display)
-    roi = tuple(out["roi"]) if out["roi"] is not None else None
-    return Stored(case, source_path, str(source.StudyInstanceUID), pydicom.dcmread(out["sc"]), roi, caption)  # type: ignore[arg-type]
+    roi = tuple(out.roi) if out.roi is not None else None
+    return Stored(case, source_path, str(source.StudyInstanceUID), pydicom.dcmread(out.sc), roi, caption)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

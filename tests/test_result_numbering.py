@@ -26,8 +26,8 @@ FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 def _results(sources: list[pydicom.Dataset], tmp_path: Path) -> list[dict[str, pydicom.Dataset]]:
     out = []
     for i, ds in enumerate(sources):
-        files = write_results(ds, prepare(dicom_to_gray(ds), InputSpec()), _prediction("resnet50", i % 2 == 0), tmp_path / str(i))
-        out.append({k: pydicom.dcmread(files[k]) for k in ("sc", "sr")})
+        files = write_results(ds, prepare(dicom_to_gray(ds), InputSpec()), _prediction("resnet50", i % 2 == 0), tmp_path / str(i)).files
+        out.append({k: pydicom.dcmread(path) for k, path in files.dicom_files().items()})
     return out
 
 

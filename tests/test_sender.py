@@ -20,6 +20,7 @@ from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.queue.jobstore import DeliveryState, JobStore, RetryPolicy
+from pacs_ai.results import JobResult, ResultFiles
 from pacs_ai.send.deliveries import OUTBOX, DeliveryProcessor, destination_names, result_files
 from pacs_ai.send.sender import DestinationUnreachable, is_permanent_status, send_files
 from pacs_ai.write.results import write_results
@@ -60,7 +61,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
         ds.StudyInstanceUID = pydicom.uid.generate_uid()
         folder = tmp_path_factory.mktemp(f"result{i}")
-        r = write_results(ds, prepared, _Prediction(i % 2 == 0), folder)
+        r: dict[str, Any] = write_results(ds, prepared, _Prediction(i % 2 == 0), folder).files.to_json()
         r["study"] = str(ds.StudyInstanceUID)
         r["source"] = ds
         out.append(r)
@@ -175,9 +176,14 @@ def test_destination_names() -> None:
     assert destination_names([]) == [OUTBOX]
     d = Destination(name="a", ae_title="A", host="h", port=1)
     assert destination_names([d, replace(d, name="b")]) == ["a", "b"]
-    assert result_files({"files": ["x/sc.dcm", "x/overlay.png", "x/sr.dcm"]}) == [Path("x/sc.dcm"), Path("x/sr.dcm")]
+    assert result_files(JobResult(files=ResultFiles(sc=Path("x/sc.dcm"), sr=Path("x/sr.dcm"), overlay=Path("x/o.png")))) == [
+        Path("x/sc.dcm"),
+        Path("x/sr.dcm"),
+    ]
     with pytest.raises(DeliveryError):
-        result_files({"files": {}})
+        result_files(JobResult(files=ResultFiles(overlay=Path("x/o.png"))))
+    with pytest.raises(DeliveryError):
+        result_files(None)
 
 
 def test_down_destination_does_not_block_the_other_and_dies_after_the_limit(

@@ -29,7 +29,7 @@ from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_card, save_card
 from pacs_ai.infer.preprocess import dicom_to_gray, prepare
 from pacs_ai.queue.jobstore import JobState, JobStore, RetryPolicy
-from pacs_ai.send.deliveries import result_files
+from pacs_ai.results import JobResult
 from pacs_ai.shadow.drift import histogram, psi, quantile_edges
 from pacs_ai.shadow.scoring import ShadowScorer
 
@@ -94,8 +94,10 @@ def test_worker_scores_shadows_on_the_same_decode(engines, tmp_path: Path, monke
             alone = engine.predict([prepare(gray, engine.spec)], with_cam=False)[0]
             assert entry["probability"] == pytest.approx(alone.probability, abs=1e-5)
             assert entry["fractured"] == alone.fractured
-        # what is sent: only the live result's files
-        assert "shadow" not in str(result_files({"files": {"sc": "/x/sc.dcm", "sr": "/x/sr.dcm"}}))
+        # the stored JSON reads back as the typed record and is written again in the same one shape
+        read = JobResult.from_json(job.result)
+        assert [(s.model_name, s.scored) for s in read.shadow] == [(same.model_name, True), (other.model_name, True)]
+        assert read.to_json() == job.result
     store.close()
 
 

@@ -18,6 +18,7 @@ from pacs_ai.daemon.worker import Worker
 from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.preprocess import Prepared, cam_to_original
 from pacs_ai.queue.jobstore import JobState, JobStore, RetryPolicy
+from pacs_ai.results import ResultFiles, WrittenResults
 
 DESTINATIONS = ("pacs", "archive")
 
@@ -50,12 +51,12 @@ class Events:
         return lambda *a, **k: None
 
 
-def png_writer(ds: pydicom.Dataset, prepared: Prepared, prediction: Prediction, folder: Path) -> dict[str, Any]:
+def png_writer(ds: pydicom.Dataset, prepared: Prepared, prediction: Prediction, folder: Path) -> WrittenResults:
     """A minimal ResultWriter: the heat map on the original grid as an 8-bit PNG."""
     heat = cam_to_original(prediction.cam, prepared.geometry)
     path = folder / "heatmap.png"
     assert cv2.imwrite(str(path), np.uint8(np.clip(heat, 0, 1) * 255))
-    return {"heatmap": path, "sop": str(ds.SOPInstanceUID)}
+    return WrittenResults(ResultFiles(overlay=path))
 
 
 _counter = iter(range(1, 10**6))
@@ -111,7 +112,7 @@ def test_batch_with_good_undecodable_and_non_dicom_files(store, engine, tmp_path
         # the phases are parts of the preprocessing time measured around them
         parts = timings["read"] + timings["decode"] + timings["contrast_resize"]
         assert 0 < parts <= timings["preprocess"] + 4e-6  # four values each rounded to 1e-6
-        png = Path(result["files"]["heatmap"])
+        png = Path(result["files"]["overlay"])
         assert png == tmp_path / "results" / str(job_id) / "heatmap.png" and png.is_file()
         ds = pydicom.dcmread(job.spool_path, stop_before_pixels=True)
         assert cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).shape == (ds.Rows, ds.Columns)

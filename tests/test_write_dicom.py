@@ -133,9 +133,9 @@ def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -
     source_index = [p.values[0] for p in SOURCES].index(source_path)
     fractured = (ARCHITECTURES.index(arch) + source_index) % 2 == 0
     prediction = _prediction(arch, fractured)
-    out = write_results(ds, prepared, prediction, tmp_path / "r")
+    out = write_results(ds, prepared, prediction, tmp_path / "r").files
 
-    sc_path, sr_path = Path(out["sc"]), Path(out["sr"])
+    sc_path, sr_path = Path(out.sc), Path(out.sr)
     for path in (sc_path, sr_path):
         assert path.is_file()
         assert _dciodvfy_errors(path) == [], f"{path.name}: dciodvfy errors"
@@ -161,10 +161,10 @@ def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -
         assert arch in equipment.ManufacturerModelName
         assert any("1.2.3" in v for v in equipment.SoftwareVersions)
     src_uid = ds.SOPInstanceUID
-    assert sc.SOPInstanceUID == out["sc_sop_instance_uid"] == derive_uid(src_uid, "1.2.3", "sc")
-    assert sr.SOPInstanceUID == out["sr_sop_instance_uid"] == derive_uid(src_uid, "1.2.3", "sr")
-    assert sc.SeriesInstanceUID == out["series_instance_uids"]["sc"] == derive_uid(src_uid, "1.2.3", "sc-series")
-    assert sr.SeriesInstanceUID == out["series_instance_uids"]["sr"] == derive_uid(src_uid, "1.2.3", "sr-series")
+    assert sc.SOPInstanceUID == out.sc_sop_instance_uid == derive_uid(src_uid, "1.2.3", "sc")
+    assert sr.SOPInstanceUID == out.sr_sop_instance_uid == derive_uid(src_uid, "1.2.3", "sr")
+    assert sc.SeriesInstanceUID == out.sc_series_instance_uid == derive_uid(src_uid, "1.2.3", "sc-series")
+    assert sr.SeriesInstanceUID == out.sr_series_instance_uid == derive_uid(src_uid, "1.2.3", "sr-series")
 
     # The Secondary Capture.
     assert sc.SOPClassUID == SC_CLASS
@@ -189,8 +189,8 @@ def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -
     assert finding.algorithm_version == "1.2.3"
     assert finding.source_sop_instance_uid == src_uid
     if fractured:
-        assert out["roi"] is not None and finding.roi == pytest.approx(tuple(out["roi"]))
-        x0, y0, x1, y1 = out["roi"]
+        assert out.roi is not None and finding.roi == pytest.approx(tuple(out.roi))
+        x0, y0, x1, y1 = out.roi
         assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows
         # The synthetic map's maximum, (0.6, 0.4) of the network input, mapped back: inside the box.
         g = prepared.geometry
@@ -198,9 +198,9 @@ def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -
         peak_y = (0.4 * g.size - g.pad_top) / g.scale
         assert x0 <= peak_x <= x1 and y0 <= peak_y <= y1
     else:
-        assert out["roi"] is None and finding.roi is None
+        assert out.roi is None and finding.roi is None
 
-    png = cv2.imread(out["overlay"], cv2.IMREAD_COLOR)
+    png = cv2.imread(str(out.overlay), cv2.IMREAD_COLOR)
     assert png is not None and max(png.shape[:2]) <= 1024
     assert abs(png.shape[0] / png.shape[1] - sc.Rows / sc.Columns) < 0.01
 
@@ -213,8 +213,8 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     import highdicom as hd
 
     ds, prepared = _load(SMALL)
-    out = write_results(ds, prepared, _prediction("resnet50", fractured), tmp_path)
-    sr = hd.sr.srread(out["sr"])
+    out = write_results(ds, prepared, _prediction("resnet50", fractured), tmp_path).files
+    sr = hd.sr.srread(out.sr)
     tracking_uid = derive_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
     groups = sr.content.get_image_measurement_groups()
     rois = sr.content.get_planar_roi_measurement_groups()
@@ -230,15 +230,15 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     assert len(points) == 5 and (points[0] == points[-1]).all(), "a closed rectangle"
     box = (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
     if fractured:
-        assert out["roi"] is not None and box == pytest.approx(tuple(out["roi"]))
+        assert out.roi is not None and box == pytest.approx(tuple(out.roi))
         assert groups[0].finding_type.value == rois[0].finding_type.value == "72704001"
     else:
-        assert out["roi"] is None and box == (0, 0, ds.Columns, ds.Rows), "the whole image"
+        assert out.roi is None and box == (0, 0, ds.Columns, ds.Rows), "the whole image"
     evaluation = rois[0].get_qualitative_evaluations()[0]
     assert evaluation.value.value == ("52101004" if fractured else "2667000")
 
     # Report level: the image-level finding and numbers (pydicom only, independent of highdicom's parser).
-    raw = pydicom.dcmread(out["sr"])
+    raw = pydicom.dcmread(out.sr)
     top = {item.ConceptNameCodeSequence[0].CodeValue: item for item in raw.ContentSequence}
     qualitative = top["C0034375"].ContentSequence[0]
     assert qualitative.ConceptNameCodeSequence[0].CodeValue == "72704001"
@@ -249,17 +249,17 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     assert raw.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     finding = read_finding(raw)
     assert finding.fractured is fractured and finding.probability == pytest.approx(expected_p / 100)
-    assert finding.roi == (pytest.approx(tuple(out["roi"])) if fractured else None)
+    assert finding.roi == (pytest.approx(tuple(out.roi)) if fractured else None)
 
 
 @pytest.mark.skipif(not (SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm").is_file(), reason="shared data absent")
 def test_reprocessing_gives_the_same_uids_and_replaces_files(tmp_path: Path) -> None:
     ds, prepared = _load(SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm")
-    first = write_results(ds, prepared, _prediction("densenet121", True), tmp_path)
-    second = write_results(ds, prepared, _prediction("densenet121", False, 0.2), tmp_path)
-    for key in ("sc_sop_instance_uid", "sr_sop_instance_uid", "series_instance_uids"):
-        assert first[key] == second[key]
-    assert read_finding(pydicom.dcmread(second["sr"])).fractured is False
+    first = write_results(ds, prepared, _prediction("densenet121", True), tmp_path).files
+    second = write_results(ds, prepared, _prediction("densenet121", False, 0.2), tmp_path).files
+    for key in ("sc_sop_instance_uid", "sr_sop_instance_uid", "sc_series_instance_uid", "sr_series_instance_uid"):
+        assert getattr(first, key) == getattr(second, key)
+    assert read_finding(pydicom.dcmread(second.sr)).fractured is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay.png", "sc.dcm", "sr.dcm"]
 
 
@@ -326,11 +326,11 @@ def test_all_zero_heat_map_gives_no_roi_and_no_tint(tmp_path: Path) -> None:
     prediction = _prediction("vgg16", True)
     prediction = Prediction(**{**{f: getattr(prediction, f) for f in prediction.__dataclass_fields__},
                                "cam": np.zeros((224, 224), np.float32)})
-    out = write_results(ds, prepared, prediction, tmp_path)
-    assert out["roi"] is None
-    finding = read_finding(pydicom.dcmread(out["sr"]))
+    out = write_results(ds, prepared, prediction, tmp_path).files
+    assert out.roi is None
+    finding = read_finding(pydicom.dcmread(out.sr))
     assert finding.fractured is True and finding.roi is None
-    rgb = pydicom.dcmread(out["sc"]).pixel_array
+    rgb = pydicom.dcmread(out.sc).pixel_array
     middle = rgb[rgb.shape[0] // 2, :].astype(int)
     assert (middle[:, 0] == middle[:, 1]).all() and (middle[:, 1] == middle[:, 2]).all()
 
@@ -339,8 +339,8 @@ def test_all_zero_heat_map_gives_no_roi_and_no_tint(tmp_path: Path) -> None:
 def test_result_series_have_a_date_and_a_modality_that_viewers_do_not_play_as_cine(tmp_path: Path) -> None:
     """Orthanc Explorer files a series without Series Date under "?"; OHIF plays OT and US as cine."""
     ds, prepared = _load(SMALL)
-    out = write_results(ds, prepared, _prediction("resnet50", True), tmp_path)
-    sc, sr = pydicom.dcmread(out["sc"]), pydicom.dcmread(out["sr"])
+    out = write_results(ds, prepared, _prediction("resnet50", True), tmp_path).files
+    sc, sr = pydicom.dcmread(out.sc), pydicom.dcmread(out.sr)
     for obj in (sc, sr):
         assert len(obj.SeriesDate) == 8 and obj.SeriesDate == obj.ContentDate
         assert len(obj.SeriesTime) >= 6

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import shutil
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
 from pacs_ai.config import Config
-from pacs_ai.errors import JobStoreError
+from pacs_ai.errors import JobStoreError, ResultFormatError
 from pacs_ai.queue.jobstore import DeliveryState, Job, JobState, JobStore, RetryPolicy
+from pacs_ai.queue.retention import purge_old_jobs
+from pacs_ai.results import JobResult, RoutingOutcome
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -60,6 +60,15 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return data
 
 
+def _routing(job: Job) -> RoutingOutcome | None:
+    """The routing outcome stored with ``job`` (None when none, or its result is unreadable)."""
+    try:
+        result = JobResult.read(job.result)
+    except ResultFormatError:
+        return None
+    return result.routing if result is not None else None
+
+
 def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
@@ -89,9 +98,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         )
         if j.last_error and j.state in (JobState.FAILED, JobState.DEAD):
             print(f"{'':>6}  error: {j.last_error.splitlines()[0][:150]}")
-        routing = (j.result or {}).get("routing") or {}
-        if j.state == JobState.SKIPPED and routing:
-            print(f"{'':>6}  skipped by rule {routing.get('rule')}: {str(routing.get('reason', ''))[:150]}")
+        routing = _routing(j)
+        if j.state == JobState.SKIPPED and routing is not None:
+            print(f"{'':>6}  skipped by rule {routing.rule}: {routing.reason[:150]}")
     return 0
 
 
@@ -187,54 +196,25 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _remove(path: Path, root: Path) -> bool:
-    """Delete ``path`` (file or folder) if it lies under ``root``; True if something was removed."""
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    try:
-        if path.is_dir():
-            shutil.rmtree(path)
-            return True
-        path.unlink()
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def _cmd_purge(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     store = open_job_store(config)
     try:
-        purged: list[Job] = store.purge(args.older_than)
+        report = purge_old_jobs(
+            store, args.older_than, spool_dir=config.storage.spool, results_dir=config.storage.results
+        )
     finally:
         store.close()
-    files = folders = 0
-    problems: list[str] = []
-    for job in purged:
-        try:
-            files += _remove(Path(job.spool_path), config.storage.spool)
-            folders += _remove(config.storage.results / str(job.id), config.storage.results)
-        except OSError as exc:
-            problems.append(f"job {job.id}: {exc}")
-    summary = {
-        "jobs": len(purged),
-        "job_ids": [j.id for j in purged],
-        "spool_files_removed": files,
-        "result_folders_removed": folders,
-        "errors": problems,
-    }
     if args.json:
-        print_json(summary)
+        print_json(report.to_json())
     else:
         print(
-            f"purged {len(purged)} job(s) finished more than {args.older_than} ago: "
-            f"{files} spool file(s), {folders} result folder(s) removed"
+            f"purged {len(report.job_ids)} job(s) finished more than {args.older_than} ago: "
+            f"{report.spool_files_removed} spool file(s), {report.result_folders_removed} result folder(s) removed"
         )
-        for problem in problems:
+        for problem in report.errors:
             print(f"  could not remove files of {problem}")
-    return 1 if problems else 0
+    return 1 if report.errors else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -8,6 +8,8 @@ from typing import Any
 
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
 from pacs_ai.cli.jobs import open_job_store
+from pacs_ai.errors import ResultFormatError
+from pacs_ai.results import JobResult
 from pacs_ai.studies.store import StudyStore, StudySummary
 
 __all__ = ["register"]
@@ -99,11 +101,19 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print("study result:        none yet")
     print("images:")
     for job in jobs:
-        r = job.result or {}
-        if "probability" in r:
-            what = f"{'fracture suspected' if r.get('fractured') else 'no fracture'} (P={r['probability']:.4f})"
+        try:
+            r = JobResult.read(job.result)
+        except ResultFormatError as exc:
+            r, unreadable = None, str(exc)
+        else:
+            unreadable = ""
+        c = r.classification if r is not None else None
+        if c is not None:
+            what = f"{'fracture suspected' if c.fractured else 'no fracture'} (P={c.probability:.4f})"
         elif job.state.value == "skipped":
-            what = f"skipped by rule {(r.get('routing') or {}).get('rule')}"
+            what = f"skipped by rule {r.routing.rule if r is not None and r.routing is not None else None}"
+        elif unreadable:
+            what = unreadable[:100]
         else:
             what = job.last_error.splitlines()[0][:100] if job.last_error else "-"
         print(f"  job {job.id:>5}  {job.state.value:<8} {_when(job.received_at)}  {job.sop_instance_uid}  {what}")

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_ai import __version__
 from pacs_ai.config import Config
-from pacs_ai.errors import ModelError, PacsAiError
+from pacs_ai.errors import ModelError, PacsAiError, ResultFormatError
 from pacs_ai.ops.audit import AuditLog
 from pacs_ai.ops.events import CompositeObserver, Observer
 from pacs_ai.ops.health import HealthCheck
@@ -37,6 +36,8 @@ from pacs_ai.ops.tls import client_context, server_context
 from pacs_ai.daemon.wakeup import Doorbell, WakeUpObserver
 from pacs_ai.daemon.worker_process import WorkerProcess, lower_priority
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
+from pacs_ai.queue.retention import purge_old_jobs
+from pacs_ai.results import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class Service:
     def _observe_finished_jobs(self) -> None:
         """Feed the metrics with jobs that other processes (the worker child) finished."""
         for job in self.jobs.finished_since(self._finished_watermark):
-            timings = (job.result or {}).get("timings", {}) if job.state == "done" else {}
+            timings = _stored_timings(job.result) if job.state == "done" else {}
             self.metrics.job_finished(job.id, str(job.state), timings.get("forward", 0.0), timings.get("cam", 0.0))
             if job.finished_at is not None:
                 self._finished_watermark = max(self._finished_watermark, job.finished_at)
@@ -428,14 +429,14 @@ class Service:
         if self.deliveries:
             self.deliveries.dead_letter_unconfigured()
         age = timedelta(days=self.config.storage.retention_days)
-        removed = 0
-        for job in self.jobs.purge(age):
-            Path(job.spool_path).unlink(missing_ok=True)
-            shutil.rmtree(self.config.storage.results / str(job.id), ignore_errors=True)
-            removed += 1
-        if removed:
-            log.info("retention: removed %d job(s) older than %s", removed, age)
-        return removed
+        report = purge_old_jobs(
+            self.jobs, age, spool_dir=self.config.storage.spool, results_dir=self.config.storage.results
+        )
+        if report.job_ids:
+            log.info("retention: removed %d job(s) older than %s", len(report.job_ids), age)
+        for problem in report.errors:
+            log.warning("retention: could not remove the files of %s", problem)
+        return len(report.job_ids)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -526,3 +527,12 @@ class Service:
         finally:
             self.stop()
         return 0
+
+
+def _stored_timings(stored: object) -> Mapping[str, float]:
+    """Seconds per step of a done job's stored result (empty when it has none or cannot be read)."""
+    try:
+        result = JobResult.read(stored)
+    except ResultFormatError:
+        return {}
+    return result.timings if result is not None else {}

@@ -24,11 +24,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -38,53 +37,45 @@ from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.queue.jobstore import Job, JobStore
+from pacs_ai.results import Classification, JobResult, RoutingOutcome, ShadowScore, WrittenResults
 from pacs_ai.route.facts import ImageFacts
 from pacs_ai.route.rules import Decision, Router
 from pacs_ai.shadow.scoring import ShadowScorer
 
-__all__ = ["ResultWriter", "Worker", "job_result"]
+__all__ = ["ResultWriter", "Worker", "job_result", "routing_outcome"]
 
 log = logging.getLogger(__name__)
 
-ResultWriter = Callable[[pydicom.Dataset, Prepared, Prediction, Path], dict]
-"""``writer(source_dataset, prepared, prediction, folder) -> dict`` of written files/info."""
+ResultWriter = Callable[[pydicom.Dataset, Prepared, Prediction, Path], WrittenResults]
+"""``writer(source_dataset, prepared, prediction, folder) -> WrittenResults`` (the files it wrote, its timings)."""
 
 
-def _jsonable(value: Any) -> Any:
-    """Paths to strings, tuples to lists, recursively (results are stored as JSON)."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        try:
-            return value.item()
-        except (TypeError, ValueError):
-            return str(value)
-    return value
-
-
-def job_result(prediction: Prediction, files: dict, phases: dict[str, float] | None = None) -> dict[str, Any]:
+def job_result(
+    prediction: Prediction,
+    written: WrittenResults,
+    phases: Mapping[str, float] | None = None,
+    *,
+    routing: RoutingOutcome | None = None,
+    shadow: Sequence[ShadowScore] = (),
+) -> JobResult:
     """The result stored with a done job.
 
     ``timings`` (seconds) holds the prediction's (preprocess, forward, cam), the preprocessing ``phases``
-    the worker measured, and the writer's own, which it returns under ``files["timings"]``.
+    the worker measured, and the writer's own (``written.timings``).
     """
-    files = dict(files or {})
-    timings = {**prediction.timings, **(phases or {}), **(files.pop("timings", None) or {})}
-    return {
-        "probability": prediction.probability,
-        "fractured": prediction.fractured,
-        "label": prediction.label,
-        "threshold": prediction.threshold,
-        "model_name": prediction.model_name,
-        "model_version": prediction.model_version,
-        "architecture": prediction.architecture,
-        "timings": {k: round(float(v), 6) for k, v in timings.items()},
-        "files": _jsonable(files or {}),
-    }
+    timings = {**prediction.timings, **(phases or {}), **written.timings}
+    return JobResult(
+        classification=Classification.of(prediction),
+        files=written.files,
+        timings={k: float(v) for k, v in timings.items()},
+        routing=routing,
+        shadow=tuple(shadow),
+    )
+
+
+def routing_outcome(decision: Decision) -> RoutingOutcome:
+    """The part of a routing decision stored with the job (without the trace)."""
+    return RoutingOutcome(decision.action, decision.rule, decision.reason)
 
 
 def _drop_decoded_pixels(ds: pydicom.Dataset) -> None:
@@ -99,9 +90,9 @@ class _Item:
     job: Job
     dataset: pydicom.Dataset
     prepared: Prepared
-    routing: dict[str, Any] | None = None
+    routing: RoutingOutcome | None = None
     shadow_inputs: list[Prepared] | None = None
-    shadow_results: list[dict[str, Any]] | None = None
+    shadow_results: list[ShadowScore] | None = None
 
 
 class Worker:
@@ -224,7 +215,7 @@ class Worker:
                 if not decision.analyse:
                     self._skip(job, decision)
                     return None
-                routing = decision.to_dict()
+                routing = routing_outcome(decision)
             t_read = time.perf_counter()
             gray = dicom_to_gray(ds)
             t_gray = time.perf_counter()
@@ -274,12 +265,14 @@ class Worker:
         folder = self.results_dir / str(job.id)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            files = self.writer(item.dataset, item.prepared, prediction, folder)
-            result = job_result(prediction, files, item.prepared.extra.get("phases"))
-            if item.routing is not None:
-                result["routing"] = item.routing
-            if item.shadow_results is not None:
-                result["shadow"] = _jsonable(item.shadow_results)
+            written = self.writer(item.dataset, item.prepared, prediction, folder)
+            result = job_result(
+                prediction,
+                written,
+                item.prepared.extra.get("phases"),
+                routing=item.routing,
+                shadow=item.shadow_results or (),
+            )
         except InputError as exc:
             _remove_if_empty(folder)
             self._fail(job, str(exc), permanent=True)
@@ -293,7 +286,7 @@ class Worker:
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}", permanent=False)
             return
         try:
-            self.jobs.complete(job.id, self.owner, result, self.destinations)
+            self.jobs.complete(job.id, self.owner, result.to_json(), self.destinations)
         except LeaseLostError as exc:
             log.warning("job %s: result not stored: %s", job.id, exc)
             return
@@ -319,7 +312,7 @@ class Worker:
 
     def _skip(self, job: Job, decision: Decision) -> None:
         try:
-            self.jobs.skip(job.id, self.owner, {"routing": decision.to_dict()})
+            self.jobs.skip(job.id, self.owner, JobResult.skipped(routing_outcome(decision)).to_json())
         except LeaseLostError as exc:
             log.warning("job %s: skip not recorded: %s", job.id, exc)
             return

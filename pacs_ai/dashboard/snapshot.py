@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pacs_ai.config import Config, Destination
-from pacs_ai.errors import PacsAiError
+from pacs_ai.errors import PacsAiError, ResultFormatError
 from pacs_ai.ops.logging_setup import redact_text
 from pacs_ai.queue.jobstore import Delivery, DeliveryState, Job, JobState, JobStore
+from pacs_ai.results import JobResult
 from pacs_ai.send.deliveries import OUTBOX
 
 __all__ = [
@@ -185,23 +186,26 @@ def _error(text: str | None, uids: Sequence[str], show_phi: bool) -> str:
     return text
 
 
-def _skip_reason(result: Mapping[str, Any], uids: Sequence[str], show_phi: bool) -> str:
-    """``rule: reason`` of a job the routing rules skipped (its result's ``routing`` entry)."""
-    routing = result.get("routing") or {}
-    text = ": ".join(str(routing[k]) for k in ("rule", "reason") if routing.get(k))
+def _skip_reason(result: JobResult | None, uids: Sequence[str], show_phi: bool) -> str:
+    """``rule: reason`` of a job the routing rules skipped (its result's ``routing``)."""
+    routing = result.routing if result is not None else None
+    text = ": ".join(v for v in ((routing.rule, routing.reason) if routing is not None else ()) if v)
     return _error(text, uids, show_phi)
 
 
 def _job_row(job: Job, config: Config, show_phi: bool) -> JobRow:
-    result = job.result or {}
-    timings = result.get("timings") or {}
+    try:
+        result = JobResult.read(job.result)
+    except ResultFormatError:
+        result = None
+    c = result.classification if result is not None else None
+    timings = result.timings if result is not None else {}
     uids = (job.sop_instance_uid, job.study_instance_uid, job.series_instance_uid)
 
     def seconds(a: datetime | None, b: datetime | None) -> float | None:
         return (b - a).total_seconds() if a is not None and b is not None else None
 
-    model = " ".join(str(result[k]) for k in ("model_name", "model_version") if result.get(k))
-    probability = result.get("probability")
+    model = " ".join(v for v in ((c.model_name, c.model_version) if c is not None else ()) if v)
     return JobRow(
         id=job.id,
         state=job.state.value,
@@ -209,11 +213,11 @@ def _job_row(job: Job, config: Config, show_phi: bool) -> JobRow:
         received_at=job.received_at,
         finished_at=job.finished_at,
         calling_aet=job.calling_aet,
-        probability=float(probability) if probability is not None else None,
-        fractured=bool(result["fractured"]) if "fractured" in result else None,
-        threshold=float(result["threshold"]) if result.get("threshold") is not None else None,
+        probability=c.probability if c is not None else None,
+        fractured=c.fractured if c is not None else None,
+        threshold=c.threshold if c is not None else None,
         model=model,
-        timings_ms={k: 1000.0 * float(v) for k, v in timings.items() if isinstance(v, (int, float))},
+        timings_ms={k: 1000.0 * float(v) for k, v in timings.items()},
         wait_s=seconds(job.received_at, job.started_at),
         run_s=seconds(job.started_at, job.finished_at) if job.state == JobState.DONE else None,
         has_overlay=job.state == JobState.DONE and overlay_path(config, job.id).is_file(),

@@ -52,14 +52,31 @@ class NullObserver:
 
 
 class CompositeObserver:
-    """Forwards every event to each of ``observers`` in turn."""
+    """Forwards every event to each of ``observers`` in turn (in the order given)."""
 
     def __init__(self, *observers: Observer) -> None:
-        self._observers = observers
+        self._observers: tuple[Observer, ...] = observers
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        def fan_out(*args: object, **kwargs: object) -> None:
-            for observer in self._observers:
-                getattr(observer, name)(*args, **kwargs)
+    def association(self, calling_aet: str, peer: str, accepted: bool, reason: str = "") -> None:
+        for observer in self._observers:
+            observer.association(calling_aet, peer, accepted, reason)
 
-        return fan_out
+    def image_received(self, job_id: int, sop_instance_uid: str, size: int, duplicate: bool) -> None:
+        for observer in self._observers:
+            observer.image_received(job_id, sop_instance_uid, size, duplicate)
+
+    def image_rejected(self, status: int, reason: str) -> None:
+        for observer in self._observers:
+            observer.image_rejected(status, reason)
+
+    def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:
+        for observer in self._observers:
+            observer.job_finished(job_id, state, inference_s, cam_s)
+
+    def delivered(self, job_id: int, destination: str, end_to_end_s: float) -> None:
+        for observer in self._observers:
+            observer.delivered(job_id, destination, end_to_end_s)
+
+    def delivery_failed(self, job_id: int, destination: str, reason: str, dead: bool) -> None:
+        for observer in self._observers:
+            observer.delivery_failed(job_id, destination, reason, dead)

@@ -24,6 +24,8 @@ import ssl
 import threading
 import time
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
@@ -53,8 +55,33 @@ def _stop_after_series(tag: Any, vr: Any, length: int) -> bool:
     return int(tag) > _TAG_SERIES
 
 
-def read_header_uids(stream: BytesIO, transfer_syntax: UID) -> dict[str, str]:
-    """SOP Class/Instance, Study and Series Instance UIDs from an encoded dataset, reading only its head."""
+@dataclass(frozen=True)
+class HeaderUids:
+    """The four UIDs the listener reads from the head of a received data set to create a job.
+
+    Each is the element's value stripped of padding (spaces, NUL), or ``""`` when the element is absent
+    or not a string.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+    def problems(self) -> list[str]:
+        """The attribute names that are missing, empty or longer than 64 characters (a UID's limit)."""
+        return [
+            name
+            for name in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid")
+            if not getattr(self, name) or len(getattr(self, name)) > 64
+        ]
+
+
+def read_header_uids(stream: BytesIO, transfer_syntax: UID) -> HeaderUids:
+    """SOP Class/Instance, Study and Series Instance UIDs from an encoded dataset, reading only its head.
+
+    Raises whatever pydicom raises on a data set it cannot parse.
+    """
     implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
     if transfer_syntax.is_deflated:
         inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.getvalue(), _HEADER_LIMIT)
@@ -64,17 +91,18 @@ def read_header_uids(stream: BytesIO, transfer_syntax: UID) -> dict[str, str]:
         fp = stream
         fp.seek(0)
     ds: Dataset = read_dataset(fp, implicit, little, stop_when=_stop_after_series)
-    uids: dict[str, str] = {}
-    for name, tag in (
-        ("sop_class_uid", _TAG_SOP_CLASS),
-        ("sop_instance_uid", _TAG_SOP_INSTANCE),
-        ("study_instance_uid", _TAG_STUDY),
-        ("series_instance_uid", _TAG_SERIES),
-    ):
+
+    def value(tag: int) -> str:
         elem = ds.get(tag)
-        value = elem.value if elem is not None else None
-        uids[name] = value.strip().rstrip("\x00").strip() if isinstance(value, str) else ""
-    return uids
+        raw = elem.value if elem is not None else None
+        return raw.strip().rstrip("\x00").strip() if isinstance(raw, str) else ""
+
+    return HeaderUids(
+        sop_class_uid=value(_TAG_SOP_CLASS),
+        sop_instance_uid=value(_TAG_SOP_INSTANCE),
+        study_instance_uid=value(_TAG_STUDY),
+        series_instance_uid=value(_TAG_SERIES),
+    )
 
 
 class Listener:
@@ -193,11 +221,12 @@ class Listener:
         calling = str(requestor.ae_title or "").strip()
         return calling, f"{requestor.address}:{requestor.port}"
 
-    def _notify(self, method: str, *args: Any) -> None:
+    def _notify(self, event: Callable[[], None], name: str) -> None:
+        """Call ``event`` (a closure over one ``Observer`` method); an observer never breaks the service."""
         try:
-            getattr(self.observer, method)(*args)
+            event()
         except Exception:  # an observer must never break the DICOM service
-            log.exception("observer %s failed", method)
+            log.exception("observer %s failed", name)
 
     def _on_echo(self, event: Any) -> int:
         return cx.STATUS_SUCCESS
@@ -205,7 +234,7 @@ class Listener:
     def _on_accepted(self, event: Any) -> None:
         calling, peer = self._peer(event)
         log.info("association accepted from %s at %s", calling, peer)
-        self._notify("association", calling, peer, True, "")
+        self._notify(lambda: self.observer.association(calling, peer, True, ""), "association")
 
     def _on_rejected(self, event: Any) -> None:
         calling, peer = self._peer(event)
@@ -214,7 +243,7 @@ class Listener:
         else:
             reason = f"too many associations (max_associations = {self.config.max_associations})"
         log.warning("association from %s at %s rejected: %s", calling, peer, reason)
-        self._notify("association", calling, peer, False, reason)
+        self._notify(lambda: self.observer.association(calling, peer, False, reason), "association")
 
     def _on_pdu(self, event: Any) -> None:
         pdu_type = getattr(getattr(event, "pdu", None), "pdu_type", None)
@@ -253,7 +282,7 @@ class Listener:
             log.exception("C-STORE failed with an unexpected error; answering 0xA700")
             status, reason = cx.STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
         if status != cx.STATUS_SUCCESS:
-            self._notify("image_rejected", status, reason)
+            self._notify(lambda: self.observer.image_rejected(status, reason), "image_rejected")
         return status
 
     def _store(self, event: Any) -> tuple[int, str]:
@@ -282,26 +311,22 @@ class Listener:
             detail = str(exc).splitlines()[0][:160] if str(exc) else ""  # no element values beyond that
             return refuse(cx.STATUS_CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(exc).__name__}: {detail})")
 
-        missing = [
-            name
-            for name in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid")
-            if not uids[name] or len(uids[name]) > 64
-        ]
+        missing = uids.problems()
         if missing:
             return refuse(cx.STATUS_MISSING_UID, f"missing, empty or over-long: {', '.join(missing)}")
-        if uids["sop_instance_uid"] != affected_uid:
+        if uids.sop_instance_uid != affected_uid:
             return refuse(
                 cx.STATUS_INSTANCE_MISMATCH,
-                f"dataset SOP Instance UID {uids['sop_instance_uid']} differs from the request's",
+                f"dataset SOP Instance UID {uids.sop_instance_uid} differs from the request's",
             )
-        if uids["sop_class_uid"] != affected_class or uids["sop_class_uid"] not in cx.IMAGE_SOP_CLASSES:
+        if uids.sop_class_uid != affected_class or uids.sop_class_uid not in cx.IMAGE_SOP_CLASSES:
             return refuse(
                 cx.STATUS_SOP_CLASS_MISMATCH,
-                f"dataset SOP Class UID {uids['sop_class_uid']} does not match the request's "
+                f"dataset SOP Class UID {uids.sop_class_uid} does not match the request's "
                 f"{affected_class} or is not an accepted image class",
             )
 
-        uid = uids["sop_instance_uid"]
+        uid = uids.sop_instance_uid
         try:
             data = event.encoded_dataset(include_meta=True)
             stored = self.spool.store(uid, data)
@@ -315,9 +340,9 @@ class Listener:
                 )
             outcome = self.jobs.enqueue(
                 sop_instance_uid=uid,
-                study_instance_uid=uids["study_instance_uid"],
-                series_instance_uid=uids["series_instance_uid"],
-                sop_class_uid=uids["sop_class_uid"],
+                study_instance_uid=uids.study_instance_uid,
+                series_instance_uid=uids.series_instance_uid,
+                sop_class_uid=uids.sop_class_uid,
                 calling_aet=calling[:16],
                 spool_path=str(stored.path),
                 sha256=content,  # resends that differ only in file meta or trailing padding are duplicates
@@ -349,5 +374,7 @@ class Listener:
                 uid, calling, outcome.job_id,
             )
         duplicate = not outcome.created and not outcome.content_changed
-        self._notify("image_received", outcome.job_id, uid, stored.size, duplicate)
+        self._notify(
+            lambda: self.observer.image_received(outcome.job_id, uid, stored.size, duplicate), "image_received"
+        )
         return cx.STATUS_SUCCESS, ""

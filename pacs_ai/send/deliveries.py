@@ -40,8 +40,9 @@ from typing import Any
 from pydicom.filereader import read_file_meta_info
 
 from pacs_ai.config import Destination
-from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError
+from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError, ResultFormatError
 from pacs_ai.ops.events import NullObserver, Observer
+from pacs_ai.results import JobResult
 from pacs_ai.send.sender import DestinationUnreachable, ObjectOutcome, outgoing_object, send_files, send_objects
 from pacs_ai.store.spool import write_atomic
 
@@ -61,34 +62,22 @@ def destination_names(destinations: Sequence[Destination]) -> list[str]:
     return names or [OUTBOX]
 
 
-def result_files(result: Mapping[str, Any] | None) -> list[Path]:
-    """The DICOM files to deliver (SC then SR) from a job's result.
+def result_file_map(result: JobResult | None) -> dict[str, Path]:
+    """The DICOM files to deliver by object key, SC first: ``{"sc": ..., "sr": ...}`` (those the result has).
 
-    Accepts ``result["files"]`` as the dict returned by ``write_results`` (keys ``sc``/``sr``) or as a
-    list of paths (``.dcm`` files are taken), or ``sc``/``sr`` at the top level.
     Raises DeliveryError (permanent) when there is nothing to deliver.
     """
-    if not result:
+    if result is None:
         raise DeliveryError("-", "the job has no result", permanent=True)
-    files = result.get("files", result)
-    paths: list[Path] = []
-    if isinstance(files, Mapping):
-        paths = [Path(str(files[k])) for k in ("sc", "sr") if files.get(k)]
-    elif isinstance(files, (list, tuple)):
-        paths = [Path(str(p)) for p in files if str(p).lower().endswith(".dcm")]
-    if not paths:
+    files = result.files.dicom_files() if result.files is not None else {}
+    if not files:
         raise DeliveryError("-", "the job's result names no DICOM files to deliver", permanent=True)
-    return paths
+    return files
 
 
-def result_file_map(result: Mapping[str, Any] | None) -> dict[str, Path]:
-    """The DICOM files to deliver by object key: ``{"sc": ..., "sr": ...}`` for ``write_results`` output,
-    the file names for a list of paths. Raises DeliveryError (permanent) when there is nothing to deliver."""
-    paths = result_files(result)  # raises when there is nothing
-    files = (result or {}).get("files", result)
-    if isinstance(files, Mapping):
-        return {k: Path(str(files[k])) for k in ("sc", "sr") if files.get(k)}
-    return {p.name: p for p in paths}
+def result_files(result: JobResult | None) -> list[Path]:
+    """The DICOM files to deliver (SC then SR) from a job's result; raises like ``result_file_map``."""
+    return list(result_file_map(result).values())
 
 
 class ObjectsNotDelivered(DeliveryError):
@@ -333,9 +322,11 @@ class DeliveryProcessor:
         Raises ObjectsNotDelivered (some objects stored, some not) or DeliveryError.
         """
         try:
-            files = result_file_map(job.result)
+            files = result_file_map(JobResult.read(job.result))
         except DeliveryError as exc:
             raise DeliveryError(name, f"job {job.id}: {exc.detail}", permanent=True) from exc
+        except ResultFormatError as exc:
+            raise DeliveryError(name, f"job {job.id}: {exc}", permanent=True) from exc
         destination = self.destinations.get(name)
         if destination is None:
             self._to_outbox(job, list(files.values()))

@@ -16,6 +16,7 @@ per shadow, its probabilities against the live ones.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,8 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from pacs_ai.errors import ResultFormatError
 from pacs_ai.queue.jobstore import Job, JobState
+from pacs_ai.results import JobResult
 from pacs_ai.shadow.drift import histogram, psi, psi_reading
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ModelStats", "ShadowReport", "build_report", "render_png", "render_text"]
 
@@ -60,10 +65,6 @@ class ShadowReport:
     since: datetime
     jobs: int
     models: list[ModelStats]
-
-
-def _key(entry: Mapping[str, Any]) -> tuple[str, str]:
-    return str(entry.get("model_name", "?")), str(entry.get("model_version", "?"))
 
 
 def _stats(
@@ -123,19 +124,26 @@ def build_report(jobs: Sequence[Job], references: Mapping[tuple[str, str], Mappi
     errors: dict[tuple[str, str], int] = {}
     n_jobs = 0
     for job in jobs:
-        r = job.result or {}
-        if job.state != JobState.DONE or "probability" not in r:
+        if job.state != JobState.DONE:
+            continue
+        try:
+            r = JobResult.read(job.result)
+        except ResultFormatError as exc:
+            log.warning("job %s: result left out of the shadow report: %s", job.id, exc)
+            continue
+        c = r.classification if r is not None else None
+        if r is None or c is None:
             continue
         n_jobs += 1
-        lp, lf = float(r["probability"]), bool(r["fractured"])
-        live.setdefault(_key(r), []).append((lp, lf, lp, lf))
-        for entry in r.get("shadow") or []:
-            key = _key(entry)
-            if "probability" not in entry:
+        lp, lf = c.probability, c.fractured
+        live.setdefault((c.model_name or "?", c.model_version or "?"), []).append((lp, lf, lp, lf))
+        for entry in r.shadow:
+            key = (entry.model_name, entry.model_version)
+            if not entry.scored or entry.probability is None or entry.fractured is None:
                 errors[key] = errors.get(key, 0) + 1
                 shadows.setdefault(key, [])
                 continue
-            shadows.setdefault(key, []).append((float(entry["probability"]), bool(entry["fractured"]), lp, lf))
+            shadows.setdefault(key, []).append((entry.probability, entry.fractured, lp, lf))
     models = [_stats("live", k, v, 0, references.get(k)) for k, v in live.items()]
     models += [_stats("shadow", k, v, errors.get(k, 0), references.get(k)) for k, v in shadows.items()]
     return ShadowReport(since, n_jobs, models)

@@ -3,8 +3,8 @@
 The worker decodes each image once. Its live model's network input (``Prepared``) is reused by every
 shadow model with the same input specification; a shadow with another specification (input size,
 CLAHE...) gets its input prepared from the same decoded grey image, so no image is decoded twice.
-Shadows run without Grad-CAM. Their results are stored in the job's result under ``"shadow"`` (a list,
-one entry per shadow model: ``model_name``, ``model_version``, ``probability``, ``fractured``,
+Shadows run without Grad-CAM. Their results are stored in the job's result (``JobResult.shadow``: one
+``ShadowScore`` per shadow model: ``model_name``, ``model_version``, ``probability``, ``fractured``,
 ``threshold``, or ``error``) and nothing of them is written to DICOM or sent. A shadow that fails never
 fails the job: its entry carries the error instead.
 """
@@ -15,12 +15,12 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.preprocess import InputSpec, Prepared, prepare
+from pacs_ai.results import ShadowScore
 
 __all__ = ["ShadowScorer", "load_shadow_scorer"]
 
@@ -49,9 +49,9 @@ class ShadowScorer:
                 out.append(prepare(gray, engine.spec))
         return out
 
-    def score(self, inputs: Sequence[Sequence[Prepared]]) -> list[list[dict[str, Any]]]:
+    def score(self, inputs: Sequence[Sequence[Prepared]]) -> list[list[ShadowScore]]:
         """``inputs[i][k]``: image i's input for shadow k -> ``results[i][k]`` (see the module docstring)."""
-        results: list[list[dict[str, Any]]] = [[] for _ in inputs]
+        results: list[list[ShadowScore]] = [[] for _ in inputs]
         for k, engine in enumerate(self.engines):
             t0 = time.perf_counter()
             try:
@@ -59,20 +59,20 @@ class ShadowScorer:
             except Exception as exc:  # noqa: BLE001 - a shadow must never fail the job
                 log.warning("shadow model %s %s failed on a batch of %d: %s", engine.model_name, engine.model_version, len(inputs), exc)
                 for row in results:
-                    row.append({"model_name": engine.model_name, "model_version": engine.model_version, "error": f"{type(exc).__name__}: {exc}"})
+                    row.append(ShadowScore(engine.model_name, engine.model_version, error=f"{type(exc).__name__}: {exc}"))
                 continue
             seconds = (time.perf_counter() - t0) / max(1, len(inputs))
             for row, p in zip(results, predictions):
                 row.append(
-                    {
-                        "model_name": p.model_name,
-                        "model_version": p.model_version,
-                        "architecture": p.architecture,
-                        "probability": p.probability,
-                        "fractured": p.fractured,
-                        "threshold": p.threshold,
-                        "seconds": round(seconds, 6),
-                    }
+                    ShadowScore(
+                        model_name=p.model_name,
+                        model_version=p.model_version,
+                        architecture=p.architecture,
+                        probability=float(p.probability),
+                        fractured=bool(p.fractured),
+                        threshold=float(p.threshold),
+                        seconds=round(seconds, 6),
+                    )
                 )
         return results
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import pydicom
 
-from pacs_ai.errors import ModelError, PacsAiError, StorageError
+from pacs_ai.errors import ModelError, PacsAiError, ResultFormatError, StorageError
 from pacs_ai.queue.jobstore import JobState
+from pacs_ai.results import JobResult
 from pacs_ai.store.spool import describe_os_error, write_atomic
 from pacs_ai.studies.report import ImageFinding, StudyFinding, build_study_report
 from pacs_ai.studies.rules import RULES, aggregate
@@ -131,9 +132,15 @@ class StudyProcessor:
         left_out: list[dict[str, Any]] = []
         model: ModelInfo | None = None
         for job in jobs:
-            result = job.result or {}
-            if job.state != JobState.DONE or "probability" not in result:
-                reason = (result.get("routing") or {}).get("rule") if job.state == JobState.SKIPPED else job.last_error
+            try:
+                job_result = JobResult.read(job.result)
+            except ResultFormatError as exc:
+                left_out.append({"job_id": job.id, "sop_instance_uid": job.sop_instance_uid, "state": "unreadable", "reason": str(exc)})
+                continue
+            c = job_result.classification if job_result is not None else None
+            if job.state != JobState.DONE or c is None:
+                routing = job_result.routing if job_result is not None else None
+                reason = (routing.rule if routing is not None else None) if job.state == JobState.SKIPPED else job.last_error
                 left_out.append({"job_id": job.id, "sop_instance_uid": job.sop_instance_uid, "state": str(job.state), "reason": reason})
                 continue
             try:
@@ -141,24 +148,24 @@ class StudyProcessor:
             except Exception as exc:  # noqa: BLE001 - e.g. purged spool file
                 left_out.append({"job_id": job.id, "sop_instance_uid": job.sop_instance_uid, "state": "unreadable", "reason": str(exc)})
                 continue
-            roi = (result.get("files") or {}).get("roi")
+            roi = job_result.files.roi if job_result is not None and job_result.files is not None else None
             findings.append(
                 ImageFinding(
                     header,
-                    float(result["probability"]),
-                    bool(result["fractured"]),
-                    float(result["threshold"]),
-                    tuple(float(v) for v in roi) if isinstance(roi, list) and len(roi) == 4 else None,
+                    c.probability,
+                    c.fractured,
+                    c.threshold,
+                    (float(roi[0]), float(roi[1]), float(roi[2]), float(roi[3])) if roi is not None else None,
                 )
             )
-            model = ModelInfo(str(result.get("model_name") or "fracture-classifier"), str(result.get("model_version") or "0"), str(result.get("architecture") or ""))
+            model = ModelInfo(c.model_name or "fracture-classifier", c.model_version or "0", c.architecture)
             images.append(
                 {
                     "job_id": job.id,
                     "sop_instance_uid": job.sop_instance_uid,
                     "series_instance_uid": job.series_instance_uid,
-                    "probability": float(result["probability"]),
-                    "fractured": bool(result["fractured"]),
+                    "probability": c.probability,
+                    "fractured": c.fractured,
                 }
             )
         if not findings or model is None:

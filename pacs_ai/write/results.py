@@ -25,6 +25,7 @@ import pydicom
 
 from pacs_ai.errors import DicomWriteError, StorageError
 from pacs_ai.explain.overlay import Caption, hottest_region, picture_size, render_result_image
+from pacs_ai.results import ResultFiles, WrittenResults
 from pacs_ai.store.spool import describe_os_error, fsync_dir, write_atomic
 from pacs_ai.write.common import ModelInfo
 from pacs_ai.write.secondary_capture import build_secondary_capture
@@ -82,13 +83,13 @@ def _heat_on_original(prepared: Any, prediction: Any) -> np.ndarray | None:
     return heat
 
 
-def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folder: Path) -> dict[str, Any]:
+def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folder: Path) -> WrittenResults:
     """Build and save the results of one classification; returns where they are and their UIDs.
 
-    Returns ``{"sc", "sr", "overlay"}`` (paths as strings), ``sc_sop_instance_uid``,
-    ``sr_sop_instance_uid``, ``series_instance_uids`` (``{"sc": ..., "sr": ...}``) and ``roi``
-    (``[x0, y0, x1, y1]`` in source pixel coordinates, end exclusive, or None when no fracture is suspected)
-    and ``timings`` (seconds per step: roi, sr_build, overlay, png, picture_wait, sc_encode, fsync).
+    Returns ``WrittenResults``: ``files`` (``sc``, ``sr``, ``overlay`` paths, the SC's and SR's SOP and
+    Series Instance UIDs, and ``roi``: ``(x0, y0, x1, y1)`` in source pixel coordinates, end exclusive, or
+    None when no fracture is suspected) and ``timings`` (seconds per step: roi, sr_build, overlay, png,
+    picture_wait, sc_encode, fsync).
     Raises DicomWriteError (the objects cannot be built) or StorageError (they cannot be written).
     """
     folder = Path(folder)
@@ -147,7 +148,7 @@ def _build_and_write(
     probability: float,
     threshold: float,
     src_uid: str,
-) -> dict[str, Any]:
+) -> WrittenResults:
     timings: dict[str, float] = {}
     fractured = bool(prediction.fractured)
     t = time.perf_counter()
@@ -200,13 +201,14 @@ def _build_and_write(
     paths = {"sc": folder / "sc.dcm", "sr": folder / "sr.dcm", "overlay": folder / "overlay.png"}
     _write_all({paths["sc"]: sc_bytes, paths["sr"]: sr_bytes, paths["overlay"]: png})
     timings["fsync"] = time.perf_counter() - t
-    return {
-        "sc": str(paths["sc"]),
-        "sr": str(paths["sr"]),
-        "overlay": str(paths["overlay"]),
-        "sc_sop_instance_uid": uids["sc"],
-        "sr_sop_instance_uid": uids["sr"],
-        "series_instance_uids": {"sc": uids["sc-series"], "sr": uids["sr-series"]},
-        "roi": [int(v) for v in roi] if roi is not None else None,
-        "timings": timings,
-    }
+    files = ResultFiles(
+        sc=paths["sc"],
+        sr=paths["sr"],
+        overlay=paths["overlay"],
+        sc_sop_instance_uid=uids["sc"],
+        sr_sop_instance_uid=uids["sr"],
+        sc_series_instance_uid=uids["sc-series"],
+        sr_series_instance_uid=uids["sr-series"],
+        roi=(int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3])) if roi is not None else None,
+    )
+    return WrittenResults(files, timings)

@@ -1,0 +1,349 @@
+"""The typed records of a job's result: what the writer hands the worker, and what is stored with a job.
+
+Who makes and who reads them:
+
+- ``WrittenResults`` (``ResultFiles`` + the writer's step timings): ``pacs_ai.write.results.write_results``
+  returns it to the worker (``pacs_ai.daemon.worker.ResultWriter``).
+- ``JobResult``: the worker stores it with a done job (``Classification`` + ``ResultFiles`` + timings,
+  the routing ``RoutingOutcome`` and the ``ShadowScore`` of each shadow model) or a skipped one (only
+  ``routing``). Deliveries, studies, the shadow report, the dashboard and the CLI read it back with
+  ``JobResult.from_json(job.result)``.
+
+The job store keeps the result as one JSON document. ``to_json`` writes ONE shape (below); ``from_json``
+reads that shape, and also the shapes written by earlier versions (see ``_upgrade``), so rows stored before
+this module existed still read::
+
+    {"probability": 0.93, "fractured": true, "label": "fractured", "threshold": 0.5,
+     "model_name": "...", "model_version": "...", "architecture": "densenet121",
+     "timings": {"forward": 0.05, ...},                         # seconds per step
+     "files": {"sc": "/.../sc.dcm", "sr": "/.../sr.dcm", "overlay": "/.../overlay.png",
+               "sc_sop_instance_uid": "...", "sr_sop_instance_uid": "...",
+               "series_instance_uids": {"sc": "...", "sr": "..."},
+               "roi": [x0, y0, x1, y1]},                          # source pixels, end exclusive, or null
+     "routing": {"action": "analyse", "rule": "...", "reason": "..."},   # when a router decided
+     "shadow": [{"model_name": "...", "model_version": "...", "architecture": "...",
+                 "probability": 0.4, "fractured": false, "threshold": 0.5, "seconds": 0.03}
+                | {"model_name": "...", "model_version": "...", "error": "..."}]}
+
+A skipped job's result is ``{"routing": {...}}``. Unknown keys are ignored on reading (never written).
+A document that is not an object, or whose fields have the wrong types, raises ``ResultFormatError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pacs_ai.errors import ResultFormatError
+
+__all__ = [
+    "Classification",
+    "JobResult",
+    "ResultFiles",
+    "ResultFormatError",
+    "RoutingOutcome",
+    "ShadowScore",
+    "WrittenResults",
+]
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ResultFormatError(f"job result field {name!r}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(value: Any, name: str) -> str | None:
+    return None if value is None else _str(value, name)
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ResultFormatError(f"job result field {name!r}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ResultFormatError(f"job result field {name!r}: expected true/false, got {type(value).__name__}")
+    return value
+
+
+def _mapping(value: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ResultFormatError(f"job result field {name!r}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _timings(value: Any, name: str = "timings") -> dict[str, float]:
+    """Seconds per step; entries that are not numbers are dropped (earlier versions stored none)."""
+    if value is None:
+        return {}
+    return {
+        str(k): float(v) for k, v in _mapping(value, name).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """Where the result objects of one image are and what their UIDs are (all optional but at least one file).
+
+    ``sc``/``sr``: the Secondary Capture and the Structured Report (DICOM files, delivered in this order);
+    ``overlay``: the PNG preview (never delivered); ``roi``: the hottest region ``(x0, y0, x1, y1)`` in source
+    pixels, end exclusive, or None when no fracture is suspected.
+    """
+
+    sc: Path | None = None
+    sr: Path | None = None
+    overlay: Path | None = None
+    sc_sop_instance_uid: str | None = None
+    sr_sop_instance_uid: str | None = None
+    sc_series_instance_uid: str | None = None
+    sr_series_instance_uid: str | None = None
+    roi: tuple[int, int, int, int] | None = None
+
+    def dicom_files(self) -> dict[str, Path]:
+        """The DICOM objects to deliver by key, SC first: ``{"sc": path, "sr": path}`` (those present)."""
+        return {key: path for key, path in (("sc", self.sc), ("sr", self.sr)) if path is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {k: str(p) for k, p in (("sc", self.sc), ("sr", self.sr), ("overlay", self.overlay)) if p is not None}
+        if self.sc_sop_instance_uid is not None:
+            doc["sc_sop_instance_uid"] = self.sc_sop_instance_uid
+        if self.sr_sop_instance_uid is not None:
+            doc["sr_sop_instance_uid"] = self.sr_sop_instance_uid
+        series = {k: v for k, v in (("sc", self.sc_series_instance_uid), ("sr", self.sr_series_instance_uid)) if v is not None}
+        if series:
+            doc["series_instance_uids"] = series
+        doc["roi"] = list(self.roi) if self.roi is not None else None
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ResultFiles:
+        """The current shape (an object); earlier versions' list of paths is read as ``sc`` then ``sr``."""
+        if isinstance(doc, (list, tuple)):  # earlier shape: a list of paths, the .dcm files delivered in order
+            dcm = [Path(str(p)) for p in doc if str(p).lower().endswith(".dcm")]
+            named = {p.stem: p for p in dcm}
+            if set(named) <= {"sc", "sr"} and len(named) == len(dcm):
+                return cls(sc=named.get("sc"), sr=named.get("sr"))
+            return cls(sc=dcm[0] if dcm else None, sr=dcm[1] if len(dcm) > 1 else None)
+        m = _mapping(doc, "files")
+        series = _mapping(m.get("series_instance_uids") or {}, "files.series_instance_uids")
+        roi = m.get("roi")
+        if roi is not None:
+            if not isinstance(roi, (list, tuple)) or len(roi) != 4:
+                raise ResultFormatError(f"job result field 'files.roi': expected [x0, y0, x1, y1], got {roi!r}")
+            roi = tuple(int(_float(v, "files.roi")) for v in roi)
+
+        def path(key: str) -> Path | None:
+            value = m.get(key)
+            return Path(_str(value, f"files.{key}")) if value else None
+
+        return cls(
+            sc=path("sc"),
+            sr=path("sr"),
+            overlay=path("overlay"),
+            sc_sop_instance_uid=_opt_str(m.get("sc_sop_instance_uid"), "files.sc_sop_instance_uid"),
+            sr_sop_instance_uid=_opt_str(m.get("sr_sop_instance_uid"), "files.sr_sop_instance_uid"),
+            sc_series_instance_uid=_opt_str(series.get("sc"), "files.series_instance_uids.sc"),
+            sr_series_instance_uid=_opt_str(series.get("sr"), "files.series_instance_uids.sr"),
+            roi=roi,  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class WrittenResults:
+    """The writer's hand-off to the worker: the files it wrote and its seconds per step."""
+
+    files: ResultFiles
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The live model's answer for one image (``pacs_ai.infer.engine.Prediction`` without the heat map)."""
+
+    probability: float
+    """Calibrated P(fracture), 0..1."""
+    fractured: bool
+    """``probability >= threshold``."""
+    threshold: float
+    label: str
+    """``"fractured"`` or ``"not_fractured"``."""
+    model_name: str
+    model_version: str
+    architecture: str
+
+    @classmethod
+    def of(cls, prediction: Any) -> Classification:
+        """From an engine ``Prediction`` (or anything with the same attributes)."""
+        return cls(
+            probability=float(prediction.probability),
+            fractured=bool(prediction.fractured),
+            threshold=float(prediction.threshold),
+            label=str(prediction.label),
+            model_name=str(prediction.model_name),
+            model_version=str(prediction.model_version),
+            architecture=str(prediction.architecture),
+        )
+
+
+@dataclass(frozen=True)
+class RoutingOutcome:
+    """The routing decision stored with a job: ``action`` analyse/skip, the deciding ``rule``, ``reason``."""
+
+    action: str
+    rule: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "rule": self.rule, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RoutingOutcome:
+        m = _mapping(doc, "routing")
+        return cls(str(m.get("action", "")), str(m.get("rule", "")), str(m.get("reason", "")))
+
+
+@dataclass(frozen=True)
+class ShadowScore:
+    """One shadow model's score of an image (stored, never sent); ``error`` instead of a score when it failed."""
+
+    model_name: str
+    model_version: str
+    architecture: str = ""
+    probability: float | None = None
+    fractured: bool | None = None
+    threshold: float | None = None
+    seconds: float | None = None
+    """Seconds per image of the shadow's batched forward pass."""
+    error: str | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.error is None and self.probability is not None and self.fractured is not None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"model_name": self.model_name, "model_version": self.model_version}
+        if self.error is not None:
+            doc["error"] = self.error
+            return doc
+        doc.update(
+            architecture=self.architecture,
+            probability=self.probability,
+            fractured=self.fractured,
+            threshold=self.threshold,
+            seconds=self.seconds,
+        )
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ShadowScore:
+        m = _mapping(doc, "shadow[]")
+        return cls(
+            model_name=str(m.get("model_name", "?")),
+            model_version=str(m.get("model_version", "?")),
+            architecture=str(m.get("architecture") or ""),
+            probability=_float(m["probability"], "shadow[].probability") if m.get("probability") is not None else None,
+            fractured=_bool(m["fractured"], "shadow[].fractured") if m.get("fractured") is not None else None,
+            threshold=_float(m["threshold"], "shadow[].threshold") if m.get("threshold") is not None else None,
+            seconds=_float(m["seconds"], "shadow[].seconds") if m.get("seconds") is not None else None,
+            error=_opt_str(m.get("error"), "shadow[].error"),
+        )
+
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The result stored with a job: a done job has ``classification`` and ``files``; a skipped one only
+    ``routing``. ``timings``: seconds per step (the engine's preprocess/forward/cam, the worker's read/
+    decode/contrast_resize, the writer's own)."""
+
+    classification: Classification | None = None
+    files: ResultFiles | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+    routing: RoutingOutcome | None = None
+    shadow: tuple[ShadowScore, ...] = ()
+
+    @property
+    def analysed(self) -> bool:
+        """True when the live model scored the image."""
+        return self.classification is not None
+
+    @classmethod
+    def skipped(cls, routing: RoutingOutcome) -> JobResult:
+        return cls(routing=routing)
+
+    def to_json(self) -> dict[str, Any]:
+        """The one stored shape (see the module docstring)."""
+        doc: dict[str, Any] = {}
+        c = self.classification
+        if c is not None:
+            doc.update(
+                probability=c.probability,
+                fractured=c.fractured,
+                label=c.label,
+                threshold=c.threshold,
+                model_name=c.model_name,
+                model_version=c.model_version,
+                architecture=c.architecture,
+                timings={k: round(float(v), 6) for k, v in self.timings.items()},
+            )
+        elif self.timings:
+            doc["timings"] = {k: round(float(v), 6) for k, v in self.timings.items()}
+        if self.files is not None:
+            doc["files"] = self.files.to_json()
+        if self.routing is not None:
+            doc["routing"] = self.routing.to_json()
+        if self.shadow:
+            doc["shadow"] = [s.to_json() for s in self.shadow]
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> JobResult:
+        """Read a stored result (this version's shape or an earlier one). Raises ResultFormatError."""
+        m = _upgrade(_mapping(doc, "result"))
+        classification = None
+        if m.get("probability") is not None:
+            classification = Classification(
+                probability=_float(m["probability"], "probability"),
+                fractured=_bool(m["fractured"], "fractured")
+                if "fractured" in m
+                else _float(m["probability"], "probability") >= _float(m.get("threshold", 0.5), "threshold"),
+                threshold=_float(m.get("threshold", 0.5), "threshold"),
+                label=str(m.get("label") or ("fractured" if m.get("fractured") else "not_fractured")),
+                model_name=str(m.get("model_name") or ""),
+                model_version=str(m.get("model_version") or ""),
+                architecture=str(m.get("architecture") or ""),
+            )
+        shadow = m.get("shadow") or []
+        if not isinstance(shadow, (list, tuple)):
+            raise ResultFormatError(f"job result field 'shadow': expected a list, got {type(shadow).__name__}")
+        return cls(
+            classification=classification,
+            files=ResultFiles.from_json(m["files"]) if m.get("files") is not None else None,
+            timings=_timings(m.get("timings")),
+            routing=RoutingOutcome.from_json(m["routing"]) if m.get("routing") else None,
+            shadow=tuple(ShadowScore.from_json(s) for s in shadow),
+        )
+
+    @classmethod
+    def read(cls, doc: Any) -> JobResult | None:
+        """``from_json`` for a job's stored result that may be absent (None: the job has no result yet)."""
+        return None if doc is None else cls.from_json(doc)
+
+
+def _upgrade(m: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Earlier versions' shapes -> this one. Earlier versions wrote the result files either under ``files``
+    (an object, as now, or a list of paths) or at the top level (``sc``/``sr``/``overlay`` and the UIDs
+    beside the classification); those top-level keys move under ``files``."""
+    if "files" in m:
+        return m
+    moved = {k: m[k] for k in ("sc", "sr", "overlay", "sc_sop_instance_uid", "sr_sop_instance_uid", "series_instance_uids", "roi") if k in m}
+    if not any(k in moved for k in ("sc", "sr", "overlay")):
+        return m
+    rest = {k: v for k, v in m.items() if k not in moved}
+    return {**rest, "files": moved}
+

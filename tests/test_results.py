@@ -1,0 +1,99 @@
+"""The stored job result (``pacs_ai.results``): one written shape, and the rows earlier versions wrote still read.
+
+The JSON blobs below are written out by hand, as the job store holds them (the first one verbatim as the
+worker stored it before the typed records existed), so the expected values do not come from the code
+under test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pacs_ai.errors import ResultFormatError
+from pacs_ai.results import Classification, JobResult, ResultFiles, RoutingOutcome, ShadowScore
+from pacs_ai.send.deliveries import result_file_map
+
+# A done job's result as the worker stored it before this module (job_result() + routing + shadow).
+OLD_DONE = json.loads("""
+{"probability": 0.8125, "fractured": true, "label": "fractured", "threshold": 0.42,
+ "model_name": "fracture-classifier", "model_version": "1.2.0", "architecture": "densenet121",
+ "timings": {"preprocess": 0.101, "forward": 0.052, "cam": 0.031, "read": 0.01, "fsync": 0.002},
+ "files": {"sc": "/r/7/sc.dcm", "sr": "/r/7/sr.dcm", "overlay": "/r/7/overlay.png",
+           "sc_sop_instance_uid": "2.25.11", "sr_sop_instance_uid": "2.25.12",
+           "series_instance_uids": {"sc": "2.25.13", "sr": "2.25.14"}, "roi": [10, 20, 110, 220]},
+ "routing": {"action": "analyse", "rule": "intended_use", "reason": "all criteria hold"},
+ "shadow": [{"model_name": "candidate", "model_version": "2.0", "architecture": "resnet50",
+             "probability": 0.25, "fractured": false, "threshold": 0.5, "seconds": 0.04},
+            {"model_name": "broken", "model_version": "0.1", "error": "RuntimeError: out of memory"}]}
+""")
+
+
+def test_old_done_row_reads_into_the_records() -> None:
+    r = JobResult.from_json(OLD_DONE)
+    assert r.classification == Classification(0.8125, True, 0.42, "fractured", "fracture-classifier", "1.2.0", "densenet121")
+    assert r.files == ResultFiles(
+        sc=Path("/r/7/sc.dcm"),
+        sr=Path("/r/7/sr.dcm"),
+        overlay=Path("/r/7/overlay.png"),
+        sc_sop_instance_uid="2.25.11",
+        sr_sop_instance_uid="2.25.12",
+        sc_series_instance_uid="2.25.13",
+        sr_series_instance_uid="2.25.14",
+        roi=(10, 20, 110, 220),
+    )
+    assert dict(r.timings) == {"preprocess": 0.101, "forward": 0.052, "cam": 0.031, "read": 0.01, "fsync": 0.002}
+    assert r.routing == RoutingOutcome("analyse", "intended_use", "all criteria hold")
+    assert r.shadow == (
+        ShadowScore("candidate", "2.0", "resnet50", 0.25, False, 0.5, 0.04),
+        ShadowScore("broken", "0.1", error="RuntimeError: out of memory"),
+    )
+    assert [s.scored for s in r.shadow] == [True, False]
+    # the current shape is the old one: written back, it is the same document
+    assert r.to_json() == OLD_DONE
+    assert result_file_map(r) == {"sc": Path("/r/7/sc.dcm"), "sr": Path("/r/7/sr.dcm")}
+
+
+def test_old_skipped_row() -> None:
+    r = JobResult.from_json({"routing": {"action": "skip", "rule": "intended_use.body_part", "reason": "CHEST"}})
+    assert r.classification is None and r.files is None and not r.analysed
+    assert r.routing == RoutingOutcome("skip", "intended_use.body_part", "CHEST")
+    assert r.to_json() == {"routing": {"action": "skip", "rule": "intended_use.body_part", "reason": "CHEST"}}
+
+
+def test_earlier_file_shapes_read_as_the_one_files_record() -> None:
+    # files as a list of paths (the .dcm ones are delivered, SC then SR)
+    listed = JobResult.from_json({"probability": 0.1, "fractured": False, "threshold": 0.5,
+                                  "files": ["/r/1/sc.dcm", "/r/1/overlay.png", "/r/1/sr.dcm"]})
+    assert listed.files == ResultFiles(sc=Path("/r/1/sc.dcm"), sr=Path("/r/1/sr.dcm"))
+    assert listed.classification is not None and listed.classification.label == "not_fractured"
+    # result files at the top level, beside the classification
+    flat = JobResult.from_json({"probability": 0.9, "fractured": True, "threshold": 0.5, "label": "fractured",
+                                "sc": "/r/2/sc.dcm", "sr": "/r/2/sr.dcm", "sr_sop_instance_uid": "2.25.9"})
+    assert flat.files == ResultFiles(sc=Path("/r/2/sc.dcm"), sr=Path("/r/2/sr.dcm"), sr_sop_instance_uid="2.25.9")
+    assert flat.to_json()["files"] == {"sc": "/r/2/sc.dcm", "sr": "/r/2/sr.dcm", "sr_sop_instance_uid": "2.25.9", "roi": None}
+    assert result_file_map(flat) == {"sc": Path("/r/2/sc.dcm"), "sr": Path("/r/2/sr.dcm")}
+    # a result without timings (earlier versions) reads with none
+    assert dict(flat.timings) == {}
+
+
+@pytest.mark.parametrize(
+    "doc, field",
+    [
+        ([1, 2], "result"),
+        ({"probability": "high", "fractured": True}, "probability"),
+        ({"probability": 0.5, "fractured": "yes"}, "fractured"),
+        ({"files": {"sc": 7}}, "files.sc"),
+        ({"files": {"sc": "/a/sc.dcm", "roi": [1, 2]}}, "files.roi"),
+        ({"shadow": {"model_name": "x"}}, "shadow"),
+    ],
+)
+def test_a_result_no_version_wrote_is_refused_naming_the_field(doc: object, field: str) -> None:
+    with pytest.raises(ResultFormatError, match=f"'{field}'"):
+        JobResult.from_json(doc)
+
+
+def test_read_of_an_absent_result() -> None:
+    assert JobResult.read(None) is None
