@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import _config, build_context
 from pynetdicom.sop_class import Verification
 
 TESTS = Path(__file__).resolve().parent
@@ -41,6 +41,9 @@ if str(TESTS) not in sys.path:  # benchmarks import this module too: tests/ hold
     sys.path.insert(0, str(TESTS))
 
 from dest_scp import DestSCP, free_port
+
+from pacs_ai.config import Destination
+from pacs_ai.send.sender import ContextsRefused, DestinationUnreachable, c_store, open_association
 
 DAEMON_AE = "PACSAI"
 TEST_AE = "TESTSCU"
@@ -193,29 +196,27 @@ def send_files(
     """
     files = [Path(f) for f in files]
     idents = [file_identity(f) for f in files]
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.maximum_pdu_size = 0
     proposals: dict[str, list[str]] = {}
     for sop_class, _uid, ts in idents:
         proposals.setdefault(sop_class, [])
         if ts not in proposals[sop_class]:
             proposals[sop_class].append(ts)
-    contexts = [(cls, ts) for cls, tss in proposals.items() for ts in tss]
+    # one context per (class, syntax): the peer may accept some only
+    contexts = [build_context(cls, [ts]) for cls, tss in proposals.items() for ts in tss]
     if len(contexts) > 127:
         raise ValueError("too many presentation contexts for one association")
-    for cls, ts in contexts:  # one context per (class, syntax): the peer may accept some only
-        ae.add_requested_context(cls, [ts])
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    result = AssocResult(accepted=assoc.is_established)
-    if not assoc.is_established:
-        result.rejected = (
-            "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
-        )
+    peer = Destination(name="daemon", ae_title=called_ae, host=host, port=port)
+    try:
+        assoc = open_association(peer, contexts, calling_ae_title=calling_ae, timeout_s=timeout)
+    except DestinationUnreachable as exc:
+        result = AssocResult(accepted=False, rejected="no association" if exc.kind == "unreachable" else exc.kind)
         result.sent = [Sent(f, ident[1], None, result.rejected) for f, ident in zip(files, idents)]
         return result
+    except ContextsRefused:  # the peer aborts an association whose contexts it all rejected
+        result = AssocResult(accepted=False, rejected="aborted")
+        result.sent = [Sent(f, ident[1], None, result.rejected) for f, ident in zip(files, idents)]
+        return result
+    result = AssocResult(accepted=True)
     try:
         with raw_file_sending():
             for i, (f, ident) in enumerate(zip(files, idents)):
@@ -225,16 +226,8 @@ def send_files(
                     )
                     break
                 item = Sent(f, ident[1], None, sent_at=time.time())
-                try:
-                    rsp = assoc.send_c_store(f, msg_id=(i % 65535) + 1)
-                    if rsp is not None and "Status" in rsp:
-                        item.status = int(rsp.Status)
-                    else:
-                        item.error = "no response (aborted or timed out)"
-                except ValueError as exc:
-                    item.error = "no accepted presentation context" if "context" in str(exc) else str(exc)
-                except (RuntimeError, AttributeError, OSError) as exc:
-                    item.error = f"{type(exc).__name__}: {exc}"
+                answer = c_store(assoc, f, msg_id=(i % 65535) + 1)
+                item.status, item.error = answer.status, answer.error
                 item.answered_at = time.time()
                 result.sent.append(item)
                 if on_sent is not None:
@@ -242,6 +235,7 @@ def send_files(
     finally:
         if assoc.is_established:
             assoc.release()
+        assoc.ae.shutdown()
     return result
 
 
@@ -268,16 +262,10 @@ def echo(
 
 
 def _echo(port: int, host: str, called_ae: str, timeout: float) -> bool:
-    ae = AE(ae_title=TEST_AE)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
+    peer = Destination(name="daemon", ae_title=called_ae, host=host, port=port)
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae)
-    except Exception:  # noqa: BLE001
-        return False
-    if not assoc.is_established:
+        assoc = open_association(peer, [build_context(Verification)], calling_ae_title=TEST_AE, timeout_s=timeout)
+    except Exception:  # noqa: BLE001 - not up (yet), rejected, or anything else: no echo
         return False
     try:
         rsp = assoc.send_c_echo()
@@ -285,6 +273,7 @@ def _echo(port: int, host: str, called_ae: str, timeout: float) -> bool:
     finally:
         if assoc.is_established:
             assoc.release()
+        assoc.ae.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------------

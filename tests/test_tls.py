@@ -232,3 +232,46 @@ def test_status_probes_a_tls_listener(certs, tmp_path, mutual):
         assert not report["up"] and "C-ECHO not verified" in report["detail"]
     else:
         assert report["up"] and report["detail"] == "C-ECHO answered"
+
+
+def test_send_and_echo_commands_over_mutual_tls_to_the_real_listener(certs, sample_file, tmp_path, capsys):
+    """``pacs-ai send``/``echo`` (the deliveries' C-STORE client core) with --tls-*: a client certificate
+    from the listener's CA is accepted and the image is queued; without one nothing gets through."""
+    import argparse
+
+    from pydicom.filereader import read_file_meta_info
+
+    from pacs_ai.cli import network
+    from pacs_ai.config import ListenerConfig
+    from pacs_ai.queue.jobstore import JobStore
+    from pacs_ai.receive.listener import Listener
+    from pacs_ai.store.spool import Spool
+
+    def cli(*argv: str) -> int:
+        parser = argparse.ArgumentParser(prog="pacs-ai")
+        network.register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(list(argv))
+        return int(args.func(args) or 0)
+
+    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    listener = Listener(
+        ListenerConfig(port=0, network_timeout_s=10.0), Spool(tmp_path / "spool"), jobs,
+        ssl_context=server_context(_tls(certs, "server", "ca")),
+    )
+    listener.start()
+    try:
+        address = f"127.0.0.1:{listener.port}"
+        client = ("--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / "client.crt"), "--tls-key", str(certs / "client.key"))
+        assert cli("echo", address, *client, "--timeout", "10") == 0
+        assert "success" in capsys.readouterr().out
+        assert cli("send", str(sample_file), "--to", address, *client, "--timeout", "10") == 0
+        assert "1 sent, 0 failed" in capsys.readouterr().out
+        uid = str(read_file_meta_info(sample_file).MediaStorageSOPInstanceUID)
+        assert jobs.find_by_sop_uid(uid) is not None
+        assert cli("send", str(sample_file), "--to", address, "--tls-ca", str(certs / "ca.crt"), "--timeout", "10") == 1
+        assert "0 sent, 1 failed" in capsys.readouterr().out
+        assert cli("echo", address, "--timeout", "10") == 1  # plain TCP to a TLS listener
+        assert len(jobs.list_jobs()) == 1
+    finally:
+        listener.stop(grace_s=1.0)
+        jobs.close()

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Iterable, Iterator
+import ssl
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import _config, build_context
 from pynetdicom.sop_class import Verification
 
 from pacs_ai.cli.common import parse_host_port
+from pacs_ai.config import Destination, TlsConfig
+from pacs_ai.errors import ConfigError, DeliveryError
+from pacs_ai.ops.tls import client_context
 from pacs_ai.receive.contexts import status_name
-
-MAX_CONTEXTS = 128  # DICOM limit on presentation contexts per association
+from pacs_ai.send.contexts import OutgoingObject, transfer_syntax_preference
+from pacs_ai.send.sender import MAX_CONTEXTS, open_association, outgoing_object, send_objects
 
 
 def _files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -26,94 +27,94 @@ def _files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def _client(args: argparse.Namespace) -> AE:
-    ae = AE(ae_title=args.aet)
-    ae.acse_timeout = args.timeout
-    ae.dimse_timeout = args.timeout
-    ae.network_timeout = args.timeout
-    ae.maximum_pdu_size = 0
-    return ae
+def _peer(address: tuple[str, int], called_aet: str) -> Destination:
+    host, port = address
+    return Destination(name=f"{host}:{port}", ae_title=called_aet, host=host, port=port)
 
 
 def _cmd_echo(args: argparse.Namespace) -> int:
-    host, port = args.address
-    ae = _client(args)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=args.called_aet)
-    if not assoc.is_established:
-        print(f"echo {host}:{port} ({args.called_aet}): association rejected or failed")
+    peer = _peer(args.address, args.called_aet)
+    where = f"echo {peer.host}:{peer.port} ({peer.ae_title})"
+    try:
+        assoc = open_association(
+            peer, [build_context(Verification)], calling_ae_title=args.aet, timeout_s=args.timeout,
+            ssl_context=_tls_context(args),
+        )
+    except DeliveryError as exc:
+        print(f"{where}: {exc.detail}")
         return 1
     try:
         status = assoc.send_c_echo()
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+        assoc.ae.shutdown()
     code = int(status.Status) if status and "Status" in status else None
     if code == 0:
-        print(f"echo {host}:{port} ({args.called_aet}): success")
+        print(f"{where}: success")
         return 0
-    print(f"echo {host}:{port} ({args.called_aet}): failed ({'no response' if code is None else f'0x{code:04X}'})")
+    print(f"{where}: failed ({'no response' if code is None else f'0x{code:04X}'})")
     return 1
 
 
+def _batches(objects: Sequence[OutgoingObject]) -> Iterator[list[OutgoingObject]]:
+    """Consecutive groups of ``objects`` whose proposal (``propose``: one presentation context per SOP class
+    and transfer syntax) needs at most MAX_CONTEXTS contexts."""
+    batch: list[OutgoingObject] = []
+    pairs: set[tuple[str, str]] = set()
+    for obj in objects:
+        mine = {(c, ts) for c in obj.sop_classes for ts in transfer_syntax_preference(obj.transfer_syntax_uid)}
+        if batch and len(pairs | mine) > MAX_CONTEXTS:
+            yield batch
+            batch, pairs = [], set()
+        batch.append(obj)
+        pairs |= mine
+    if batch:
+        yield batch
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert/--tls-key", "give both the client certificate and its key, or neither")
+    return client_context(TlsConfig(args.tls_cert, args.tls_key, args.tls_ca), key="--tls")
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
-    host, port = args.to
-    # Send each file's encoded dataset as it is on disk (its own transfer syntax, no re-encoding).
+    """C-STORE files with the deliveries' client core (``pacs_ai.send.sender``): each file is proposed in
+    its own transfer syntax (then Explicit and Implicit VR Little Endian) and sent as it is on disk when
+    the peer accepts that syntax; one association per batch of at most 128 presentation contexts."""
+    # A file sent in its own transfer syntax goes byte for byte as it is on disk (no re-encoding).
     _config.STORE_SEND_CHUNKED_DATASET = True
-    items: list[tuple[Path, str, str]] = []  # (path, SOP class, transfer syntax)
+    peer = _peer(args.to, args.called_aet)
+    ssl_context = _tls_context(args)
+    objects: list[OutgoingObject] = []
     failures = 0
-    for path in _files(args.files):
+    for i, path in enumerate(_files(args.files)):
         try:
-            meta = read_file_meta_info(os.fspath(path))
-            items.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-        except (OSError, InvalidDicomError, AttributeError, KeyError) as exc:
-            print(f"SKIPPED  {path}: not a readable DICOM file ({exc})")
+            objects.append(outgoing_object(peer.name, f"{i}", path))
+        except DeliveryError as exc:
+            print(f"SKIPPED  {path}: not a readable DICOM file ({exc.detail})")
             failures += 1
-    # One association per batch of files needing at most 128 distinct presentation contexts.
-    batches: list[list[tuple[Path, str, str]]] = []
-    seen: set[tuple[str, str]] = set()
-    for item in items:
-        pair = (item[1], item[2])
-        if not batches or (pair not in seen and len(seen) >= MAX_CONTEXTS):
-            batches.append([])
-            seen = set()
-        seen.add(pair)
-        batches[-1].append(item)
     sent = 0
-    for batch in batches:
-        ae = _client(args)
-        for pair in dict.fromkeys((sop, ts) for _, sop, ts in batch):
-            ae.add_requested_context(pair[0], [pair[1]])
-        assoc = ae.associate(host, port, ae_title=args.called_aet)
-        if not assoc.is_established:
-            for path, _, _ in batch:
-                print(f"FAILED   {path}: association with {host}:{port} ({args.called_aet}) rejected or failed")
+    for batch in _batches(objects):
+        try:
+            outcomes = send_objects(peer, batch, calling_ae_title=args.aet, timeout_s=args.timeout, ssl_context=ssl_context)
+        except DeliveryError as exc:  # DestinationUnreachable: association rejected, aborted or no connection
+            for obj in batch:
+                print(f"FAILED   {obj.path}: {exc.detail}")
             failures += len(batch)
             continue
-        try:
-            for path, _, _ in batch:
-                if not assoc.is_established:
-                    print(f"FAILED   {path}: association lost")
-                    failures += 1
-                    continue
-                try:
-                    status = assoc.send_c_store(path)
-                except (ValueError, AttributeError, OSError, RuntimeError) as exc:
-                    print(f"FAILED   {path}: {exc}")
-                    failures += 1
-                    continue
-                code = int(status.Status) if status and "Status" in status else None
-                if code is None:
-                    print(f"FAILED   {path}: no response (connection lost or timed out)")
-                    failures += 1
-                elif code == 0 or 0xB000 <= code <= 0xBFFF:
-                    print(f"{'OK' if code == 0 else 'WARNING':<8} {path}: 0x{code:04X} {status_name(code)}")
-                    sent += 1
-                else:
-                    print(f"FAILED   {path}: 0x{code:04X} {status_name(code)}")
-                    failures += 1
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        for obj, outcome in zip(batch, outcomes):
+            code = outcome.status
+            if outcome.stored and code is not None:
+                print(f"{'OK' if code == 0 else 'WARNING':<8} {obj.path}: 0x{code:04X} {status_name(code)}")
+                sent += 1
+            else:
+                what = f"0x{code:04X} {status_name(code)}" if code is not None else outcome.detail
+                print(f"FAILED   {obj.path}: {what}")
+                failures += 1
     print(f"{sent} sent, {failures} failed")
     return 0 if failures == 0 else 1
 
@@ -122,11 +123,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aet", default="PACSAI-SCU", help="our (calling) AE title (default PACSAI-SCU)")
     p.add_argument("--called-aet", default="PACSAI", help="the peer's AE title (default PACSAI)")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS, trusting only the CA certificates in PEM")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (for mutual TLS; with --tls-key)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``send`` and ``echo``."""
-    p = subparsers.add_parser("send", help="send DICOM files with C-STORE (each in its own transfer syntax)")
+    p = subparsers.add_parser("send", help="send DICOM files with C-STORE (each in its own transfer syntax when accepted)")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="files or folders (searched recursively)")
     p.add_argument("--to", required=True, type=parse_host_port, metavar="HOST:PORT")
     _common(p)

@@ -1,7 +1,8 @@
 """What to propose to a Storage SCP and what to send in what it accepted (PS3.7 / PS3.8 negotiation).
 
 Every object is proposed in its own transfer syntax plus Explicit and Implicit VR Little Endian
-(Implicit is the DICOM default every Storage SCP must accept, PS3.5 10.1). A Comprehensive 3D SR
+(Implicit is the DICOM default every Storage SCP must accept, PS3.5 10.1), one presentation context per
+(SOP class, transfer syntax). A Comprehensive 3D SR
 without 3D coordinates is also proposed as Comprehensive SR and Enhanced SR (same content, classes a
 PACS that does not know the 3D class usually takes; PS3.3 A.35.2/A.35.3 allow every value type and
 relationship pacs-ai writes, except that Enhanced SR has no by-reference relationships).
@@ -112,16 +113,19 @@ def sop_class_alternatives(ds: pydicom.Dataset) -> tuple[str, ...]:
 
 
 def propose(objects: Sequence[OutgoingObject]) -> list[PresentationContext]:
-    """One presentation context per SOP class any object may be sent as, with every transfer syntax
-    wanted for it (each object's own, Explicit and Implicit VR Little Endian)."""
-    wanted: dict[str, list[str]] = {}
+    """One presentation context per (SOP class, transfer syntax) any object may be sent as: each object's
+    own transfer syntax, Explicit and Implicit VR Little Endian, in that order, without repeats.
+
+    One transfer syntax per context, because a peer accepts at most one per context (PS3.8 9.3.2.2): a
+    class proposed with several syntaxes in one context would carry only the first the peer supports,
+    and two objects of one class in different syntaxes could not both go as they are.
+    """
+    wanted: dict[tuple[str, str], None] = {}
     for obj in objects:
         for sop_class in obj.sop_classes:
-            syntaxes = wanted.setdefault(sop_class, [])
             for ts in transfer_syntax_preference(obj.transfer_syntax_uid):
-                if ts not in syntaxes:
-                    syntaxes.append(ts)
-    return [build_context(sop_class, syntaxes) for sop_class, syntaxes in wanted.items()]
+                wanted[(sop_class, ts)] = None
+    return [build_context(sop_class, [ts]) for sop_class, ts in wanted]
 
 
 def accepted_syntaxes(contexts: Iterable[PresentationContext]) -> dict[str, list[str]]:

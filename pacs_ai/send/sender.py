@@ -34,6 +34,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 
 from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError
@@ -50,8 +52,12 @@ from pacs_ai.send.contexts import (
 )
 
 __all__ = [
+    "ContextsRefused",
     "DestinationUnreachable",
     "ObjectOutcome",
+    "StoreAnswer",
+    "c_store",
+    "open_association",
     "is_permanent_status",
     "outgoing_object",
     "send_files",
@@ -65,7 +71,15 @@ MAX_CONTEXTS = 128
 
 class DestinationUnreachable(DeliveryError):
     """No association could be established (connection refused or timed out, association rejected or
-    aborted): nothing else will get through to this destination right now either."""
+    aborted): nothing else will get through to this destination right now either.
+
+    ``kind``: ``"rejected"`` (A-ASSOCIATE-RJ), ``"aborted"`` (aborted during negotiation) or
+    ``"unreachable"`` (no connection: refused, unreachable, timed out, TLS handshake failed).
+    """
+
+    def __init__(self, destination: str, detail: str, *, kind: str = "unreachable") -> None:
+        super().__init__(destination, detail, permanent=False)
+        self.kind = kind
 
 
 def is_permanent_status(status: int) -> bool:
@@ -165,49 +179,13 @@ def send_objects(
     contexts = propose(objects)
     if len(contexts) > MAX_CONTEXTS:
         raise DeliveryError(name, f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}", permanent=True)
-
-    ae = AE(ae_title=calling_ae_title or "PACSAI")
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    tls_args = (ssl_context, destination.host) if ssl_context is not None else None
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    answer: dict[str, object] = {}
-
-    def on_acse(event: evt.Event) -> None:
-        primitive = getattr(event, "primitive", None)
-        if getattr(primitive, "result", None) in (0x01, 0x02):
-            answer["rejected"] = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
-            answer["permanent"] = primitive.result == 0x01
-
-    def on_open(event: evt.Event) -> None:
-        answer["connected"] = True
-
+    where = _where(destination)
     try:
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            contexts=contexts,
-            ae_title=destination.ae_title,
-            max_pdu=0,
-            tls_args=tls_args,
-            evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, on_open)],
+        assoc = open_association(
+            destination, contexts, calling_ae_title=calling_ae_title, timeout_s=timeout_s, ssl_context=ssl_context
         )
-    except (OSError, ssl.SSLError) as exc:
-        ae.shutdown()
-        raise DestinationUnreachable(name, f"cannot connect to {where}: {exc}") from exc
-    if not assoc.is_established:
-        ae.shutdown()
-        if assoc.is_rejected:
-            # Even a "permanent" rejection (unknown AE title...) is usually a configuration that someone will
-            # fix: retry with backoff; the delivery is dead-lettered after the configured attempts anyway.
-            raise DestinationUnreachable(name, f"association rejected by {where} ({answer.get('rejected', 'no reason')})")
-        if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
-            return [_refused_all(obj, where) for obj in objects]
-        if assoc.is_aborted and answer.get("connected"):
-            raise DestinationUnreachable(name, f"association aborted by {where} (no answer or abort during negotiation)")
-        raise DestinationUnreachable(name, f"cannot connect to {where} (connection refused, unreachable or timed out)")
+    except ContextsRefused:
+        return [_refused_all(obj, where) for obj in objects]
 
     outcomes: list[ObjectOutcome] = []
     try:
@@ -228,8 +206,122 @@ def send_objects(
         assoc.abort()
         raise
     finally:
-        ae.shutdown()
+        assoc.ae.shutdown()
     return outcomes
+
+
+def _where(destination: Destination) -> str:
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+class ContextsRefused(DeliveryError):
+    """The peer accepted none of the proposed presentation contexts (permanent: it will not change)."""
+
+
+def open_association(
+    destination: Destination,
+    contexts: Sequence[PresentationContext],
+    *,
+    calling_ae_title: str,
+    timeout_s: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
+    evt_handlers: Sequence[tuple[Any, Callable[..., Any]]] = (),
+) -> Association:
+    """Open one association with ``destination`` proposing ``contexts`` (pynetdicom), over TLS when an
+    ``ssl_context`` is given (the peer's host name is passed for SNI/host checks). Unlimited PDU size.
+
+    Returns the established association (its ``ae`` must be shut down by the caller after release).
+    Raises :class:`ContextsRefused` when the peer accepted none of the contexts and
+    :class:`DestinationUnreachable` when no association could be established (connection refused or timed
+    out, TLS handshake failed, association rejected or aborted), with the reason.
+    """
+    name = destination.name
+    ae = AE(ae_title=calling_ae_title or "PACSAI")
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    tls_args = (ssl_context, destination.host) if ssl_context is not None else None
+    where = _where(destination)
+    answer: dict[str, object] = {}
+
+    def on_acse(event: evt.Event) -> None:
+        primitive = getattr(event, "primitive", None)
+        if getattr(primitive, "result", None) in (0x01, 0x02):
+            answer["rejected"] = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
+            answer["permanent"] = primitive.result == 0x01
+
+    def on_open(event: evt.Event) -> None:
+        answer["connected"] = True
+
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            contexts=list(contexts),
+            ae_title=destination.ae_title,
+            max_pdu=0,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, on_open), *evt_handlers],
+        )
+    except (OSError, ssl.SSLError) as exc:
+        ae.shutdown()
+        raise DestinationUnreachable(name, f"cannot connect to {where}: {exc}") from exc
+    if assoc.is_established:
+        return assoc
+    ae.shutdown()
+    if assoc.is_rejected:
+        # Even a "permanent" rejection (unknown AE title...) is usually a configuration that someone will
+        # fix: retry with backoff; the delivery is dead-lettered after the configured attempts anyway.
+        raise DestinationUnreachable(
+            name, f"association rejected by {where} ({answer.get('rejected', 'no reason')})", kind="rejected"
+        )
+    if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
+        raise ContextsRefused(name, f"{where} accepts none of the proposed presentation contexts", permanent=True)
+    if assoc.is_aborted and answer.get("connected"):
+        raise DestinationUnreachable(
+            name, f"association aborted by {where} (no answer or abort during negotiation)", kind="aborted"
+        )
+    raise DestinationUnreachable(name, f"cannot connect to {where} (connection refused, unreachable or timed out)")
+
+
+NO_RESPONSE = "no response (timeout or abort)"
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """The peer's answer to one C-STORE: ``status`` (None when none came: timeout, abort, or the request
+    could not be sent, then ``error`` says why) and its Error Comment."""
+
+    status: int | None
+    comment: str = ""
+    error: str = ""
+
+    @property
+    def stored(self) -> bool:
+        """Success or warning (0x0000, 0x0001, 0xBxxx): the peer has the object."""
+        return self.status is not None and _is_success(self.status)
+
+    @property
+    def permanent(self) -> bool:
+        """A failure that will not change when the same object is sent again."""
+        return self.status is not None and is_permanent_status(self.status)
+
+
+def c_store(assoc: Association, dataset: Path | pydicom.Dataset, *, msg_id: int = 1) -> StoreAnswer:
+    """Send one object (a file as it is on disk, or a dataset pynetdicom encodes for the accepted context)
+    on an established association; never raises for a DIMSE failure (see ``StoreAnswer``)."""
+    try:
+        status_ds = assoc.send_c_store(dataset, msg_id=msg_id)
+    except ValueError as exc:  # pynetdicom: no accepted presentation context for the object
+        text = str(exc)
+        return StoreAnswer(None, error="no accepted presentation context" if "context" in text else text)
+    except (OSError, RuntimeError, AttributeError) as exc:
+        return StoreAnswer(None, error=f"{type(exc).__name__}: {exc}")
+    status = getattr(status_ds, "Status", None) if status_ds is not None else None
+    if status is None:
+        return StoreAnswer(None, error=NO_RESPONSE)
+    return StoreAnswer(int(status), str(getattr(status_ds, "ErrorComment", "") or ""))
 
 
 def _refused_all(obj: OutgoingObject, where: str) -> ObjectOutcome:
@@ -257,18 +349,17 @@ def _send_one(assoc: Any, obj: OutgoingObject, accepted: dict[str, list[str]], w
             "%s: sending %s as %s in %s (what the peer accepted)",
             where, obj.path.name, UID(choice.sop_class_uid).name, UID(choice.transfer_syntax_uid).name,
         )
-    try:
-        status_ds = assoc.send_c_store(ds)
-    except (OSError, RuntimeError, ValueError, AttributeError) as exc:
-        return ObjectOutcome(obj.key, False, False, f"sending {obj.path.name} to {where} failed: {exc}", **sent)
-    status = getattr(status_ds, "Status", None)
-    if status is None:
-        return ObjectOutcome(obj.key, False, False, f"no C-STORE response from {where} for {obj.path.name} (timeout or abort)", **sent)
-    status = int(status)
-    if not _is_success(status):
-        comment = str(getattr(status_ds, "ErrorComment", "") or "")
-        detail = f"{where} refused {obj.path.name} with status 0x{status:04X}" + (f": {comment}" if comment else "")
-        return ObjectOutcome(obj.key, False, is_permanent_status(status), detail, status=status, **sent)
+    answer = c_store(assoc, ds)
+    if answer.status is None:
+        if answer.error == NO_RESPONSE:
+            detail = f"no C-STORE response from {where} for {obj.path.name} (timeout or abort)"
+        else:
+            detail = f"sending {obj.path.name} to {where} failed: {answer.error}"
+        return ObjectOutcome(obj.key, False, False, detail, **sent)
+    status = answer.status
+    if not answer.stored:
+        detail = f"{where} refused {obj.path.name} with status 0x{status:04X}" + (f": {answer.comment}" if answer.comment else "")
+        return ObjectOutcome(obj.key, False, answer.permanent, detail, status=status, **sent)
     if status != 0x0000:
         log.warning("%s stored %s with warning status 0x%04X", where, obj.path.name, status)
     return ObjectOutcome(obj.key, True, False, "", status=status, **sent)
