@@ -45,6 +45,9 @@ __all__ = [
     "ResultFormatError",
     "RoutingOutcome",
     "ShadowScore",
+    "StudyImage",
+    "StudyLeftOut",
+    "StudyResult",
     "WrittenResults",
 ]
 
@@ -347,3 +350,128 @@ def _upgrade(m: Mapping[str, Any]) -> Mapping[str, Any]:
     rest = {k: v for k, v in m.items() if k not in moved}
     return {**rest, "files": moved}
 
+
+@dataclass(frozen=True)
+class StudyImage:
+    """An image a study result used: its job, UIDs and the live model's answer."""
+
+    job_id: int
+    sop_instance_uid: str
+    series_instance_uid: str
+    probability: float
+    fractured: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "sop_instance_uid": self.sop_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "probability": self.probability,
+            "fractured": self.fractured,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> StudyImage:
+        m = _mapping(doc, "images[]")
+        return cls(
+            int(_float(m["job_id"], "images[].job_id")),
+            str(m.get("sop_instance_uid", "")),
+            str(m.get("series_instance_uid", "")),
+            _float(m["probability"], "images[].probability"),
+            _bool(m["fractured"], "images[].fractured"),
+        )
+
+
+@dataclass(frozen=True)
+class StudyLeftOut:
+    """An image of the study that the result did not use: its job ``state`` (or ``unreadable``) and why."""
+
+    job_id: int
+    sop_instance_uid: str
+    state: str
+    reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "sop_instance_uid": self.sop_instance_uid, "state": self.state, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> StudyLeftOut:
+        m = _mapping(doc, "not_analysed[]")
+        reason = m.get("reason")
+        return cls(int(_float(m["job_id"], "not_analysed[].job_id")), str(m.get("sop_instance_uid", "")), str(m.get("state", "")), None if reason is None else str(reason))
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """The result of a study (``pacs_ai.studies``), stored in the ``studies`` table and read back by the
+    study deliveries and ``pacs-ai studies``. ``revision`` is set by the study store when it records it
+    (0 before). Stored as::
+
+        {"probability", "fractured", "threshold", "rule", "rule_source", "model_name", "model_version",
+         "images": [StudyImage...], "not_analysed": [StudyLeftOut...], "forced",
+         "files": {"sr": path}, "sr_sop_instance_uid", "sr_series_instance_uid", "revision"}
+    """
+
+    probability: float
+    fractured: bool
+    threshold: float
+    rule: str
+    rule_source: str
+    model_name: str
+    model_version: str
+    sr: Path
+    sr_sop_instance_uid: str
+    sr_series_instance_uid: str
+    images: tuple[StudyImage, ...] = ()
+    not_analysed: tuple[StudyLeftOut, ...] = ()
+    forced: bool = False
+    revision: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "probability": self.probability,
+            "fractured": self.fractured,
+            "threshold": self.threshold,
+            "rule": self.rule,
+            "rule_source": self.rule_source,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "images": [i.to_json() for i in self.images],
+            "not_analysed": [n.to_json() for n in self.not_analysed],
+            "forced": self.forced,
+            "files": {"sr": str(self.sr)},
+            "sr_sop_instance_uid": self.sr_sop_instance_uid,
+            "sr_series_instance_uid": self.sr_series_instance_uid,
+        }
+        if self.revision:
+            doc["revision"] = self.revision
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> StudyResult:
+        """Read a stored study result. Raises ResultFormatError."""
+        m = _mapping(doc, "study result")
+        files = _mapping(m.get("files") or {}, "files")
+        if not files.get("sr"):
+            raise ResultFormatError("study result field 'files.sr': the study SR's path is missing")
+        return cls(
+            probability=_float(m.get("probability"), "probability"),
+            fractured=_bool(m.get("fractured"), "fractured"),
+            threshold=_float(m.get("threshold"), "threshold"),
+            rule=str(m.get("rule", "")),
+            rule_source=str(m.get("rule_source", "")),
+            model_name=str(m.get("model_name", "")),
+            model_version=str(m.get("model_version", "")),
+            sr=Path(_str(files["sr"], "files.sr")),
+            sr_sop_instance_uid=str(m.get("sr_sop_instance_uid", "")),
+            sr_series_instance_uid=str(m.get("sr_series_instance_uid", "")),
+            images=tuple(StudyImage.from_json(i) for i in m.get("images") or ()),
+            not_analysed=tuple(StudyLeftOut.from_json(n) for n in m.get("not_analysed") or ()),
+            forced=bool(m.get("forced", False)),
+            revision=int(m.get("revision") or 0),
+        )
+
+    @classmethod
+    def read(cls, doc: Any) -> StudyResult | None:
+        """``from_json`` for a study's stored result that may be absent (None: no result yet)."""
+        return None if doc is None else cls.from_json(doc)

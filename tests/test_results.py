@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from pacs_ai.errors import ResultFormatError
-from pacs_ai.results import Classification, JobResult, ResultFiles, RoutingOutcome, ShadowScore
+from pacs_ai.results import (
+    Classification,
+    JobResult,
+    ResultFiles,
+    RoutingOutcome,
+    ShadowScore,
+    StudyImage,
+    StudyLeftOut,
+    StudyResult,
+)
 from pacs_ai.send.deliveries import result_file_map
 
 # A done job's result as the worker stored it before this module (job_result() + routing + shadow).
@@ -97,3 +106,26 @@ def test_a_result_no_version_wrote_is_refused_naming_the_field(doc: object, fiel
 
 def test_read_of_an_absent_result() -> None:
     assert JobResult.read(None) is None
+
+
+# A study result as the study processor stored it before the typed record (with the store's revision).
+OLD_STUDY = json.loads("""
+{"probability": 0.61, "fractured": true, "threshold": 0.5, "rule": "max", "rule_source": "config",
+ "model_name": "fracture-classifier", "model_version": "1.2.0",
+ "images": [{"job_id": 3, "sop_instance_uid": "2.25.3", "series_instance_uid": "2.25.30",
+             "probability": 0.61, "fractured": true}],
+ "not_analysed": [{"job_id": 4, "sop_instance_uid": "2.25.4", "state": "skipped", "reason": "intended_use.body_part"}],
+ "forced": false, "files": {"sr": "/r/studies/2.25.1/study-sr.dcm"},
+ "sr_sop_instance_uid": "2.25.40", "sr_series_instance_uid": "2.25.41", "revision": 2}
+""")
+
+
+def test_old_study_result_reads_and_writes_back_the_same() -> None:
+    r = StudyResult.from_json(OLD_STUDY)
+    assert (r.probability, r.fractured, r.threshold, r.rule, r.revision) == (0.61, True, 0.5, "max", 2)
+    assert r.sr == Path("/r/studies/2.25.1/study-sr.dcm") and r.sr_sop_instance_uid == "2.25.40"
+    assert r.images == (StudyImage(3, "2.25.3", "2.25.30", 0.61, True),)
+    assert r.not_analysed == (StudyLeftOut(4, "2.25.4", "skipped", "intended_use.body_part"),)
+    assert r.to_json() == OLD_STUDY
+    with pytest.raises(ResultFormatError, match="files.sr"):
+        StudyResult.from_json({**OLD_STUDY, "files": {}})

@@ -9,8 +9,8 @@ from typing import Any
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
 from pacs_ai.cli.jobs import open_job_store
 from pacs_ai.errors import ResultFormatError
-from pacs_ai.results import JobResult
-from pacs_ai.studies.store import StudyStore, StudySummary
+from pacs_ai.results import JobResult, StudyResult
+from pacs_ai.studies.store import StudyRecord, StudyStore, StudySummary
 
 __all__ = ["register"]
 
@@ -33,12 +33,19 @@ def _plain(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
+def _study_result(record: StudyRecord | None) -> StudyResult | None:
+    try:
+        return StudyResult.read(record.result) if record is not None else None
+    except ResultFormatError:
+        return None
+
+
 def _finding(summary: StudySummary) -> str:
-    result = summary.record.result if summary.record is not None else None
-    if not result:
+    result = _study_result(summary.record)
+    if result is None:
         return "-"
-    word = "FRACTURE SUSPECTED" if result.get("fractured") else "no fracture"
-    return f"{word} (P={result.get('probability', 0.0):.3f}, {result.get('rule')}, rev {result.get('revision')})"
+    word = "FRACTURE SUSPECTED" if result.fractured else "no fracture"
+    return f"{word} (P={result.probability:.3f}, {result.rule}, rev {result.revision})"
 
 
 def _counts(summary: StudySummary) -> str:
@@ -90,13 +97,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"first / last image:  {_when(summary.first_received_at)} / {_when(summary.last_received_at)} UTC")
     if record is not None and record.forced_at is not None:
         print(f"forced:              completion asked at {_when(record.forced_at)} UTC, waiting for the next round")
-    result = record.result if record is not None else None
-    if result:
-        print(f"study result:        revision {record.revision}, made {_when(record.completed_at)} UTC" + (" (forced)" if result.get("forced") else ""))
-        print(f"  finding:           {'fracture suspected' if result['fractured'] else 'no fracture detected'}")
-        print(f"  probability:       {result['probability']:.4f} by rule {result['rule']} (threshold {result['threshold']:.4g}; {result.get('rule_source', '')})")
-        print(f"  model:             {result.get('model_name')} {result.get('model_version')}")
-        print(f"  study SR:          {result.get('sr_sop_instance_uid')}  {result.get('files', {}).get('sr')}")
+    result = _study_result(record)
+    if record is not None and result is not None:
+        print(f"study result:        revision {record.revision}, made {_when(record.completed_at)} UTC" + (" (forced)" if result.forced else ""))
+        print(f"  finding:           {'fracture suspected' if result.fractured else 'no fracture detected'}")
+        print(f"  probability:       {result.probability:.4f} by rule {result.rule} (threshold {result.threshold:.4g}; {result.rule_source})")
+        print(f"  model:             {result.model_name} {result.model_version}")
+        print(f"  study SR:          {result.sr_sop_instance_uid}  {result.sr}")
     else:
         print("study result:        none yet")
     print("images:")

@@ -42,7 +42,7 @@ from pydicom.filereader import read_file_meta_info
 from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError, ResultFormatError
 from pacs_ai.ops.events import NullObserver, Observer
-from pacs_ai.results import JobResult
+from pacs_ai.results import JobResult, StudyResult
 from pacs_ai.send.sender import DestinationUnreachable, ObjectOutcome, outgoing_object, send_files, send_objects
 from pacs_ai.store.spool import write_atomic
 
@@ -276,9 +276,13 @@ class DeliveryProcessor:
         for delivery in deliveries:
             try:
                 study = self.studies.study_of_delivery(delivery)
-                path = Path(str(((study.result or {}).get("files") or {}).get("sr", "")))
-                if not path.name:
+                try:
+                    study_result = StudyResult.read(study.result)
+                except ResultFormatError as exc:
+                    raise DeliveryError(name, f"study {study.study_instance_uid}: {exc}", permanent=True) from exc
+                if study_result is None:
                     raise DeliveryError(name, f"study {study.study_instance_uid} has no study SR", permanent=True)
+                path = study_result.sr
                 destination = self.destinations.get(name)
                 if destination is None:
                     ref = _StudyRef(study.study_instance_uid, f"study{study.id}")

@@ -27,7 +27,7 @@ import pydicom
 
 from pacs_ai.errors import ModelError, PacsAiError, ResultFormatError, StorageError
 from pacs_ai.queue.jobstore import JobState
-from pacs_ai.results import JobResult
+from pacs_ai.results import JobResult, StudyImage, StudyLeftOut, StudyResult
 from pacs_ai.store.spool import describe_os_error, write_atomic
 from pacs_ai.studies.report import ImageFinding, StudyFinding, build_study_report
 from pacs_ai.studies.rules import RULES, aggregate
@@ -128,25 +128,25 @@ class StudyProcessor:
         record = self.studies.get(study_instance_uid)
         forced = record is not None and record.forced_at is not None
         findings: list[ImageFinding] = []
-        images: list[dict[str, Any]] = []
-        left_out: list[dict[str, Any]] = []
+        images: list[StudyImage] = []
+        left_out: list[StudyLeftOut] = []
         model: ModelInfo | None = None
         for job in jobs:
             try:
                 job_result = JobResult.read(job.result)
             except ResultFormatError as exc:
-                left_out.append({"job_id": job.id, "sop_instance_uid": job.sop_instance_uid, "state": "unreadable", "reason": str(exc)})
+                left_out.append(StudyLeftOut(job.id, job.sop_instance_uid, "unreadable", str(exc)))
                 continue
             c = job_result.classification if job_result is not None else None
             if job.state != JobState.DONE or c is None:
                 routing = job_result.routing if job_result is not None else None
                 reason = (routing.rule if routing is not None else None) if job.state == JobState.SKIPPED else job.last_error
-                left_out.append({"job_id": job.id, "sop_instance_uid": job.sop_instance_uid, "state": str(job.state), "reason": reason})
+                left_out.append(StudyLeftOut(job.id, job.sop_instance_uid, str(job.state), reason))
                 continue
             try:
                 header = pydicom.dcmread(job.spool_path, stop_before_pixels=True)
             except Exception as exc:  # noqa: BLE001 - e.g. purged spool file
-                left_out.append({"job_id": job.id, "sop_instance_uid": job.sop_instance_uid, "state": "unreadable", "reason": str(exc)})
+                left_out.append(StudyLeftOut(job.id, job.sop_instance_uid, "unreadable", str(exc)))
                 continue
             roi = job_result.files.roi if job_result is not None and job_result.files is not None else None
             findings.append(
@@ -159,15 +159,7 @@ class StudyProcessor:
                 )
             )
             model = ModelInfo(c.model_name or "fracture-classifier", c.model_version or "0", c.architecture)
-            images.append(
-                {
-                    "job_id": job.id,
-                    "sop_instance_uid": job.sop_instance_uid,
-                    "series_instance_uid": job.series_instance_uid,
-                    "probability": c.probability,
-                    "fractured": c.fractured,
-                }
-            )
+            images.append(StudyImage(job.id, job.sop_instance_uid, job.series_instance_uid, c.probability, c.fractured))
         if not findings or model is None:
             return None
         probability = aggregate(self.policy.rule, [f.probability for f in findings])
@@ -183,23 +175,23 @@ class StudyProcessor:
             raise StorageError(describe_os_error(exc, path.parent)) from exc
         write_atomic(path, encode_dataset(sr))
         through = max((j.finished_at for j in jobs if j.finished_at is not None), default=None)
-        result = {
-            "probability": probability,
-            "fractured": fractured,
-            "threshold": self.policy.threshold,
-            "rule": self.policy.rule,
-            "rule_source": self.policy.source,
-            "model_name": model.name,
-            "model_version": model.version,
-            "images": images,
-            "not_analysed": left_out,
-            "forced": forced,
-            "files": {"sr": str(path)},
-            "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-            "sr_series_instance_uid": str(sr.SeriesInstanceUID),
-        }
+        result = StudyResult(
+            probability=float(probability),
+            fractured=bool(fractured),
+            threshold=float(self.policy.threshold),
+            rule=self.policy.rule,
+            rule_source=self.policy.source,
+            model_name=model.name,
+            model_version=model.version,
+            sr=path,
+            sr_sop_instance_uid=str(sr.SOPInstanceUID),
+            sr_series_instance_uid=str(sr.SeriesInstanceUID),
+            images=tuple(images),
+            not_analysed=tuple(left_out),
+            forced=forced,
+        )
         finished = sum(1 for j in jobs if j.finished_at is not None)
-        stored = self.studies.record(study_instance_uid, result, through, finished, self.destinations)
+        stored = self.studies.record(study_instance_uid, result.to_json(), through, finished, self.destinations)
         log.info(
             "study %s %s (revision %d%s): %s, P=%.3f by %s over %d image(s)%s",
             study_instance_uid,
