@@ -33,7 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pacs_ai.infer.architectures import ARCHITECTURES, build_model, cam_target_layers  # noqa: E402
+from pacs_ai.explain.gradcam import cam_target_layers  # noqa: E402
+from pacs_ai.infer.architectures import ARCHITECTURES, build_model  # noqa: E402
 from pacs_ai.infer.engine import InferenceEngine  # noqa: E402
 from pacs_ai.infer.model_card import ModelCard, save_model_folder  # noqa: E402
 from pacs_ai.infer.preprocess import InputSpec, prepare  # noqa: E402

@@ -16,11 +16,11 @@ import torch
 from model_factory import calibration_batch, make_map_model_folder
 
 from pacs_ai.errors import ModelError
-from pacs_ai.explain.overlay import Caption, render_result_image
 from pacs_ai.infer.architectures import ARCHITECTURES, FractureMapNet, build_model
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import CARD_FILE, ModelCard, load_card, load_model_folder
 from pacs_ai.infer.preprocess import InputSpec, prepare
+from pacs_ai.write.overlay import Caption, render_result_image
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from model_factory import TEST_SIZE, calibration_batch, head_linear, make_model
 
-from pacs_ai.explain.gradcam import CAM_METHODS, CamExplainer
-from pacs_ai.infer.architectures import ARCHITECTURES, cam_target_layers
+from pacs_ai.explain.gradcam import CAM_METHODS, CamExplainer, cam_target_layers
+from pacs_ai.infer.architectures import ARCHITECTURES
 from pacs_ai.infer.preprocess import InputSpec
 
 SPEC = InputSpec(size=TEST_SIZE)
@@ -137,10 +137,10 @@ def test_all_negative_evidence_gives_zero_map_not_nan() -> None:
 
 
 def test_zero_map_through_engine_and_overlay(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from pacs_ai.explain.overlay import Caption, render_result_image
     from pacs_ai.infer.engine import InferenceEngine
     from pacs_ai.infer.model_card import ModelCard, save_model_folder
     from pacs_ai.infer.preprocess import cam_to_original, prepare
+    from pacs_ai.write.overlay import Caption, render_result_image
 
     model = make_model("densenet121", SPEC, seed=5)
     with torch.no_grad():

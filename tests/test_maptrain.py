@@ -26,11 +26,19 @@ from pacs_ai.explain.fracture_map import cells_to_heat
 from pacs_ai.infer.architectures import FractureMapNet
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_model_folder
-from pacs_ai.infer.preprocess import Geometry, cam_to_original, prepare
+from pacs_ai.infer.preprocess import Geometry, cam_to_original, prepare, read_gray
 from training.augment import AugmentConfig
 from training.cli import main
-from training.data import list_dataset, read_gray
-from training.maptrain import MapTrainConfig, cell_targets, load_data, make_batch, map_loss, plan_epoch, whole_image_pass
+from training.data import list_dataset
+from training.maptrain import (
+    MapTrainConfig,
+    cell_targets,
+    load_data,
+    make_batch,
+    map_loss,
+    plan_epoch,
+    whole_image_pass,
+)
 from training.metrics import operating_points, reliability
 from training.pointing import peak_hit, pointing_game, read_boxes, wilson
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pacs_ai.errors import ModelError
+from pacs_ai.explain.gradcam import cam_target_layers
 from pacs_ai.infer.architectures import (
     ARCHITECTURES,
     build_model,
-    cam_target_layers,
     count_parameters,
     layer_groups,
     load_backbone_weights,

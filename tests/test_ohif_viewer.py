@@ -43,10 +43,10 @@ from ohif import (
 )
 from orthanc import OrthancServer, orthanc_available
 
-from pacs_ai.explain.overlay import Caption, caption_box
 from pacs_ai.infer.engine import Prediction
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.write.common import ModelInfo
+from pacs_ai.write.overlay import Caption, caption_box
 from pacs_ai.write.results import write_results
 
 pytestmark = [pytest.mark.browser, pytest.mark.orthanc, pytest.mark.slow]

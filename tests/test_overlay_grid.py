@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pacs_ai.explain.overlay import Caption, picture_size, render_result_image
 from pacs_ai.infer.preprocess import Geometry, cam_to_original
+from pacs_ai.write.overlay import Caption, picture_size, render_result_image
 
 
 def _cam(size: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_blend_matches_the_textbook_alpha_blend_and_leaves_cold_areas_exactly_gr
     a = 0.55 * clip((h - 0.15) / 0.85, 0, 1)."""
     import cv2
 
-    from pacs_ai.explain.overlay import blend_heatmap
+    from pacs_ai.write.overlay import blend_heatmap
 
     rng = np.random.default_rng(1)
     grey = rng.integers(0, 256, size=(300, 240), dtype=np.uint8)

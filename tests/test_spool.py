@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pacs_ai.errors import StorageError
-from pacs_ai.store.spool import Spool, StoredFile, write_atomic
+from pacs_ai.store.atomic import write_atomic
+from pacs_ai.store.spool import Spool, StoredFile
 
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 

@@ -20,8 +20,13 @@ import pydicom
 import pytest
 
 from pacs_ai.errors import DicomWriteError
-from pacs_ai.explain.overlay import Caption, hottest_region, normalise_heat, render_result_image
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
+from pacs_ai.write.overlay import (
+    Caption,
+    hottest_region,
+    normalise_heat,
+    render_result_image,
+)
 from pacs_ai.write.results import write_results
 from pacs_ai.write.structured_report import read_finding
 from pacs_ai.write.uids import derive_uid
@@ -362,7 +367,7 @@ def test_sc_modality_never_ot_or_us() -> None:
 def test_caption_and_legend_leave_the_corners_to_viewer_overlays(shape: tuple[int, int]) -> None:
     """Viewers (OHIF, Orthanc Web Viewer) write their overlay text in the viewport's corners: the caption
     sits at the bottom centre within 60 % of the width, the legend at the top centre."""
-    from pacs_ai.explain.overlay import caption_box
+    from pacs_ai.write.overlay import caption_box
 
     grey = np.full(shape, 128, np.uint8)
     caption = Caption(True, 0.873, 0.42, "fracture-densenet121 1.2.3")

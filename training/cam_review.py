@@ -1,9 +1,15 @@
-"""``cam-review``: Grad-CAM overlays for fractured images and the pointing game against fracture boxes.
+"""``cam-review``: heat-map overlays for fractured images and the pointing game against fracture boxes.
 
-Pointing game: an image is a hit when the maximum of its heat map (mapped back onto the original pixels
-with ``preprocess.cam_to_original``) falls inside one of its fracture boxes. The score is the share of
-hits, with a Wilson 95% interval. Uses pytorch-grad-cam on ``architectures.cam_target_layers``
-(HiResCAM for vgg16, Grad-CAM otherwise), one CAM object per model, used as a context manager.
+The heat maps are the daemon's: each image goes through :func:`training.evaluate.engine_predictions`
+(``preprocess.read_gray`` -> ``prepare`` -> ``InferenceEngine.predict`` with the model's explainer:
+Grad-CAM, HiResCAM for vgg16, or a fracture-map model's own map), then ``preprocess.cam_to_original``
+onto the original pixels. There is no second CAM in the training package; ``evaluate``'s pointing game
+uses the same path.
+
+Pointing game: an image is a hit when the maximum of its heat map on the original pixels falls inside one
+of its fracture boxes (:func:`training.pointing.peak_hit`; an all-zero map is a miss). The score is the
+share of hits, with a Wilson 95% interval. The gallery tiles use the Secondary Capture's colour blend
+(``pacs_ai.write.overlay.blend_heatmap``) with the boxes in green and the peak as a white cross.
 """
 
 from __future__ import annotations
@@ -11,37 +17,65 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from pacs_ai.infer.architectures import cam_target_layers
-from pacs_ai.infer.model_card import load_model_folder
-from pacs_ai.infer.preprocess import cam_to_original, prepare
-from training.data import read_gray
-from training.evaluate import select_items
-from training.metrics import softmax_positive
-from training.pointing import Box, point_in_boxes, read_boxes, wilson
-from training.predict import pick_device
+from pacs_ai.infer.preprocess import cam_to_original
+from pacs_ai.write.overlay import blend_heatmap, normalise_heat
+from training.data import Item
+from training.evaluate import engine_predictions, select_items
+from training.pointing import Box, peak_hit, read_boxes, wilson
 
-def overlay(display: np.ndarray, cam: np.ndarray, boxes: list[Box], peak: tuple[int, int]) -> np.ndarray:
-    """RGB uint8: heat map blended over the grey image, boxes in green, the maximum as a white cross."""
+if TYPE_CHECKING:
+    from pacs_ai.infer.engine import InferenceEngine
+
+__all__ = ["ReviewedImage", "cam_review_command", "review_images", "review_overlay", "save_gallery"]
+
+
+@dataclass(frozen=True)
+class ReviewedImage:
+    """The engine's heat map for one boxed fractured image and where its peak fell."""
+
+    file: str
+    probability: float
+    cam: np.ndarray
+    """(S, S) float32 heat map on the network input grid, exactly ``Prediction.cam``."""
+    heat: np.ndarray
+    """(H, W) float32 heat map on the original pixels (``cam_to_original``)."""
+    display: np.ndarray
+    """(H, W) uint8 grey image (``Prepared.display``)."""
+    peak_yx: tuple[int, int]
+    hit: bool
+
+
+def review_images(engine: InferenceEngine, data: Path, items: list[Item], boxes: dict[str, list[Box]], progress: bool = True) -> Iterator[ReviewedImage]:
+    """Heat map, peak and hit of every item through the daemon's engine (an ``InferenceEngine``)."""
+    for it, prep, pred in engine_predictions(engine, data, items, True, "cam-review" if progress else None):
+        heat = cam_to_original(pred.cam, prep.geometry)
+        y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        yield ReviewedImage(it.file, float(pred.probability), pred.cam, heat, prep.display, (int(y), int(x)), peak_hit(heat, boxes[it.file]))
+
+
+def review_overlay(display: np.ndarray, heat: np.ndarray, boxes: Sequence[Box], peak: tuple[int, int], heat_scale: str = "relative") -> np.ndarray:
+    """RGB uint8 (H, W, 3): the served colour blend of ``heat`` over the grey image, fractional ``boxes``
+    in green, the peak (y, x) as a white cross. ``heat_scale`` as ``Prediction.heat_scale``."""
     h, w = display.shape
-    heat = cv2.applyColorMap((np.clip(cam, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    base = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
-    img = cv2.addWeighted(base, 0.6, heat, 0.4, 0)
+    scaled = np.clip(heat, 0.0, 1.0) if heat_scale == "probability" else normalise_heat(heat)
+    img = np.ascontiguousarray(blend_heatmap(display, scaled))
     t = max(2, round(max(h, w) / 300))
     for x0, y0, x1, y1 in boxes:
         cv2.rectangle(img, (int(x0 * w), int(y0 * h)), (int(x1 * w), int(y1 * h)), (0, 255, 0), t)
     cv2.drawMarker(img, (peak[1], peak[0]), (255, 255, 255), cv2.MARKER_CROSS, 8 * t, t)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
 
 
 def cam_review_command(args: argparse.Namespace) -> int:
-    from pytorch_grad_cam import GradCAM, HiResCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pacs_ai.infer.engine import InferenceEngine
 
     boxes_path = args.boxes or (args.data / "boxes.csv")
     boxes = read_boxes(boxes_path)
@@ -50,34 +84,30 @@ def cam_review_command(args: argparse.Namespace) -> int:
         items = items[: args.limit]
     if not items:
         raise ValueError(f"no fractured images with boxes in {boxes_path} among the selected images")
-    device = pick_device(args.device)
-    model, card = load_model_folder(args.model, map_location=device)
-    cam_cls = HiResCAM if card.architecture == "vgg16" else GradCAM
-    target = [ClassifierOutputTarget(card.positive_index)]
-    results: list[dict[str, Any]] = []
+    engine = InferenceEngine(args.model, device=args.device, batch_size=min(args.batch_size, 8), threads=args.threads or 0)
+    results: list[dict[str, object]] = []
     gallery: list[tuple[np.ndarray, str]] = []
-    from tqdm import tqdm
-
-    with cam_cls(model=model, target_layers=cam_target_layers(model, card.architecture)) as cam:
-        for it in tqdm(items, desc=f"grad-cam ({cam_cls.__name__})", unit="img"):
-            prep = prepare(read_gray(args.data / it.file), card.input)
-            x = prep.tensor.unsqueeze(0).to(device)
-            grayscale = cam(input_tensor=x, targets=target)[0]
-            logits = cam.outputs.detach().float().cpu().numpy()
-            prob = float(softmax_positive(logits, card.temperature, card.positive_index)[0])
-            full = cam_to_original(grayscale, prep.geometry)
-            peak = np.unravel_index(int(np.argmax(full)), full.shape)
-            h, w = full.shape
-            hit = bool(full.max() > 0) and point_in_boxes(int(peak[0]), int(peak[1]), h, w, boxes[it.file])
-            results.append({"file": it.file, "probability": prob, "hit": hit, "peak_yx": [int(peak[0]), int(peak[1])]})
+    maps: dict[str, np.ndarray] = {}
+    try:
+        card = engine.cards[0]
+        method = engine.describe()["cam_method"]
+        for r in review_images(engine, args.data, items, boxes):
+            results.append({"file": r.file, "probability": r.probability, "hit": r.hit, "peak_yx": list(r.peak_yx)})
+            if args.maps:
+                maps[r.file] = r.cam
             if len(gallery) < args.gallery:
-                gallery.append((overlay(prep.display, full, boxes[it.file], (int(peak[0]), int(peak[1]))), f"{Path(it.file).name} p={prob:.2f} {'hit' if hit else 'miss'}"))
-    hits = sum(r["hit"] for r in results)
+                tile = review_overlay(r.display, r.heat, boxes[r.file], r.peak_yx, engine.heat_scale)
+                gallery.append((tile, f"{Path(r.file).name} p={r.probability:.2f} {'hit' if r.hit else 'miss'}"))
+    finally:
+        engine.close()
+    hits = sum(bool(r["hit"]) for r in results)
     summary = {
         "model": card.name,
         "architecture": card.architecture,
-        "method": cam_cls.__name__,
+        "head": card.head,
+        "method": method,
         "n": len(results),
+        "hits": hits,
         "pointing_game": hits / len(results),
         "pointing_game_ci95": wilson(hits, len(results)),
         "images": results,
@@ -85,9 +115,11 @@ def cam_review_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cam_review.json").write_text(json.dumps(summary, indent=2) + "\n")
-    save_gallery(gallery, out / "gallery.png", f"{card.name}: {cam_cls.__name__}; pointing game {hits}/{len(results)}")
+    if args.maps:
+        np.savez_compressed(out / "maps.npz", files=np.array(list(maps)), cams=np.stack(list(maps.values())))
+    save_gallery(gallery, out / "gallery.png", f"{card.name}: {method}; pointing game {hits}/{len(results)}")
     lo, hi = summary["pointing_game_ci95"]
-    print(f"pointing game: {hits}/{len(results)} = {hits / len(results):.3f} (95% CI {lo:.3f}-{hi:.3f}); wrote {out}")
+    print(f"pointing game: {hits}/{len(results)} = {hits / len(results):.3f} (95% CI {lo:.3f}-{hi:.3f}; {method}); wrote {out}")
     return 0
 
 
@@ -110,5 +142,3 @@ def save_gallery(tiles: list[tuple[np.ndarray, str]], path: Path, title: str) ->
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-

@@ -13,7 +13,7 @@ from pacs_ai.infer.architectures import ARCHITECTURES
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core this process may use, as the daemon's rule)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default: auto)")
 
 
@@ -127,13 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000)
     _add_threads(p)
 
-    p = sub.add_parser("cam-review", help="Grad-CAM gallery and pointing-game score against fracture boxes", description="Grad-CAM (HiResCAM for vgg16) overlays for fractured images and the pointing game: the share of images whose heat-map maximum falls inside a fracture box (boxes.csv: file,x0,y0,x1,y1 as fractions).")
+    p = sub.add_parser("cam-review", help="heat-map gallery and pointing-game score against fracture boxes", description="The daemon's heat maps (its inference engine and explainer: Grad-CAM, HiResCAM for vgg16, or a fracture-map model's own map) as overlays for fractured images, and the pointing game: the share of images whose heat-map maximum falls inside a fracture box (boxes.csv: file,x0,y0,x1,y1 as fractions).")
     p.add_argument("--model", type=Path, required=True)
     _add_eval_data(p)
     p.add_argument("--boxes", type=Path, default=None, help="boxes CSV (default: DATA/boxes.csv)")
     p.add_argument("--out", type=Path, required=True, help="folder for gallery.png and cam_review.json")
     p.add_argument("--gallery", type=int, default=16, help="images in the gallery")
     p.add_argument("--limit", type=int, default=None, help="score at most N boxed images")
+    p.add_argument("--maps", action="store_true", help="also write maps.npz: each image's heat map on the network grid, as the daemon computes it")
     _add_threads(p)
 
     p = sub.add_parser("study-rule", help="choose the study-level rule (max, mean, noisy-or) on validation groups", description="Aggregate image probabilities per manifest group (stand-in study) by max, mean and noisy-or, compare study AUROC with bootstrap intervals, report the winner; --write-card stores it and the validation probability distribution in the card.")
@@ -162,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
+    """The serving thread rule (``pacs_ai.infer.device.configure_threads``) for every command but ``split``."""
+    if args.command != "split":
+        from pacs_ai.infer.device import configure_threads
 
-        torch.set_num_threads(args.threads)
+        configure_threads(getattr(args, "threads", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from pacs_ai.infer.architectures import count_parameters
+from pacs_ai.infer.device import select_device
 from pacs_ai.infer.model_card import load_model_folder
 from pacs_ai.infer.preprocess import normalise
 from training.data import load_images
 from training.evaluate import predict_model, select_items
 from training.metrics import summarize
 from training.plots import confusion_png, roc_png
-from training.predict import pick_device
 
 
 @torch.inference_mode()
@@ -48,7 +48,7 @@ def _fmt(v: float | None, ci: list[float | None] | None = None) -> str:
 
 def compare_command(args: argparse.Namespace) -> int:
     items = select_items(args.data, args.split, args.subset)
-    device = pick_device(args.device)
+    device = select_device(args.device, key="--device")
     rows: list[dict[str, Any]] = []
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     matrices: dict[str, dict[str, Any]] = {}

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pacs_ai.errors import InputError
-from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, image_file_to_gray, letterbox
+from pacs_ai.infer.preprocess import InputSpec, letterbox, read_gray
 
 CLASS_NAMES: tuple[str, str] = ("not_fractured", "fractured")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
@@ -47,19 +46,6 @@ def is_dicom(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:] == b"DICM"
-
-
-def read_gray(path: Path) -> np.ndarray:
-    """Any supported file (DICOM or image) -> float32 grey in [0, 1], bone bright."""
-    if is_dicom(path):
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(path)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError("unreadable_dicom", f"{path.name}: {exc}") from exc
-        return dicom_to_gray(ds)
-    return image_file_to_gray(path)
 
 
 def _candidate_files(folder: Path) -> Iterable[Path]:

@@ -5,22 +5,35 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pacs_ai.infer.architectures import build_model
+from pacs_ai.infer.device import select_device
 from pacs_ai.infer.model_card import ModelCard, load_model_folder, save_card
-from pacs_ai.infer.preprocess import cam_to_original, prepare
-from training.data import Item, list_dataset, load_images, read_gray, read_split
+from pacs_ai.infer.preprocess import Prepared, cam_to_original, prepare, read_gray
+from training.data import Item, list_dataset, load_images, read_split
 from training.export import calibration, export_model
-from training.metrics import binary_metrics, bootstrap, json_clean, operating_points, reliability, softmax_positive, summarize
+from training.metrics import (
+    binary_metrics,
+    bootstrap,
+    json_clean,
+    operating_points,
+    reliability,
+    softmax_positive,
+    summarize,
+)
 from training.plots import confusion_png, reliability_png, roc_png
 from training.pointing import Box, peak_hit, pointing_game, read_boxes
-from training.predict import pick_device, predict_letterboxed
+from training.predict import predict_letterboxed
+
+if TYPE_CHECKING:
+    from pacs_ai.infer.engine import InferenceEngine, Prediction
 
 
 @dataclass
@@ -56,7 +69,7 @@ def predict_model(
 
 def evaluate_folder(model_dir: Path, data: Path, items: list[Item], cache_dir: Path | None, device: str = "auto", n_boot: int = 1000, batch_size: int = 32) -> tuple[dict[str, Any], Predictions, ModelCard]:
     """Metrics of one model folder on ``items`` (card threshold and temperature)."""
-    model, card = load_model_folder(model_dir, map_location=pick_device(device))
+    model, card = load_model_folder(model_dir, map_location=select_device(device, key="--device"))
     model.to(memory_format=torch.channels_last)
     pred = predict_model(model, card, data, items, cache_dir, batch_size)
     metrics = summarize(pred.y, pred.prob, card.threshold, n_boot=n_boot)
@@ -81,29 +94,38 @@ class EngineRun:
     cam_method: str
 
 
+def engine_predictions(engine: InferenceEngine, data: Path, items: list[Item], with_cam: bool, progress: str | None = None) -> Iterator[tuple[Item, Prepared, Prediction]]:
+    """``(item, prepared, prediction)`` per item, in order, through exactly the daemon's path:
+    ``preprocess.read_gray`` -> ``preprocess.prepare`` -> ``InferenceEngine.predict`` (its explainer:
+    ``prediction.cam`` is the heat map on the network grid, as the daemon's writers get it).
+
+    Used by ``evaluate`` and ``cam-review``, so the heat map they score is the heat map that is shipped."""
+    n = engine.batch_size
+    starts: Iterable[int] = range(0, len(items), n)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    for s in starts:
+        chunk = items[s : s + n]
+        prepared = [prepare(read_gray(Path(data) / it.file), engine.spec) for it in chunk]
+        yield from zip(chunk, prepared, engine.predict(prepared, with_cam=with_cam))
+
+
 def engine_run(model_dir: Path, data: Path, items: list[Item], boxes: dict[str, list[Box]] | None, device: str = "auto", batch_size: int = 8, threads: int = 0, progress: bool = True) -> EngineRun:
-    """Run ``items`` through exactly the daemon's path: ``read_gray`` (``dicom_to_gray`` /
-    ``image_file_to_gray``) -> ``preprocess.prepare`` -> ``InferenceEngine.predict`` (its explainer) ->
-    ``cam_to_original``. Heat maps are computed only when ``boxes`` are given."""
+    """Run ``items`` through :func:`engine_predictions`; for boxed fractured images, whether the heat
+    map's peak on the original pixels (``cam_to_original``) lies in a box. Heat maps are computed only
+    when ``boxes`` are given."""
     from pacs_ai.infer.engine import InferenceEngine
 
     engine = InferenceEngine(model_dir, device=device, batch_size=batch_size, threads=threads or 0)
     probs: list[float] = []
     hits: dict[str, bool] = {}
-    starts = range(0, len(items), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="engine", unit="batch", leave=False)
     try:
-        for s in starts:
-            chunk = items[s : s + batch_size]
-            prepared = [prepare(read_gray(Path(data) / it.file), engine.spec) for it in chunk]
-            preds = engine.predict(prepared, with_cam=boxes is not None)
-            for it, prep, pred in zip(chunk, prepared, preds):
-                probs.append(pred.probability)
-                if boxes is not None and it.label == 1 and boxes.get(it.file):
-                    hits[it.file] = peak_hit(cam_to_original(pred.cam, prep.geometry), boxes[it.file])
+        for it, prep, pred in engine_predictions(engine, data, items, boxes is not None, "engine" if progress else None):
+            probs.append(pred.probability)
+            if boxes is not None and it.label == 1 and boxes.get(it.file):
+                hits[it.file] = peak_hit(cam_to_original(pred.cam, prep.geometry), boxes[it.file])
         card = engine.cards[0]
         method = engine.describe()["cam_method"]
     finally:
@@ -191,7 +213,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def calibrate_command(args: argparse.Namespace) -> int:
     items = select_items(args.data, args.split, args.subset)
-    model, card = load_model_folder(args.model, map_location=pick_device(args.device))
+    model, card = load_model_folder(args.model, map_location=select_device(args.device, key="--device"))
     model.to(memory_format=torch.channels_last)
     card.temperature = 1.0
     pred = predict_model(model, card, args.data, items, args.cache_dir, args.batch_size)
@@ -217,7 +239,12 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, default_description, load_split, training_info
+    from training.train import (
+        TrainConfig,
+        default_description,
+        load_split,
+        training_info,
+    )
 
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig(**ck["config"])

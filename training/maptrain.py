@@ -46,9 +46,24 @@ import torch.nn.functional as F
 
 from pacs_ai.explain.fracture_map import cells_to_heat
 from pacs_ai.infer.architectures import FractureMapNet, build_model
-from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, Geometry, InputSpec, normalise
+from pacs_ai.infer.device import configure_threads, select_device
+from pacs_ai.infer.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Geometry,
+    InputSpec,
+    normalise,
+    read_gray,
+)
 from training.augment import AugmentConfig, augment_with_mask
-from training.data import Item, list_dataset, load_images, read_gray, read_split, split_items, write_split
+from training.data import (
+    Item,
+    list_dataset,
+    load_images,
+    read_split,
+    split_items,
+    write_split,
+)
 from training.export import export_model, machine_description
 from training.metrics import binary_metrics
 from training.pointing import Box, boxes_on_grid, peak_hit, pointing_game, read_boxes
@@ -360,9 +375,9 @@ def train_map(cfg: MapTrainConfig, resume: bool = False, log: Any = print, progr
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        configure_threads(cfg.threads)
     cv2.setNumThreads(1)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = select_device(cfg.device, key="--device")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 

@@ -9,15 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pacs_ai.infer.preprocess import InputSpec, letterbox, normalise
-from training.data import read_gray
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from pacs_ai.infer.preprocess import InputSpec, letterbox, normalise, read_gray
 
 
 @torch.inference_mode()

@@ -96,12 +96,12 @@ def compare_rules(
 
 
 def _predict(model_dir: Path, data: Path, split: Path, subset: str, cache_dir: Path | None) -> list[dict[str, Any]]:
+    from pacs_ai.infer.device import select_device
     from pacs_ai.infer.model_card import load_model_folder
     from training.evaluate import predict_model, select_items
-    from training.predict import pick_device
 
     items = select_items(data, split, subset)
-    model, card = load_model_folder(model_dir, map_location=pick_device("auto"))
+    model, card = load_model_folder(model_dir, map_location=select_device("auto", key="--device"))
     pred = predict_model(model, card, data, items, cache_dir)
     return [
         {"file": it.file, "group": it.group, "label": int(it.label), "probability": float(p)}

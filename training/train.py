@@ -25,12 +25,13 @@ from torch import nn
 
 from pacs_ai.errors import ModelError
 from pacs_ai.infer.architectures import build_model, layer_groups, load_backbone_weights
+from pacs_ai.infer.device import configure_threads, select_device
 from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, normalise
 from training.augment import AugmentConfig, augment_batch
 from training.data import Item, list_dataset, load_images, read_split, split_items
 from training.export import export_model, machine_description
 from training.metrics import binary_metrics, softmax_positive
-from training.predict import pick_device, predict_letterboxed
+from training.predict import predict_letterboxed
 
 
 @dataclass
@@ -176,9 +177,9 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     if cfg.threads:
         import cv2
 
-        torch.set_num_threads(cfg.threads)
+        configure_threads(cfg.threads)
         cv2.setNumThreads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = select_device(cfg.device, key="--device")
     random.seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_gray", "register", "run"]
+__all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,32 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-def read_gray(path: Path) -> tuple[Any, Any]:
-    """(grey float32 image in [0, 1], pydicom Dataset or None) for a DICOM or image file.
-
-    Raises ``InputError`` (``unreadable_file``, ``undecodable_pixel_data``, ``unreadable_image``, ...).
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from pacs_ai.errors import InputError
-    from pacs_ai.infer.preprocess import dicom_to_gray, image_file_to_gray
-
-    if not path.is_file():
-        raise InputError("unreadable_file", "no such file" if not path.exists() else "not a regular file")
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError:
-        ds = None  # not DICOM: try it as an image file
-    except OSError as exc:
-        raise InputError("unreadable_file", exc.strerror or str(exc)) from exc
-    except Exception as exc:  # a damaged DICOM file
-        raise InputError("unreadable_dicom", f"{type(exc).__name__}: {exc}") from exc
-    if ds is None:
-        return image_file_to_gray(path), None
-    return dicom_to_gray(ds), ds
-
-
 def _chunks(items: Sequence[Path], n: int) -> Iterator[Sequence[Path]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -87,8 +61,8 @@ def _overlay_path(out_dir: Path, src: Path, used: set[str]) -> Path:
 def _write_overlay(path: Path, prepared: Any, prediction: Any) -> None:
     import cv2
 
-    from pacs_ai.explain.overlay import Caption, render_result_image
     from pacs_ai.infer.preprocess import cam_to_original
+    from pacs_ai.write.overlay import Caption, render_result_image
 
     heat = cam_to_original(prediction.cam, prepared.geometry)
     caption = Caption(
@@ -109,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from pacs_ai.config import BUNDLED_MODEL
     from pacs_ai.errors import InputError
     from pacs_ai.infer.engine import InferenceEngine
-    from pacs_ai.infer.preprocess import prepare
+    from pacs_ai.infer.preprocess import prepare, read_gray
 
     if args.batch_size < 1:
         print("pacs-ai classify: error: --batch-size must be at least 1", file=sys.stderr)
@@ -134,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         for path in chunk:
             t0 = time.perf_counter()
             try:
-                gray, _ = read_gray(path)
+                gray = read_gray(path)
                 prepared = prepare(gray, engine.spec)
             except InputError as exc:
                 report_error(path, exc.reason, exc.detail)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 from pacs_ai.cli.common import add_config_argument, config_from_args
 from pacs_ai.cli.config_check import config_problems
@@ -76,7 +75,9 @@ def run_worker(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     require_model_folders(config)
     if args.child:  # the parent `serve` serves the metrics, talks to systemd and needs a core to listen
-        threads = config.model.threads or max(1, (os.cpu_count() or 1) - 1)
+        from pacs_ai.infer.device import thread_count
+
+        threads = thread_count(config.model.threads, reserve=1)
         config = dataclasses.replace(
             config,
             metrics=dataclasses.replace(config.metrics, enabled=False),

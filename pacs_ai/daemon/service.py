@@ -26,6 +26,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_ai import __version__
 from pacs_ai.config import Config
+from pacs_ai.daemon.wakeup import Doorbell, WakeUpObserver
+from pacs_ai.daemon.worker_process import WorkerProcess, lower_priority
 from pacs_ai.errors import ModelError, PacsAiError, ResultFormatError
 from pacs_ai.ops.audit import AuditLog
 from pacs_ai.ops.events import CompositeObserver, Observer
@@ -33,8 +35,6 @@ from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.metrics import Metrics, MetricsServer
 from pacs_ai.ops.notify import SystemdNotifier
 from pacs_ai.ops.tls import client_context, server_context
-from pacs_ai.daemon.wakeup import Doorbell, WakeUpObserver
-from pacs_ai.daemon.worker_process import WorkerProcess, lower_priority
 from pacs_ai.queue.jobstore import JobStore, RetryPolicy
 from pacs_ai.queue.retention import purge_old_jobs
 from pacs_ai.results import JobResult
@@ -120,11 +120,11 @@ def model_labels(folder: Path) -> dict[str, str]:
 
 
 def torch_threads(config: Config, roles: Roles) -> int:
-    """CPU threads for inference: as configured, else all cores less one kept for the listener."""
-    if config.model.threads:
-        return config.model.threads
-    cores = os.cpu_count() or 1
-    return max(1, cores - 1) if roles.listener else cores
+    """CPU threads for inference: as configured, else all cores less one kept for the listener
+    (``pacs_ai.infer.device.thread_count``)."""
+    from pacs_ai.infer.device import thread_count
+
+    return thread_count(config.model.threads, reserve=1 if roles.listener else 0)
 
 
 class Service:
@@ -200,7 +200,7 @@ class Service:
 
     def _build_worker(self):  # type: ignore[no-untyped-def]
         from pacs_ai.daemon.worker import Worker
-        from pacs_ai.infer.device import default_threads
+        from pacs_ai.infer.device import thread_count
         from pacs_ai.infer.engine import InferenceEngine
         from pacs_ai.send.deliveries import destination_names
         from pacs_ai.write.results import write_results
@@ -208,7 +208,7 @@ class Service:
         model = self.config.model
         # JPEG 2000 (pylibjpeg-openjpeg's OpenJPEG) decodes a full-size radiograph's code-blocks on every
         # core when told so; an administrator's own setting wins.
-        os.environ.setdefault("OPJ_NUM_THREADS", str(default_threads()))
+        os.environ.setdefault("OPJ_NUM_THREADS", str(thread_count()))
         engine = InferenceEngine(
             model.path,
             device=model.device,
@@ -218,7 +218,9 @@ class Service:
         info = engine.describe()
         self.metrics.set_model_info({k: str(v) for k, v in info.items()})
         log.info("model loaded: %s", info)
-        from pacs_ai.route.build import build_router  # imports torch: only where the model runs
+        from pacs_ai.route.build import (
+            build_router,  # imports torch: only where the model runs
+        )
 
         router = build_router(self.config.routing, engine.cards[0])
         for line in router.describe():

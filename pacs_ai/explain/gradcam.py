@@ -4,7 +4,7 @@ One :class:`CamExplainer` per loaded model, created once and reused for every ba
 
 - the method follows the architecture: ``HiResCAM`` for ``vgg16`` (its dense head makes plain Grad-CAM
   unfaithful), ``GradCAM`` for ``resnet50`` and ``densenet121``; the target is the layer named by
-  :func:`pacs_ai.infer.architectures.cam_target_layers`, and the target class is the card's positive
+  :func:`cam_target_layers`, and the target class is the card's positive
   class (``ClassifierOutputTarget``);
 - **cheap gradients**: the model's parameters are frozen (``requires_grad_(False)``) and a forward hook
   on the target layer, registered before the library's own hooks, hands the rest of the network a fresh
@@ -41,12 +41,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacs_ai.infer.architectures import cam_target_layers
+from pacs_ai.errors import ModelError
 
-__all__ = ["CAM_METHODS", "CamExplainer", "CamResult", "freeze"]
+__all__ = ["CAM_METHODS", "CamExplainer", "CamResult", "cam_target_layers", "freeze"]
 
 CAM_METHODS: dict[str, str] = {"resnet50": "GradCAM", "densenet121": "GradCAM", "vgg16": "HiResCAM"}
 """pytorch-grad-cam class used per architecture."""
+
+
+def cam_target_layers(model: nn.Module, arch: str) -> list[nn.Module]:
+    """Layer(s) whose activations Grad-CAM uses.
+
+    - resnet50: ``model.layer4[-1]`` (last bottleneck).
+    - densenet121: ``model.features[-1]`` (``norm5``). DenseNet's forward applies ``F.relu(inplace=True)``
+      to this output, so a forward hook that keeps the activation must clone it; :class:`CamExplainer`
+      hooks a non-in-place ReLU right after it instead (``_DenseNetCamView``).
+    - vgg16: the last ReLU of ``features`` before the final max-pool (end of the last conv block);
+      use HiResCAM with it (VGG's dense head makes plain Grad-CAM unfaithful). The hooked ReLU's output
+      is not modified in place afterwards.
+    """
+    if arch not in CAM_METHODS:
+        raise ModelError(f"unknown architecture {arch!r}; expected one of {', '.join(CAM_METHODS)}")
+    if arch == "resnet50":
+        return [model.layer4[-1]]  # type: ignore[index]
+    if arch == "densenet121":
+        return [model.features[-1]]  # type: ignore[index]
+    feats = list(model.features)  # type: ignore[arg-type]
+    last_pool = max(i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d))
+    for m in reversed(feats[:last_pool]):
+        if isinstance(m, (nn.ReLU, nn.Conv2d)):
+            return [m]
+    raise ModelError("vgg16 features have no conv layer before the last max-pool")
 
 
 def freeze(model: nn.Module) -> nn.Module:

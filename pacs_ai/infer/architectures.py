@@ -10,8 +10,8 @@ Two heads (the model card's ``head``):
   (multiple-instance learning: the image is fractured when some cell is). The map is the explanation.
 
 ``build_model`` never downloads anything (``weights=None``); ImageNet weights come from a local file via
-``load_backbone_weights``. ``cam_target_layers`` names the layer Grad-CAM hooks for each architecture and
-``layer_groups`` orders the backbone from stem to head so training can freeze the early layers.
+``load_backbone_weights``. ``layer_groups`` orders the backbone from stem to head so training can freeze the early layers. (The layer Grad-CAM hooks is
+named by ``pacs_ai.explain.gradcam.cam_target_layers``.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "FractureMapNet",
     "build_fracture_map_model",
     "build_model",
-    "cam_target_layers",
     "count_parameters",
     "head_prefix",
     "layer_groups",
@@ -213,29 +212,6 @@ def load_backbone_weights(model: nn.Module, arch: str, path: Path) -> list[str]:
         raise ModelError(f"{path} is not a {arch} backbone: " + "; ".join(parts))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in backbone.items()}, strict=False)
     return skipped
-
-
-def cam_target_layers(model: nn.Module, arch: str) -> list[nn.Module]:
-    """Layer(s) whose activations Grad-CAM uses.
-
-    - resnet50: ``model.layer4[-1]`` (last bottleneck).
-    - densenet121: ``model.features[-1]`` (``norm5``). DenseNet's forward applies ``F.relu(inplace=True)``
-      to this output, so a forward hook that keeps the activation must clone it.
-    - vgg16: the last ReLU of ``features`` before the final max-pool (end of the last conv block);
-      use HiResCAM with it (VGG's dense head makes plain Grad-CAM unfaithful). The hooked ReLU's output
-      is not modified in place afterwards.
-    """
-    _check_arch(arch)
-    if arch == "resnet50":
-        return [model.layer4[-1]]  # type: ignore[index]
-    if arch == "densenet121":
-        return [model.features[-1]]  # type: ignore[index]
-    feats = list(model.features)  # type: ignore[arg-type]
-    last_pool = max(i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d))
-    for m in reversed(feats[:last_pool]):
-        if isinstance(m, (nn.ReLU, nn.Conv2d)):
-            return [m]
-    raise ModelError("vgg16 features have no conv layer before the last max-pool")
 
 
 def layer_groups(model: nn.Module, arch: str) -> list[nn.Module]:

@@ -1,7 +1,13 @@
-"""Device selection for inference: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
+"""The one device rule and the one thread-count rule, for serving and training alike.
 
-On the CPU the engine runs channels-last float32 with ``torch.set_num_threads``; on CUDA it batches and
-runs the forward under autocast (bfloat16 where the GPU supports it, else float16).
+Device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:func:`select_device`;
+the daemon, ``pacs-ai classify`` and every ``python -m training`` command use it). On the CPU the engine
+runs channels-last float32; on CUDA it runs the forward under autocast (bfloat16 where the GPU supports
+it, else float16: :func:`autocast_dtype`).
+
+Threads: a configured positive count wins; otherwise the cores this process may run on (its affinity
+mask), less the cores ``reserve``d for other work (the listener keeps one) and at least one
+(:func:`thread_count`). :func:`configure_threads` applies the count to torch's intra-op pool.
 """
 
 from __future__ import annotations
@@ -12,15 +18,16 @@ import torch
 
 from pacs_ai.errors import ConfigError
 
-__all__ = ["DEVICE_CHOICES", "autocast_dtype", "configure_threads", "default_threads", "select_device"]
+__all__ = ["DEVICE_CHOICES", "autocast_dtype", "configure_threads", "default_threads", "select_device", "thread_count"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def select_device(name: str = "auto") -> torch.device:
+def select_device(name: str = "auto", *, key: str = "model.device") -> torch.device:
     """``auto`` -> ``cuda`` when a CUDA device is usable, else ``cpu``; ``cuda`` without one is an error.
 
-    ``cuda:N`` is accepted too. Raises ``ConfigError`` (key ``model.device``) for anything else.
+    ``cuda:N`` is accepted too. Raises ``ConfigError`` naming ``key`` (the setting or option the name
+    came from; ``model.device`` by default) for anything else.
     """
     text = (name or "auto").strip().lower()
     if text == "auto":
@@ -29,12 +36,12 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if text == "cuda" or text.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ConfigError("model.device", f"{name!r} requested but no CUDA device is available (use auto or cpu)")
+            raise ConfigError(key, f"{name!r} requested but no CUDA device is available (use auto or cpu)")
         dev = torch.device(text)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError("model.device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(key, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s)")
         return dev
-    raise ConfigError("model.device", f"must be one of {', '.join(DEVICE_CHOICES)}, not {name!r}")
+    raise ConfigError(key, f"must be one of {', '.join(DEVICE_CHOICES)}, not {name!r}")
 
 
 def default_threads() -> int:
@@ -45,12 +52,19 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_threads(threads: int = 0) -> int:
-    """Set torch's intra-op thread count (``threads`` or :func:`default_threads`); returns the count.
+def thread_count(threads: int | None = 0, *, reserve: int = 0) -> int:
+    """The thread rule: ``threads`` when positive, else :func:`default_threads` less ``reserve``, at least 1."""
+    if threads and int(threads) > 0:
+        return int(threads)
+    return max(1, default_threads() - max(0, int(reserve)))
+
+
+def configure_threads(threads: int | None = 0, *, reserve: int = 0) -> int:
+    """Set torch's intra-op thread count to :func:`thread_count` (``threads``, ``reserve``); returns it.
 
     Process-wide: every model in the process shares it.
     """
-    n = int(threads) if threads and threads > 0 else default_threads()
+    n = thread_count(threads, reserve=reserve)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch import nn
 from pacs_ai.errors import ModelError
 from pacs_ai.infer.architectures import ARCHITECTURES, HEADS, build_model
 from pacs_ai.infer.preprocess import InputSpec
+from pacs_ai.store.atomic import write_atomic_with
 
 __all__ = [
     "CARD_FILE",
@@ -230,18 +229,6 @@ class ModelCard:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model_folder(folder: str | Path, model: nn.Module, card: ModelCard, *, half: bool = False) -> Path:
     """Write ``model.json`` and ``model.safetensors`` into ``folder`` (created), each file atomically.
 
@@ -261,8 +248,8 @@ def save_model_folder(folder: str | Path, model: nn.Module, card: ModelCard, *, 
         tensors[k] = t.contiguous()
     fmt = "pacs-ai-model-2" if card.head == "fracture_map" else "pacs-ai-model-1"
     meta = {"architecture": card.architecture, "head": card.head, "version": card.version, "format": fmt}
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _atomic_write(out / CARD_FILE, lambda tmp: Path(tmp).write_text(card.to_json(), encoding="utf-8"))
+    write_atomic_with(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_atomic_with(out / CARD_FILE, lambda tmp: Path(tmp).write_text(card.to_json(), encoding="utf-8"))
     return out
 
 
@@ -270,7 +257,7 @@ def save_card(folder: str | Path, card: ModelCard) -> None:
     """Rewrite only ``folder/model.json`` (atomically), e.g. after re-calibration."""
     card.validate()
     path = Path(folder) / CARD_FILE
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(card.to_json(), encoding="utf-8"))
+    write_atomic_with(path, lambda tmp: Path(tmp).write_text(card.to_json(), encoding="utf-8"))
 
 
 def load_card(folder: str | Path) -> ModelCard:

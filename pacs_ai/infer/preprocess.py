@@ -1,6 +1,7 @@
 """The one preprocessing shared by serving and training.
 
-Pipeline: pixels -> grey levels in [0, 1] with bone bright (``dicom_to_gray`` / ``image_file_to_gray``)
+Pipeline: a file (``read_file``) or data set -> grey levels in [0, 1] with bone bright (``dicom_to_gray``
+/ ``image_file_to_gray``)
 -> ``prepare``: letterbox to the model's square input (resize keeping the aspect ratio, pad, never
 stretch), CLAHE, three identical channels, mean/std normalisation.
 
@@ -34,6 +35,8 @@ __all__ = [
     "letterbox",
     "normalise",
     "prepare",
+    "read_file",
+    "read_gray",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -382,6 +385,36 @@ def image_file_to_gray(path: str | Path) -> np.ndarray:
     if img.dtype == np.uint16:
         return img.astype(np.float32) * np.float32(1.0 / 65535.0)
     return _percentile_scale(img.astype(np.float32))
+
+
+def read_file(path: str | Path) -> tuple[np.ndarray, Any]:
+    """(grey float32 (H, W) in [0, 1] with bone bright, pydicom Dataset or None) for a DICOM or image file.
+
+    The one file reader of serving (``pacs-ai classify``) and training: a file pydicom reads as DICOM
+    goes through :func:`dicom_to_gray`, any other through :func:`image_file_to_gray`. Raises
+    ``InputError`` (``unreadable_file``, ``unreadable_dicom``, the reasons of ``dicom_to_gray``, or
+    ``unreadable_image``).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("unreadable_file", "no such file" if not p.exists() else "not a regular file")
+    try:
+        ds = pydicom.dcmread(p)
+    except InvalidDicomError:
+        return image_file_to_gray(p), None  # not DICOM: an image file
+    except OSError as exc:
+        raise InputError("unreadable_file", exc.strerror or str(exc)) from exc
+    except Exception as exc:  # a damaged DICOM file
+        raise InputError("unreadable_dicom", f"{type(exc).__name__}: {exc}") from exc
+    return dicom_to_gray(ds), ds
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """The grey image of :func:`read_file` (float32 (H, W) in [0, 1], bone bright); same errors."""
+    return read_file(path)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

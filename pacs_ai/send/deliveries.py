@@ -44,7 +44,7 @@ from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError, ResultFor
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.results import JobResult, StudyResult
 from pacs_ai.send.sender import DestinationUnreachable, ObjectOutcome, outgoing_object, send_files, send_objects
-from pacs_ai.store.spool import write_atomic
+from pacs_ai.store.atomic import write_atomic
 
 __all__ = ["OUTBOX", "DeliveryProcessor", "ObjectsNotDelivered", "destination_names", "result_file_map", "result_files"]
 

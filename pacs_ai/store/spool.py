@@ -1,38 +1,23 @@
 """The durable spool: every received instance is written here before it is acknowledged.
 
-``write_atomic`` writes a temporary file in the destination folder, fsyncs it, renames it over the
-destination and fsyncs the folder, so after it returns the file survives a crash or power loss, and a
-reader never sees a half-written file. ``Spool`` lays instances out as ``root/<2 hex>/<uid>.dcm``, the
+Each instance is written with ``pacs_ai.store.atomic.write_atomic`` (temporary file, fsync, rename,
+folder fsync), so after it returns the file survives a crash or power loss, and a reader never sees a
+half-written file. ``Spool`` lays instances out as ``root/<2 hex>/<uid>.dcm``, the
 two hex digits being the start of the SHA-1 of the SOP Instance UID (256 folders, evenly filled).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_ai.errors import StorageError
+from pacs_ai.store.atomic import TEMP_SUFFIX, describe_os_error, fsync_dir, write_atomic
 
-TEMP_SUFFIX = ".tmp"
 _CLEAN_UID = re.compile(r"^[0-9.]{1,64}$")
-
-_PROBLEMS = {
-    errno.ENOSPC: "disk full",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied (operation not permitted)",
-    errno.ENOTDIR: "a path component is not a directory",
-    errno.EEXIST: "a file is in the way of a directory",
-    errno.EISDIR: "a directory is in the way of the file",
-    errno.EIO: "input/output error",
-}
 
 
 @dataclass(frozen=True)
@@ -40,55 +25,6 @@ class StoredFile:
     path: Path
     sha256: str
     size: int
-
-
-def describe_os_error(exc: OSError, path: Path | str) -> str:
-    """A one-line description of ``exc`` naming the problem (disk full, read-only, permission) and path."""
-    problem = _PROBLEMS.get(exc.errno or 0, exc.strerror or str(exc))
-    return f"cannot write {path}: {problem} ({exc.strerror or exc})"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (raises OSError)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` durably and atomically; raise StorageError on any OSError.
-
-    ``sync_dir=False`` leaves the folder's fsync to the caller, who writes several files into one
-    folder and then calls :func:`fsync_dir` once.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    fd = -1
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        if sync_dir:
-            fsync_dir(path.parent)
-    except OSError as exc:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StorageError(describe_os_error(exc, path)) from exc
 
 
 def spool_name(sop_instance_uid: str) -> str:

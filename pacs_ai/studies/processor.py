@@ -28,7 +28,7 @@ import pydicom
 from pacs_ai.errors import ModelError, PacsAiError, ResultFormatError, StorageError
 from pacs_ai.queue.jobstore import JobState
 from pacs_ai.results import JobResult, StudyImage, StudyLeftOut, StudyResult
-from pacs_ai.store.spool import describe_os_error, write_atomic
+from pacs_ai.store.atomic import describe_os_error, write_atomic
 from pacs_ai.studies.report import ImageFinding, StudyFinding, build_study_report
 from pacs_ai.studies.rules import RULES, aggregate
 from pacs_ai.studies.store import StudyStore

@@ -24,10 +24,10 @@ import numpy as np
 import pydicom
 
 from pacs_ai.errors import DicomWriteError, StorageError
-from pacs_ai.explain.overlay import Caption, hottest_region, picture_size, render_result_image
 from pacs_ai.results import ResultFiles, WrittenResults
-from pacs_ai.store.spool import describe_os_error, fsync_dir, write_atomic
+from pacs_ai.store.atomic import describe_os_error, fsync_dir, write_atomic
 from pacs_ai.write.common import ModelInfo
+from pacs_ai.write.overlay import Caption, hottest_region, picture_size, render_result_image
 from pacs_ai.write.secondary_capture import build_secondary_capture
 from pacs_ai.write.structured_report import build_structured_report
 from pacs_ai.write.uids import derive_uid
