@@ -13,7 +13,7 @@ from model_factory import calibration_batch, make_model_folder, model_folder
 
 from pacs_ai.errors import ConfigError, ModelError
 from pacs_ai.infer.architectures import ARCHITECTURES
-from pacs_ai.infer.device import autocast_dtype, configure_threads, select_device
+from pacs_ai.infer.device import autocast_dtype, configure_threads, select_device, thread_count
 from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.model_card import CARD_FILE, load_model_folder
 from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
@@ -136,6 +136,17 @@ def test_device_selection() -> None:
         assert configure_threads(0) >= 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_thread_rule() -> None:
+    """A configured count wins; else the cores of the process's affinity mask less the reserve, at least 1."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert thread_count(3) == 3 and thread_count(3, reserve=1) == 3
+    assert thread_count(0) == thread_count(None) == cores
+    assert thread_count(0, reserve=1) == max(1, cores - 1)
+    assert thread_count(0, reserve=cores + 5) == 1
 
 
 # -- real images -----------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def test_train_map_command_checkpoints_exports_and_resumes_mid_epoch(synthetic: 
     assert pred.heat_scale == "probability" and pred.cam.shape == (128, 128)
 
     # killed right after the first mid-epoch checkpoint, then resumed: the same weights as the whole run
-    real_save = maptrain._save
+    real_save = maptrain.save_checkpoint
 
     def save_then_die(obj: dict, path: Path) -> None:
         real_save(obj, path)
@@ -258,10 +258,10 @@ def test_train_map_command_checkpoints_exports_and_resumes_mid_epoch(synthetic: 
             raise KeyboardInterrupt
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(maptrain, "_save", save_then_die)
+    monkeypatch.setattr(maptrain, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         main(args(cut))
-    monkeypatch.setattr(maptrain, "_save", real_save)
+    monkeypatch.setattr(maptrain, "save_checkpoint", real_save)
     assert torch.load(cut / "last.pt", weights_only=False)["batch_done"] == 1 and not (cut / "epoch-001.pt").exists()
     assert main([*args(cut), "--resume"]) == 0
     a = torch.load(whole / "epoch-001.pt", weights_only=False)["model"]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pacs_ai.errors import StorageError
-from pacs_ai.store.atomic import write_atomic
+from pacs_ai.store.atomic import write_atomic, write_atomic_with
 from pacs_ai.store.spool import Spool, StoredFile
 
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
@@ -70,6 +70,24 @@ def test_write_atomic_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path: Pa
         write_atomic(target, b"data")
     assert (target / "keep").read_text() == "x"
     assert temp_files(tmp_path) == []
+
+
+def test_write_atomic_with_a_path_writer_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    """``write_atomic_with`` (checkpoints, model folders): a failing writer leaves the old file and no temp."""
+    target = tmp_path / "last.pt"
+    write_atomic_with(target, lambda p: p.write_bytes(b"first"))
+    assert target.read_bytes() == b"first" and oct(target.stat().st_mode & 0o777) == "0o644"
+
+    def half_then_fail(p: Path) -> None:
+        p.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic_with(target, half_then_fail)
+    assert target.read_bytes() == b"first"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["last.pt"]
+    with pytest.raises(StorageError, match="cannot write"):
+        write_atomic_with(tmp_path / "missing" / "x.pt", lambda p: p.write_bytes(b"x"))
 
 
 def test_write_atomic_missing_folder(tmp_path: Path) -> None:

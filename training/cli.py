@@ -192,7 +192,8 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         print(f"wrote {args.out}")
         return 0
     if args.command == "train":
-        from training.train import TrainConfig, train
+        from training.train import TrainConfig
+        from training.train import main as train_main
 
         cfg = TrainConfig(
             data=str(args.data), out=str(args.out), arch=args.arch, split=str(args.split) if args.split else None,
@@ -205,7 +206,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
             export_name=args.name, export_version=args.version, export_half=args.half,
             target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit, progress=not args.no_progress,
         )
-        summary = train(cfg, resume=args.resume, log=lambda m: print(m, flush=True))
+        summary = train_main(cfg, resume_run=args.resume, log=lambda m: print(m, flush=True))
         print(json.dumps(summary))
         return 0
     if args.command == "train-map":

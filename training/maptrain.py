@@ -46,7 +46,6 @@ import torch.nn.functional as F
 
 from pacs_ai.explain.fracture_map import cells_to_heat
 from pacs_ai.infer.architectures import FractureMapNet, build_model
-from pacs_ai.infer.device import configure_threads, select_device
 from pacs_ai.infer.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -58,13 +57,18 @@ from pacs_ai.infer.preprocess import (
 from training.augment import AugmentConfig, augment_with_mask
 from training.data import (
     Item,
-    list_dataset,
     load_images,
-    read_split,
-    split_items,
     write_split,
 )
 from training.export import export_model, machine_description
+from training.loop import (
+    dataset_description,
+    load_checkpoint,
+    load_split,
+    save_checkpoint,
+    start_run,
+    write_config,
+)
 from training.metrics import binary_metrics
 from training.pointing import Box, boxes_on_grid, peak_hit, pointing_game, read_boxes
 
@@ -330,24 +334,6 @@ def mine_hard_negatives(model: FractureMapNet, data: TrainData, spec: InputSpec,
 # ----------------------------------------------------------------------------------------------------
 
 
-def _split(cfg: MapTrainConfig) -> dict[str, list[Item]]:
-    if cfg.split:
-        split = read_split(Path(cfg.split))
-    else:
-        split = split_items(list_dataset(Path(cfg.data)), cfg.val_fraction, cfg.seed)
-    for k in ("train", "val"):
-        if not split.get(k):
-            raise ValueError(f"split has no {k!r} items")
-    if cfg.limit:
-        rng = random.Random(cfg.seed)
-        for k in ("train", "val"):
-            pos = [i for i in split[k] if i.label == 1]
-            neg = [i for i in split[k] if i.label == 0]
-            kp = max(1, min(len(pos), cfg.limit // 2))
-            split[k] = rng.sample(pos, kp) + rng.sample(neg, min(len(neg), cfg.limit - kp))
-    return split
-
-
 def monitor_subset(items: list[Item], limit: int | None, seed: int) -> list[Item]:
     """The validation images scored after each epoch: all of them, or (``limit``) every fractured image
     (at most half of ``limit``) plus a fixed random sample of normal ones up to ``limit`` (cheaper monitoring on a busy CPU; the
@@ -363,25 +349,136 @@ def monitor_subset(items: list[Item], limit: int | None, seed: int) -> list[Item
     return [it for it in items if it.file in keep_pos or it.file in keep_neg]
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+@dataclass
+class MapParts:
+    """The fracture-map model and what updates it."""
+
+    model: FractureMapNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclass
+class MapRunState:
+    """Where a run stands; saved in ``last.pt`` (keys unchanged) and restored by :func:`resume_map`."""
+
+    epoch: int = 0
+    """Epochs completed (the 0-based index of the epoch to run)."""
+    batch_done: int = 0
+    """Batches of that epoch already done (a mid-epoch checkpoint)."""
+    best_auc: float = -1.0
+    best_epoch: int = 0
+    elapsed: float = 0.0
+    """Seconds spent by earlier sessions."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    hard: list[tuple[int, float, float]] = field(default_factory=list)
+    session_start: float = field(default_factory=time.time)
+
+    def seconds(self) -> float:
+        """Seconds of training over all sessions so far."""
+        return self.elapsed + (time.time() - self.session_start)
+
+
+def build_map_parts(cfg: MapTrainConfig, device: torch.device) -> MapParts:
+    """A :class:`FractureMapNet` (``pool_r`` set), AdamW and a one-cycle schedule over the whole run."""
+    model = build_model(cfg.arch, 2, head="fracture_map")
+    assert isinstance(model, FractureMapNet)
+    with torch.no_grad():
+        model.pool_r.fill_(cfg.pool_r)
+    model.to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(cfg.crops_per_epoch / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.pct_start, div_factor=25, final_div_factor=1e3
+    )
+    return MapParts(model, opt, sched)
+
+
+def map_checkpoint(parts: MapParts, st: MapRunState, cfg: MapTrainConfig, epoch: int, batch_done: int) -> dict[str, Any]:
+    """The ``last.pt`` dictionary (model, optimizer, scheduler, epoch, batch_done, best_auc, best_epoch,
+    elapsed, history, hard, torch_rng, config)."""
+    return {
+        "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+        "epoch": epoch, "batch_done": batch_done, "best_auc": st.best_auc, "best_epoch": st.best_epoch,
+        "elapsed": st.seconds(), "history": st.history, "hard": st.hard,
+        "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
+    }
+
+
+def resume_map(path: Path, parts: MapParts, device: torch.device) -> MapRunState:
+    """Load ``last.pt`` into ``parts`` and torch's generator; returns the run state to continue from."""
+    ck = load_checkpoint(path, device)
+    parts.model.load_state_dict(ck["model"])
+    parts.optimizer.load_state_dict(ck["optimizer"])
+    parts.scheduler.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["torch_rng"])
+    return MapRunState(
+        epoch=ck["epoch"], batch_done=ck["batch_done"], best_auc=ck["best_auc"], best_epoch=ck["best_epoch"],
+        elapsed=ck["elapsed"], history=ck["history"], hard=[(int(h[0]), float(h[1]), float(h[2])) for h in ck["hard"]],
+    )
+
+
+def map_train_one_epoch(parts: MapParts, cfg: MapTrainConfig, tr: TrainData, st: MapRunState, device: torch.device, out: Path, log: Any) -> dict[str, float]:
+    """Epoch ``st.epoch`` from batch ``st.batch_done``: its crop plan (deterministic for the seed and
+    epoch), one optimizer step per batch, a ``last.pt`` every ``checkpoint_minutes``. Returns the mean
+    losses, ``seen`` crops and ``train_s``."""
+    t_epoch = time.time()
+    model, opt, sched = parts.model, parts.optimizer, parts.scheduler
+    epoch, aug = st.epoch, AugmentConfig(**cfg.augment)
+    plan = plan_epoch(cfg, tr, st.hard, np.random.default_rng([cfg.seed, epoch, 1_000_003]))
+    batches = [plan[s : s + cfg.batch_size] for s in range(0, len(plan), cfg.batch_size)]
+    model.train()
+    sums = {"loss": 0.0, "image_loss": 0.0, "map_loss": 0.0}
+    seen, last_ck, t_log = 0, time.time(), time.time()
+    for b in range(st.batch_done, len(batches)):
+        batch = make_batch(cfg, tr, batches[b], model.stride, np.random.default_rng([cfg.seed, epoch, b]), aug)
+        x = batch["x"].to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, cells = model.forward_map(x)
+        loss, losses = map_loss(logits, cells, batch, cfg.map_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        n = len(batches[b])
+        seen += n
+        sums["loss"] += float(loss.detach()) * n
+        for k, value in losses.items():
+            sums[k] += value * n
+        if time.time() - t_log > 120:
+            t_log = time.time()
+            log(f"  epoch {epoch + 1} batch {b + 1}/{len(batches)} loss {sums['loss'] / seen:.4f} "
+                f"(image {sums['image_loss'] / seen:.4f}, map {sums['map_loss'] / seen:.4f}) "
+                f"{seen / (time.time() - t_epoch):.2f} crops/s lr {sched.get_last_lr()[0]:.2e}")
+        if cfg.checkpoint_minutes and time.time() - last_ck > cfg.checkpoint_minutes * 60 and b + 1 < len(batches):
+            save_checkpoint(map_checkpoint(parts, st, cfg, epoch, b + 1), out / "last.pt")
+            last_ck = time.time()
+    return {**{k: v / max(1, seen) for k, v in sums.items()}, "seen": seen, "train_s": time.time() - t_epoch}
+
+
+def export_best_map(parts: MapParts, cfg: MapTrainConfig, st: MapRunState, tr: TrainData, va: TrainData, z_val: np.ndarray, figures: dict[str, Any], out: Path, log: Any) -> None:
+    """``best.pt`` and the calibrated model folder ``out/model-best`` of the epoch just finished."""
+    model, spec, epoch = parts.model, cfg.spec(), st.epoch
+    save_checkpoint({"model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "validation": st.history[-1]}, out / "best.pt")
+    logits = np.stack([np.zeros_like(z_val), z_val], axis=1)
+    info = map_training_info(cfg, tr, va, epoch, st.history, st.seconds())
+    card = export_model(
+        out / "model-best", model, cfg.arch, spec, logits, va.labels, name=cfg.export_name,
+        version=cfg.export_version, training=info, target_sensitivity=cfg.target_sensitivity,
+        half=cfg.export_half, description=map_description(cfg), n_boot=cfg.n_boot, head="fracture_map",
+        extra_metrics={k: figures[k] for k in ("pointing_game", "pointing_game_ci95", "n_boxed")},
+    )
+    log(f"exported epoch {epoch} to {out / 'model-best'}: AUROC {card.metrics['validation']['auc']:.4f}, "
+        f"pointing game {figures['pointing_game']}, T={card.temperature:.3f}, threshold={card.threshold:.4f}")
 
 
 def train_map(cfg: MapTrainConfig, resume: bool = False, log: Any = print, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a fracture-map training run. Returns a summary (best AUROC and pointing game)."""
     t_start = time.time()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        configure_threads(cfg.threads)
+    out, device = start_run(cfg.out, cfg.threads, cfg.device, cfg.seed)
     cv2.setNumThreads(1)
-    device = select_device(cfg.device, key="--device")
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
 
-    split = _split(cfg)
+    split = load_split(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, cfg.limit)
     if not (out / "split.csv").is_file():
         write_split(out / "split.csv", split)
     boxes_path = Path(cfg.data) / "boxes.csv"
@@ -398,125 +495,59 @@ def train_map(cfg: MapTrainConfig, resume: bool = False, log: Any = print, progr
         f"{cfg.crop}px crops of {cfg.scale}px images; device {device}, {torch.get_num_threads()} threads"
     )
 
-    model = build_model(cfg.arch, 2, head="fracture_map")
-    assert isinstance(model, FractureMapNet)
-    with torch.no_grad():
-        model.pool_r.fill_(cfg.pool_r)
-    model.to(device).to(memory_format=torch.channels_last)
-    stride = model.stride
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(cfg.crops_per_epoch / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.pct_start, div_factor=25, final_div_factor=1e3
-    )
-    aug = AugmentConfig(**cfg.augment)
-
-    epoch, batch_done, best_auc, best_epoch, elapsed = 0, 0, -1.0, 0, 0.0
-    history: list[dict[str, Any]] = []
-    hard: list[tuple[int, float, float]] = []
+    parts = build_map_parts(cfg, device)
+    st = MapRunState()
     if resume and (out / "last.pt").is_file():
-        ck = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        epoch, batch_done = ck["epoch"], ck["batch_done"]
-        best_auc, best_epoch, elapsed = ck["best_auc"], ck["best_epoch"], ck["elapsed"]
-        history, hard = ck["history"], [tuple(h) for h in ck["hard"]]  # type: ignore[misc]
-        torch.set_rng_state(ck["torch_rng"])
-        log(f"resumed from {out / 'last.pt'}: epoch {epoch + 1}, batch {batch_done} (best AUROC {best_auc:.4f} at epoch {best_epoch})")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        st = resume_map(out / "last.pt", parts, device)
+        log(f"resumed from {out / 'last.pt'}: epoch {st.epoch + 1}, batch {st.batch_done} (best AUROC {st.best_auc:.4f} at epoch {st.best_epoch})")
+    write_config(out, cfg)
+    st.session_start = time.time()
 
-    def state(ep: int, done: int) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "epoch": ep, "batch_done": done, "best_auc": best_auc, "best_epoch": best_epoch,
-            "elapsed": elapsed + (time.time() - t_session), "history": history, "hard": hard,
-            "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
-        }
-
-    t_session = time.time()
-    while epoch < cfg.epochs:
+    while st.epoch < cfg.epochs:
         t_epoch = time.time()
-        plan = plan_epoch(cfg, tr, hard, np.random.default_rng([cfg.seed, epoch, 1_000_003]))
-        batches = [plan[s : s + cfg.batch_size] for s in range(0, len(plan), cfg.batch_size)]
-        model.train()
-        sums = {"loss": 0.0, "image_loss": 0.0, "map_loss": 0.0}
-        seen, last_ck, t_log = 0, time.time(), time.time()
-        for b in range(batch_done, len(batches)):
-            batch = make_batch(cfg, tr, batches[b], stride, np.random.default_rng([cfg.seed, epoch, b]), aug)
-            x = batch["x"].to(device).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, cells = model.forward_map(x)
-            loss, parts = map_loss(logits, cells, batch, cfg.map_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            n = len(batches[b])
-            seen += n
-            sums["loss"] += float(loss.detach()) * n
-            for k, v in parts.items():
-                sums[k] += v * n
-            if time.time() - t_log > 120:
-                t_log = time.time()
-                log(f"  epoch {epoch + 1} batch {b + 1}/{len(batches)} loss {sums['loss'] / seen:.4f} "
-                    f"(image {sums['image_loss'] / seen:.4f}, map {sums['map_loss'] / seen:.4f}) "
-                    f"{seen / (time.time() - t_epoch):.2f} crops/s lr {sched.get_last_lr()[0]:.2e}")
-            if cfg.checkpoint_minutes and time.time() - last_ck > cfg.checkpoint_minutes * 60 and b + 1 < len(batches):
-                _save(state(epoch, b + 1), out / "last.pt")
-                last_ck = time.time()
-        train_s = time.time() - t_epoch
+        tr_figures = map_train_one_epoch(parts, cfg, tr, st, device, out, log)
         t_val = time.time()
-        v = validate(model, va, spec, cfg.val_batch, device)
+        v = validate(parts.model, va, spec, cfg.val_batch, device)
         z_val = v.pop("z")
         val_s = time.time() - t_val
-        hard = mine_hard_negatives(model, tr, spec, cfg, np.random.default_rng([cfg.seed, epoch, 2_000_003]), device)
-        improved = v["auc"] > best_auc
+        st.hard = mine_hard_negatives(parts.model, tr, spec, cfg, np.random.default_rng([cfg.seed, st.epoch, 2_000_003]), device)
+        improved = v["auc"] > st.best_auc
         if improved:
-            best_auc, best_epoch = v["auc"], epoch + 1
+            st.best_auc, st.best_epoch = v["auc"], st.epoch + 1
+        seen, train_s = tr_figures["seen"], tr_figures["train_s"]
         rec = {
-            "epoch": epoch + 1,
-            "train_loss": sums["loss"] / max(1, seen),
-            "image_loss": sums["image_loss"] / max(1, seen),
-            "map_loss": sums["map_loss"] / max(1, seen),
+            "epoch": st.epoch + 1,
+            "train_loss": tr_figures["loss"],
+            "image_loss": tr_figures["image_loss"],
+            "map_loss": tr_figures["map_loss"],
             "val_auc": v["auc"],
             "val_pointing_game": v["pointing_game"],
             "val_pointing_game_ci95": v["pointing_game_ci95"],
             "val_sens@0.5": v["sens@0.5"],
             "val_spec@0.5": v["spec@0.5"],
-            "lr": sched.get_last_lr()[0],
+            "lr": parts.scheduler.get_last_lr()[0],
             "crops_per_s": seen / max(train_s, 1e-9),
             "train_s": round(train_s, 1),
             "val_s": round(val_s, 1),
             "seconds": round(time.time() - t_epoch, 1),
         }
-        history.append(rec)
+        st.history.append(rec)
         log(json.dumps(rec))
-        epoch += 1
-        batch_done = 0
-        _save({"model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "validation": rec}, out / f"epoch-{epoch:03d}.pt")
+        st.epoch += 1
+        st.batch_done = 0
+        save_checkpoint({"model": parts.model.state_dict(), "config": asdict(cfg), "epoch": st.epoch, "validation": rec}, out / f"epoch-{st.epoch:03d}.pt")
         if improved:
-            _save({"model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "validation": rec}, out / "best.pt")
-            logits = np.stack([np.zeros_like(z_val), z_val], axis=1)
-            info = map_training_info(cfg, tr, va, epoch, history, elapsed + time.time() - t_session)
-            card = export_model(
-                out / "model-best", model, cfg.arch, spec, logits, va.labels, name=cfg.export_name,
-                version=cfg.export_version, training=info, target_sensitivity=cfg.target_sensitivity,
-                half=cfg.export_half, description=map_description(cfg), n_boot=cfg.n_boot, head="fracture_map",
-                extra_metrics={k: v[k] for k in ("pointing_game", "pointing_game_ci95", "n_boxed")},
-            )
-            log(f"exported epoch {epoch} to {out / 'model-best'}: AUROC {card.metrics['validation']['auc']:.4f}, "
-                f"pointing game {v['pointing_game']}, T={card.temperature:.3f}, threshold={card.threshold:.4f}")
-        _save(state(epoch, 0), out / "last.pt")
-        (out / "history.json").write_text(json.dumps(history, indent=2))
-    return {"best_auc": best_auc, "best_epoch": best_epoch, "epochs_run": len(history), "seconds": time.time() - t_start, "out": str(out)}
+            export_best_map(parts, cfg, st, tr, va, z_val, v, out, log)
+        save_checkpoint(map_checkpoint(parts, st, cfg, st.epoch, 0), out / "last.pt")
+        (out / "history.json").write_text(json.dumps(st.history, indent=2))
+    return {"best_auc": st.best_auc, "best_epoch": st.best_epoch, "epochs_run": len(st.history), "seconds": time.time() - t_start, "out": str(out)}
 
 
 def map_training_info(cfg: MapTrainConfig, tr: TrainData, va: TrainData, epoch: int, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The card's ``training`` object for a fracture-map model."""
     return {
         "data": Path(cfg.data).name,
-        "dataset": "FracAtlas (Abedeen et al., Scientific Data 10, 521, 2023; CC BY 4.0)" if "fracatlas" in str(cfg.data).lower() else str(cfg.data),
+        "dataset": dataset_description(cfg.data),
         "split": f"group-aware (manifest group), label-stratified; val_fraction {cfg.val_fraction}, seed {cfg.seed}" if not cfg.split else f"split file {Path(cfg.split).name}",
         "n_train": len(tr.items),
         "n_train_fractured": int(tr.labels.sum()),

@@ -1,4 +1,7 @@
-"""The training loop (after torchvision's references/classification/train.py, kept plain).
+"""The classifier training loop (``python -m training train``), cut as torchvision's
+references/classification/train.py: :func:`train_one_epoch`, :func:`evaluate`, the checkpoint helpers
+(:func:`checkpoint_state`, :func:`resume`; files written by ``training.loop.save_checkpoint``) and
+:func:`main`.
 
 One epoch = shuffled batches of augmented letterboxed images -> weighted cross-entropy -> AdamW/SGD
 with a per-step schedule (one-cycle or warm-up + cosine). After each epoch: validation AUROC, a
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,13 +27,35 @@ from torch import nn
 
 from pacs_ai.errors import ModelError
 from pacs_ai.infer.architectures import build_model, layer_groups, load_backbone_weights
-from pacs_ai.infer.device import configure_threads, select_device
 from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, normalise
 from training.augment import AugmentConfig, augment_batch
-from training.data import Item, list_dataset, load_images, read_split, split_items
+from training.data import Item, load_images
 from training.export import export_model, machine_description
+from training.loop import (
+    dataset_description,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    start_run,
+    write_config,
+)
+from training.loop import load_split as _load_split
 from training.metrics import binary_metrics, softmax_positive
 from training.predict import predict_letterboxed
+
+__all__ = [
+    "Parts",
+    "RunState",
+    "TrainConfig",
+    "checkpoint_state",
+    "evaluate",
+    "load_split",
+    "main",
+    "resume",
+    "train_one_epoch",
+    "training_info",
+]
 
 
 @dataclass
@@ -77,17 +101,6 @@ class TrainConfig:
         return InputSpec(size=self.size, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe=self.clahe)
 
 
-def _subset(items: list[Item], limit: int | None, seed: int) -> list[Item]:
-    """At most ``limit`` items, keeping both classes (for smoke tests)."""
-    if limit is None or len(items) <= limit:
-        return items
-    rng = random.Random(seed)
-    pos = [i for i in items if i.label == 1]
-    neg = [i for i in items if i.label == 0]
-    k = max(1, min(len(pos), limit // 2))
-    return rng.sample(pos, k) + rng.sample(neg, min(len(neg), limit - k))
-
-
 def resolve_weights(model: nn.Module, arch: str, weights: str) -> str:
     """Apply ``--weights``: ``none`` (random init), ``imagenet`` (torchvision's local cache) or a file."""
     if weights == "none":
@@ -115,16 +128,6 @@ def _set_frozen(model: nn.Module, arch: str, n_groups: int, frozen: bool) -> Non
             p.requires_grad_(not frozen)
         if frozen:
             g.eval()
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _load_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
 
 
 class CosinePlan:
@@ -159,30 +162,166 @@ def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
 
 
 def load_split(cfg: TrainConfig) -> dict[str, list[Item]]:
-    if cfg.split:
-        split = read_split(Path(cfg.split))
+    """The run's train and validation items (``training.loop.load_split``)."""
+    return _load_split(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, cfg.limit)
+
+
+@dataclass
+class Parts:
+    """The model and what updates it (built by :func:`build_parts`)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: CosinePlan | None
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    weights: str
+    """What ``--weights`` loaded (for the card)."""
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in ``last.pt`` and restored by :func:`resume`."""
+
+    next_epoch: int = 0
+    best_auc: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0
+    step: int = 0
+    elapsed: float = 0.0
+    """Seconds of training (all epochs, all sessions): paces the cosine schedule and the budget."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_parts(cfg: TrainConfig, y_tr: np.ndarray, device: torch.device) -> Parts:
+    """Model (``--weights`` applied), optimizer, per-step schedule, AMP scaler and class-weighted loss."""
+    model = build_model(cfg.arch, 2)
+    weights_desc = resolve_weights(model, cfg.arch, cfg.weights)
+    model.to(device).to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters()]
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     else:
-        split = split_items(list_dataset(Path(cfg.data)), cfg.val_fraction, cfg.seed)
-    for k in ("train", "val"):
-        if not split.get(k):
-            raise ValueError(f"split has no {k!r} items")
-    return {"train": _subset(split["train"], cfg.limit, cfg.seed), "val": _subset(split["val"], cfg.limit, cfg.seed + 1)}
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    sched, plan = _schedule(opt, cfg, steps_per_epoch(cfg, len(y_tr)))
+    counts = np.bincount(y_tr, minlength=2).astype(np.float64)
+    class_w = torch.tensor(len(y_tr) / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    loss_fn = nn.CrossEntropyLoss(weight=class_w if cfg.balance == "loss" else None, label_smoothing=cfg.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    return Parts(model, opt, sched, plan, scaler, loss_fn, weights_desc)
 
 
-def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
+def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
+    return max(1, math.ceil(n_train / cfg.batch_size))
+
+
+def epoch_order(cfg: TrainConfig, y_tr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one epoch: a permutation, or (``balance="sampler"``) a class-balanced draw with replacement."""
+    if cfg.balance == "sampler":
+        counts = np.bincount(y_tr, minlength=2).astype(np.float64)
+        w = (1.0 / np.maximum(counts, 1))[y_tr]
+        return rng.choice(len(y_tr), size=len(y_tr), p=w / w.sum())
+    return rng.permutation(len(y_tr))
+
+
+def train_one_epoch(
+    parts: Parts, cfg: TrainConfig, x_tr: np.ndarray, y_tr: np.ndarray, epoch: int, state: RunState,
+    rng: np.random.Generator, device: torch.device,
+) -> dict[str, float]:
+    """One pass over the training images (augmented, normalised as served); steps the schedule per batch
+    and advances ``state.step``. Returns ``{"train_loss", "train_img_s", "seen"}``."""
+    t0 = time.time()
+    spec = cfg.spec()
+    model, opt, sched, scaler = parts.model, parts.optimizer, parts.scheduler, parts.scaler
+    frozen = epoch < cfg.freeze_epochs
+    model.train()
+    _set_frozen(model, cfg.arch, cfg.freeze_groups, frozen)
+    order = epoch_order(cfg, y_tr, rng)
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    total_steps = cfg.epochs * steps_per_epoch(cfg, len(y_tr))
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    aug_cfg = AugmentConfig(**cfg.augment)
+    bar: Any = batches
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}{' (frozen)' if frozen else ''}", unit="batch", mininterval=5.0 if sys.stderr.isatty() else 60.0)
+    run_loss, seen = 0.0, 0
+    for idx in bar:
+        imgs = augment_batch(x_tr[idx], rng, aug_cfg)
+        x = normalise(imgs, spec).to(device).contiguous(memory_format=torch.channels_last)
+        y = torch.as_tensor(y_tr[idx], device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            loss = parts.loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        state.step += 1
+        if parts.plan is not None:
+            parts.plan.progress = max(state.step / total_steps, (state.elapsed + time.time() - t0) / budget_s if budget_s else 0.0)
+        sched.step()
+        run_loss += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        if cfg.progress:
+            bar.set_postfix(loss=f"{run_loss / seen:.4f}", img_s=f"{seen / (time.time() - t0):.1f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+    return {"train_loss": run_loss / max(1, seen), "train_img_s": seen / max(time.time() - t0, 1e-9), "seen": seen}
+
+
+def evaluate(model: nn.Module, x_va: np.ndarray, y_va: np.ndarray, spec: InputSpec, device: torch.device) -> dict[str, Any]:
+    """Validation: logits (N, 2), AUROC, sensitivity and specificity at 0.5, cross-entropy loss."""
+    logits = predict_letterboxed(model, x_va, spec, batch_size=32, device=device)
+    m = binary_metrics(y_va, softmax_positive(logits), 0.5)
+    val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_va)).item())
+    return {"logits": logits, "auc": m["auc"], "sensitivity": m["sensitivity"], "specificity": m["specificity"], "loss": val_loss}
+
+
+def checkpoint_state(parts: Parts, state: RunState, epoch: int, rng: np.random.Generator, cfg: TrainConfig) -> dict[str, Any]:
+    """The ``last.pt`` dictionary after ``epoch`` (keys as always: model, optimizer, scheduler, scaler,
+    epoch, best_auc, best_epoch, stale, step, elapsed, rng, config, history)."""
+    return {
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "epoch": epoch,
+        "best_auc": state.best_auc,
+        "best_epoch": state.best_epoch,
+        "stale": state.stale,
+        "step": state.step,
+        "elapsed": state.elapsed,
+        "rng": rng_state(rng),
+        "config": asdict(cfg),
+        "history": state.history,
+    }
+
+
+def resume(path: Path, parts: Parts, rng: np.random.Generator, device: torch.device) -> RunState:
+    """Load ``last.pt`` into ``parts`` and ``rng``; returns the run state to continue from."""
+    ck = load_checkpoint(path, device)
+    parts.model.load_state_dict(ck["model"])
+    parts.optimizer.load_state_dict(ck["optimizer"])
+    parts.scheduler.load_state_dict(ck["scheduler"])
+    parts.scaler.load_state_dict(ck["scaler"])
+    restore_rng_state(rng, ck["rng"])
+    return RunState(
+        next_epoch=ck["epoch"] + 1, best_auc=ck["best_auc"], best_epoch=ck["best_epoch"], stale=ck["stale"],
+        step=ck.get("step", 0), elapsed=ck.get("elapsed", 0.0), history=ck.get("history", []),
+    )
+
+
+def main(cfg: TrainConfig, resume_run: bool = False, log: Any = print) -> dict[str, Any]:
     """Run (or resume) training. Returns a summary (best AUROC, epochs, seconds, paths)."""
     t_start = time.time()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, device = start_run(cfg.out, cfg.threads, cfg.device, cfg.seed)
     if cfg.threads:
         import cv2
 
-        configure_threads(cfg.threads)
         cv2.setNumThreads(cfg.threads)
-    device = select_device(cfg.device, key="--device")
-    random.seed(cfg.seed)
-    np_rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
 
     spec = cfg.spec()
     split = load_split(cfg)
@@ -194,153 +333,80 @@ def train(cfg: TrainConfig, resume: bool = False, log: Any = print) -> dict[str,
     y_va = np.array([it.label for it in va_items])
     log(f"train {len(y_tr)} images ({int(y_tr.sum())} fractured), val {len(y_va)} ({int(y_va.sum())} fractured), {spec.size}px, device {device}")
 
-    model = build_model(cfg.arch, 2)
-    weights_desc = resolve_weights(model, cfg.arch, cfg.weights)
-    model.to(device).to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters()]
-    if cfg.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-    steps_per_epoch = max(1, math.ceil(len(y_tr) / cfg.batch_size))
-    sched, plan = _schedule(opt, cfg, steps_per_epoch)
-    total_steps = cfg.epochs * steps_per_epoch
+    parts = build_parts(cfg, y_tr, device)
+    state = RunState()
+    if resume_run and (out / "last.pt").is_file():
+        state = resume(out / "last.pt", parts, rng, device)
+        log(f"resumed from {out / 'last.pt'} at epoch {state.next_epoch} (best AUROC {state.best_auc:.4f} at epoch {state.best_epoch + 1})")
+    write_config(out, cfg)
+
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    counts = np.bincount(y_tr, minlength=2).astype(np.float64)
-    class_w = torch.tensor(len(y_tr) / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    loss_fn = nn.CrossEntropyLoss(weight=class_w if cfg.balance == "loss" else None, label_smoothing=cfg.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    aug_cfg = AugmentConfig(**cfg.augment)
-
-    start_epoch, best_auc, best_epoch, stale, step, train_elapsed = 0, -1.0, -1, 0, 0, 0.0
-    history: list[dict[str, Any]] = []
-    if resume and (out / "last.pt").is_file():
-        ck = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, best_auc, best_epoch, stale = ck["epoch"] + 1, ck["best_auc"], ck["best_epoch"], ck["stale"]
-        step, train_elapsed = ck.get("step", 0), ck.get("elapsed", 0.0)
-        history = ck.get("history", [])
-        _load_rng_state(np_rng, ck["rng"])
-        log(f"resumed from {out / 'last.pt'} at epoch {start_epoch} (best AUROC {best_auc:.4f} at epoch {best_epoch + 1})")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
     epoch_seconds: list[float] = []
-    sampler_p = None
-    if cfg.balance == "sampler":
-        w = (1.0 / np.maximum(counts, 1))[y_tr]
-        sampler_p = w / w.sum()
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(state.next_epoch, cfg.epochs):
         t0 = time.time()
-        frozen = epoch < cfg.freeze_epochs
-        model.train()
-        _set_frozen(model, cfg.arch, cfg.freeze_groups, frozen)
-        if sampler_p is not None:
-            order = np_rng.choice(len(y_tr), size=len(y_tr), p=sampler_p)
-        else:
-            order = np_rng.permutation(len(y_tr))
-        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        bar: Any = batches
-        if cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}{' (frozen)' if frozen else ''}", unit="batch", mininterval=5.0 if sys.stderr.isatty() else 60.0)
-        run_loss, seen = 0.0, 0
-        for idx in bar:
-            imgs = augment_batch(x_tr[idx], np_rng, aug_cfg)
-            x = normalise(imgs, spec).to(device).contiguous(memory_format=torch.channels_last)
-            y = torch.as_tensor(y_tr[idx], device=device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            if plan is not None:
-                plan.progress = max(step / total_steps, (train_elapsed + time.time() - t0) / budget_s if budget_s else 0.0)
-            sched.step()
-            run_loss += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            if cfg.progress:
-                bar.set_postfix(loss=f"{run_loss / seen:.4f}", img_s=f"{seen / (time.time() - t0):.1f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
-        train_s = time.time() - t0
-        logits = predict_letterboxed(model, x_va, spec, batch_size=32, device=device)
-        prob = softmax_positive(logits)
-        m = binary_metrics(y_va, prob, 0.5)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_va)).item())
-        improved = m["auc"] > best_auc
+        tr = train_one_epoch(parts, cfg, x_tr, y_tr, epoch, state, rng, device)
+        v = evaluate(parts.model, x_va, y_va, spec, device)
+        improved = v["auc"] > state.best_auc
         if improved:
-            best_auc, best_epoch, stale = m["auc"], epoch, 0
+            state.best_auc, state.best_epoch, state.stale = v["auc"], epoch, 0
         else:
-            stale += 1
+            state.stale += 1
         ep_s = time.time() - t0
-        train_elapsed += ep_s
+        state.elapsed += ep_s
         epoch_seconds.append(ep_s)
         rec = {
             "epoch": epoch + 1,
-            "train_loss": run_loss / max(1, seen),
-            "val_loss": val_loss,
-            "val_auc": m["auc"],
-            "val_sens@0.5": m["sensitivity"],
-            "val_spec@0.5": m["specificity"],
-            "lr": sched.get_last_lr()[0],
-            "train_img_s": seen / max(train_s, 1e-9),
+            "train_loss": tr["train_loss"],
+            "val_loss": v["loss"],
+            "val_auc": v["auc"],
+            "val_sens@0.5": v["sensitivity"],
+            "val_spec@0.5": v["specificity"],
+            "lr": parts.scheduler.get_last_lr()[0],
+            "train_img_s": tr["train_img_s"],
             "seconds": ep_s,
             "elapsed_min": (time.time() - t_start) / 60,
         }
-        history.append(rec)
+        state.history.append(rec)
         log(json.dumps(rec))
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best_auc": best_auc,
-            "best_epoch": best_epoch,
-            "stale": stale,
-            "step": step,
-            "elapsed": train_elapsed,
-            "rng": _rng_state(np_rng),
-            "config": asdict(cfg),
-            "history": history,
-        }
-        torch.save(state, out / "last.tmp")
-        (out / "last.tmp").replace(out / "last.pt")
+        save_checkpoint(checkpoint_state(parts, state, epoch, rng, cfg), out / "last.pt")
         if improved:
-            torch.save({"model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "val_auc": best_auc, "history": history}, out / "best.tmp")
-            (out / "best.tmp").replace(out / "best.pt")
-            np.savez(out / "best_val_logits.npz", logits=logits, y=y_va)
-            if cfg.export_dir:
-                info = training_info(cfg, weights_desc, len(y_tr), len(y_va), int(y_tr.sum()), int(y_va.sum()), epoch + 1, history, time.time() - t_start)
-                card = export_model(
-                    Path(cfg.export_dir), model, cfg.arch, spec, logits, y_va,
-                    name=cfg.export_name, version=cfg.export_version, training=info,
-                    target_sensitivity=cfg.target_sensitivity, half=cfg.export_half,
-                    description=default_description(cfg, weights_desc), n_boot=cfg.n_boot,
-                )
-                v = card.metrics["validation"]
-                log(f"exported epoch {epoch + 1} to {cfg.export_dir}: AUROC {v['auc']:.4f} {v['ci95'].get('auc')}, T={card.temperature:.3f}, threshold={card.threshold:.4f}")
-        (out / "history.json").write_text(json.dumps(history, indent=2))
-        if stale >= cfg.patience:
-            log(f"early stop: no AUROC improvement for {stale} epochs")
+            save_best(parts, cfg, spec, epoch, state, v["logits"], y_va, out, t_start, log, n_train=(len(y_tr), int(y_tr.sum())))
+        (out / "history.json").write_text(json.dumps(state.history, indent=2))
+        if state.stale >= cfg.patience:
+            log(f"early stop: no AUROC improvement for {state.stale} epochs")
             break
-        if budget_s is not None and train_elapsed + 0.8 * max(epoch_seconds) > budget_s:
-            log(f"time budget: {train_elapsed / 60:.1f} min used of {cfg.max_minutes} min; stopping")
+        if budget_s is not None and state.elapsed + 0.8 * max(epoch_seconds) > budget_s:
+            log(f"time budget: {state.elapsed / 60:.1f} min used of {cfg.max_minutes} min; stopping")
             break
-    return {"best_auc": best_auc, "best_epoch": best_epoch + 1, "epochs_run": len(history), "seconds": time.time() - t_start, "out": str(out)}
+    return {"best_auc": state.best_auc, "best_epoch": state.best_epoch + 1, "epochs_run": len(state.history), "seconds": time.time() - t_start, "out": str(out)}
+
+
+def save_best(
+    parts: Parts, cfg: TrainConfig, spec: InputSpec, epoch: int, state: RunState, logits: np.ndarray, y_va: np.ndarray,
+    out: Path, t_start: float, log: Any, n_train: tuple[int, int],
+) -> None:
+    """``best.pt`` (weights, config, epoch, AUROC, history), the validation logits, and the calibrated
+    export to ``cfg.export_dir`` when set."""
+    model = parts.model
+    save_checkpoint({"model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "val_auc": state.best_auc, "history": state.history}, out / "best.pt")
+    np.savez(out / "best_val_logits.npz", logits=logits, y=y_va)
+    if cfg.export_dir:
+        info = training_info(cfg, parts.weights, n_train[0], len(y_va), n_train[1], int(y_va.sum()), epoch + 1, state.history, time.time() - t_start)
+        card = export_model(
+            Path(cfg.export_dir), model, cfg.arch, spec, logits, y_va,
+            name=cfg.export_name, version=cfg.export_version, training=info,
+            target_sensitivity=cfg.target_sensitivity, half=cfg.export_half,
+            description=default_description(cfg, parts.weights), n_boot=cfg.n_boot,
+        )
+        v = card.metrics["validation"]
+        log(f"exported epoch {epoch + 1} to {cfg.export_dir}: AUROC {v['auc']:.4f} {v['ci95'].get('auc')}, T={card.temperature:.3f}, threshold={card.threshold:.4f}")
 
 
 def training_info(cfg: TrainConfig, weights_desc: str, n_tr: int, n_va: int, pos_tr: int, pos_va: int, epoch: int, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The card's ``training`` object."""
     return {
         "data": Path(cfg.data).name,
-        "dataset": "FracAtlas (Abedeen et al., Scientific Data 10, 521, 2023; CC BY 4.0)" if "fracatlas" in str(cfg.data).lower() else str(cfg.data),
+        "dataset": dataset_description(cfg.data),
         "split": f"group-aware, label-stratified; val_fraction {cfg.val_fraction}, seed {cfg.seed}" if not cfg.split else f"split file {Path(cfg.split).name}",
         "n_train": n_tr,
         "n_train_fractured": pos_tr,
