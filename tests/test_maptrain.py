@@ -30,15 +30,7 @@ from pacs_ai.infer.preprocess import Geometry, cam_to_original, prepare, read_gr
 from training.augment import AugmentConfig
 from training.cli import main
 from training.data import list_dataset
-from training.maptrain import (
-    MapTrainConfig,
-    cell_targets,
-    load_data,
-    make_batch,
-    map_loss,
-    plan_epoch,
-    whole_image_pass,
-)
+from training.maptrain import MapTrainConfig, cell_targets, load_data, make_batch, map_loss, plan_epoch, whole_image_pass
 from training.metrics import operating_points, reliability
 from training.pointing import peak_hit, pointing_game, read_boxes, wilson
 

@@ -21,12 +21,7 @@ import pytest
 
 from pacs_ai.errors import DicomWriteError
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
-from pacs_ai.write.overlay import (
-    Caption,
-    hottest_region,
-    normalise_heat,
-    render_result_image,
-)
+from pacs_ai.write.overlay import Caption, hottest_region, normalise_heat, render_result_image
 from pacs_ai.write.results import write_results
 from pacs_ai.write.structured_report import read_finding
 from pacs_ai.write.uids import derive_uid

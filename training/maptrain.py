@@ -46,29 +46,11 @@ import torch.nn.functional as F
 
 from pacs_ai.explain.fracture_map import cells_to_heat
 from pacs_ai.infer.architectures import FractureMapNet, build_model
-from pacs_ai.infer.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Geometry,
-    InputSpec,
-    normalise,
-    read_gray,
-)
+from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, Geometry, InputSpec, normalise, read_gray
 from training.augment import AugmentConfig, augment_with_mask
-from training.data import (
-    Item,
-    load_images,
-    write_split,
-)
+from training.data import Item, load_images, write_split
 from training.export import export_model, machine_description
-from training.loop import (
-    dataset_description,
-    load_checkpoint,
-    load_split,
-    save_checkpoint,
-    start_run,
-    write_config,
-)
+from training.loop import dataset_description, load_checkpoint, load_split, save_checkpoint, start_run, write_config
 from training.metrics import binary_metrics
 from training.pointing import Box, boxes_on_grid, peak_hit, pointing_game, read_boxes
 

@@ -31,15 +31,7 @@ from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, nor
 from training.augment import AugmentConfig, augment_batch
 from training.data import Item, load_images
 from training.export import export_model, machine_description
-from training.loop import (
-    dataset_description,
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-    start_run,
-    write_config,
-)
+from training.loop import dataset_description, load_checkpoint, restore_rng_state, rng_state, save_checkpoint, start_run, write_config
 from training.loop import load_split as _load_split
 from training.metrics import binary_metrics, softmax_positive
 from training.predict import predict_letterboxed

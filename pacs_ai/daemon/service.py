@@ -218,9 +218,7 @@ class Service:
         info = engine.describe()
         self.metrics.set_model_info({k: str(v) for k, v in info.items()})
         log.info("model loaded: %s", info)
-        from pacs_ai.route.build import (
-            build_router,  # imports torch: only where the model runs
-        )
+        from pacs_ai.route.build import build_router  # imports torch: only where the model runs
 
         router = build_router(self.config.routing, engine.cards[0])
         for line in router.describe():
