@@ -19,7 +19,9 @@ this module existed still read::
      "files": {"sc": "/.../sc.dcm", "sr": "/.../sr.dcm", "overlay": "/.../overlay.png",
                "sc_sop_instance_uid": "...", "sr_sop_instance_uid": "...",
                "series_instance_uids": {"sc": "...", "sr": "..."},
-               "roi": [x0, y0, x1, y1]},                          # source pixels, end exclusive, or null
+               "roi": [x0, y0, x1, y1],                           # source pixels, end exclusive, or null
+               "region": [x0, y0, x1, y1]},                       # the SR's region (null: whole image),
+                                                                  # only where it is not the roi
      "routing": {"action": "analyse", "rule": "...", "reason": "..."},   # when a router decided
      "shadow": [{"model_name": "...", "model_version": "...", "architecture": "...",
                  "probability": 0.4, "fractured": false, "threshold": 0.5, "seconds": 0.03}
@@ -95,7 +97,9 @@ class ResultFiles:
 
     ``sc``/``sr``: the Secondary Capture and the Structured Report (DICOM files, delivered in this order);
     ``overlay``: the PNG preview (never delivered); ``roi``: the hottest region ``(x0, y0, x1, y1)`` in source
-    pixels, end exclusive, or None when no fracture is suspected.
+    pixels, end exclusive, or None when no fracture is suspected; ``region``: the region the SR reports
+    (``roi`` when a fracture is suspected, else the heat map's hottest region), None for the whole image
+    (rows written before it existed read it as ``roi``, what their SRs reported).
     """
 
     sc: Path | None = None
@@ -106,6 +110,7 @@ class ResultFiles:
     sc_series_instance_uid: str | None = None
     sr_series_instance_uid: str | None = None
     roi: tuple[int, int, int, int] | None = None
+    region: tuple[int, int, int, int] | None = None
 
     def dicom_files(self) -> dict[str, Path]:
         """The DICOM objects to deliver by key, SC first: ``{"sc": path, "sr": path}`` (those present)."""
@@ -121,6 +126,8 @@ class ResultFiles:
         if series:
             doc["series_instance_uids"] = series
         doc["roi"] = list(self.roi) if self.roi is not None else None
+        if self.region != self.roi:  # written only where it differs (earlier rows, read back, stay the same)
+            doc["region"] = list(self.region) if self.region is not None else None
         return doc
 
     @classmethod
@@ -134,11 +141,17 @@ class ResultFiles:
             return cls(sc=dcm[0] if dcm else None, sr=dcm[1] if len(dcm) > 1 else None)
         m = _mapping(doc, "files")
         series = _mapping(m.get("series_instance_uids") or {}, "files.series_instance_uids")
-        roi = m.get("roi")
-        if roi is not None:
-            if not isinstance(roi, (list, tuple)) or len(roi) != 4:
-                raise ResultFormatError(f"job result field 'files.roi': expected [x0, y0, x1, y1], got {roi!r}")
-            roi = tuple(int(_float(v, "files.roi")) for v in roi)
+
+        def box(key: str) -> tuple[int, ...] | None:
+            value = m.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, (list, tuple)) or len(value) != 4:
+                raise ResultFormatError(f"job result field 'files.{key}': expected [x0, y0, x1, y1], got {value!r}")
+            return tuple(int(_float(v, f"files.{key}")) for v in value)
+
+        roi = box("roi")
+        region = box("region") if "region" in m else roi  # earlier rows: their SR reported the roi
 
         def path(key: str) -> Path | None:
             value = m.get(key)
@@ -153,6 +166,7 @@ class ResultFiles:
             sc_series_instance_uid=_opt_str(series.get("sc"), "files.series_instance_uids.sc"),
             sr_series_instance_uid=_opt_str(series.get("sr"), "files.series_instance_uids.sr"),
             roi=roi,  # type: ignore[arg-type]
+            region=region,  # type: ignore[arg-type]
         )
 
 

@@ -8,6 +8,11 @@ Fixtures (import them in a test module: ``from browser import browser, page  # n
 - ``page``: a fresh context and page with a 1600x1000 viewport whose console errors, page errors
   (uncaught exceptions) and failed requests are collected in ``page.console_log`` (a :class:`ConsoleLog`).
 
+- ``screenshots`` (session scope): the folder screenshots go to: ``PACS_AI_SCREENSHOTS`` when set
+  (relative to the repository root, e.g. ``PACS_AI_SCREENSHOTS=docs/images`` to regenerate the committed
+  pictures), else a folder of the session's pytest temporary directory, so a test run leaves the working
+  tree clean.
+
 Use ``page.console_log.assert_clean()`` at the end of a test to fail on any console error.
 
 Also: :func:`launch_chromium` for scripts (e.g. writing screenshots outside pytest).
@@ -15,6 +20,7 @@ Also: :func:`launch_chromium` for scripts (e.g. writing screenshots outside pyte
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +37,12 @@ __all__ = [
     "browser_unavailable",
     "launch_chromium",
     "page",
+    "screenshots",
 ]
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS_ENV = "PACS_AI_SCREENSHOTS"
+"""Environment variable naming where browser tests write their screenshots (e.g. docs/images)."""
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
 VIEWPORT = {"width": 1600, "height": 1000}
@@ -128,3 +139,15 @@ def page(browser: Any) -> Iterator[Any]:
         yield tab
     finally:
         context.close()
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots are written: ``$PACS_AI_SCREENSHOTS`` (relative to the repository root) when set,
+    else a fresh folder under the session's temporary directory (the working tree stays clean)."""
+    chosen = os.environ.get(SCREENSHOTS_ENV, "").strip()
+    if not chosen:
+        return tmp_path_factory.mktemp("screenshots")
+    folder = Path(chosen) if Path(chosen).is_absolute() else REPO / chosen
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

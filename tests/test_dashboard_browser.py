@@ -11,7 +11,8 @@ dashboard on its metrics port. What a person would do and see, checked in the br
 * after signing in with the admin token, "Retry" on the job (its cause removed) brings it back to
   queued and then done, shown by the page's own refresh; "Retry" on the delivery (the destination
   accepting again) delivers it;
-* a screenshot of the page is written to docs/images/dashboard.png (referenced in the README).
+* a screenshot of the page is written to dashboard.png in the ``screenshots`` folder (tests/browser.py:
+  a temporary folder, or ``PACS_AI_SCREENSHOTS=docs/images`` for the picture in the README).
 
 Run: ``.venv/bin/python -m pytest tests/test_dashboard_browser.py -q`` (needs Debian ``chromium`` and
 the ``playwright`` package; ``make test`` installs both; no browser is downloaded).
@@ -27,8 +28,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from bad_inputs.corpus import build_multiframe
-from browser import browser, page  # noqa: F401
-from conftest import REPO_ROOT, TEST_DATA, copies, free_port
+from browser import browser, page, screenshots  # noqa: F401
+from conftest import TEST_DATA, copies, free_port
 from daemon_harness import Daemon
 from dest_scp import DestSCP
 
@@ -37,7 +38,6 @@ from pacs_ai.config import BUNDLED_MODEL
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 TOKEN = "browser-test-admin-token-42"
-SCREENSHOT = REPO_ROOT / "docs" / "images" / "dashboard.png"
 
 
 def _wait(condition, timeout: float, what: str, poll: float = 0.2) -> None:  # type: ignore[no-untyped-def]
@@ -49,7 +49,7 @@ def _wait(condition, timeout: float, what: str, poll: float = 0.2) -> None:  # t
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_dashboard_in_a_browser(tmp_path: Path, page) -> None:  # noqa: F811
+def test_dashboard_in_a_browser(tmp_path: Path, page, screenshots: Path) -> None:  # noqa: F811
     images = tmp_path / "images"
     good = copies(TEST_DATA / "cr_hip_mono2_small.dcm", images / "hip", 2, new_study=True)
     good += copies(TEST_DATA / "cr_tibia_mono1_small.dcm", images / "tibia", 1, new_study=True)
@@ -120,8 +120,7 @@ def test_dashboard_in_a_browser(tmp_path: Path, page) -> None:  # noqa: F811
             page.click(".sign-in button")
             page.wait_for_selector(".badge-admin")
             assert "Signed in as admin." in page.locator(".flash").inner_text()
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.screenshot(path=str(screenshots / "dashboard.png"), full_page=True)
 
             # 5. Retry the dead job: queued again, then done; the page shows it by its own refresh.
             page.locator(f"#dead-job-{dead_job.id} button", has_text="Retry").click()

@@ -52,6 +52,7 @@ def test_old_done_row_reads_into_the_records() -> None:
         sc_series_instance_uid="2.25.13",
         sr_series_instance_uid="2.25.14",
         roi=(10, 20, 110, 220),
+        region=(10, 20, 110, 220),  # an earlier row: its SR reported the suspected region
     )
     assert dict(r.timings) == {"preprocess": 0.101, "forward": 0.052, "cam": 0.031, "read": 0.01, "fsync": 0.002}
     assert r.routing == RoutingOutcome("analyse", "intended_use", "all criteria hold")
@@ -88,6 +89,17 @@ def test_earlier_file_shapes_read_as_the_one_files_record() -> None:
     assert dict(flat.timings) == {}
 
 
+def test_the_reported_region_is_kept_where_it_is_not_the_roi() -> None:
+    """A negative's SR reports the heat map's hottest region (roi None); a result without a heat map
+    reports the whole image (both None): each reads back as written."""
+    negative = ResultFiles(sc=Path("/r/3/sc.dcm"), roi=None, region=(5, 6, 50, 60))
+    assert negative.to_json() == {"sc": "/r/3/sc.dcm", "roi": None, "region": [5, 6, 50, 60]}
+    assert ResultFiles.from_json(negative.to_json()) == negative
+    whole = ResultFiles(sc=Path("/r/4/sc.dcm"))
+    assert whole.to_json() == {"sc": "/r/4/sc.dcm", "roi": None}
+    assert ResultFiles.from_json(whole.to_json()) == whole
+
+
 @pytest.mark.parametrize(
     "doc, field",
     [
@@ -96,6 +108,7 @@ def test_earlier_file_shapes_read_as_the_one_files_record() -> None:
         ({"probability": 0.5, "fractured": "yes"}, "fractured"),
         ({"files": {"sc": 7}}, "files.sc"),
         ({"files": {"sc": "/a/sc.dcm", "roi": [1, 2]}}, "files.roi"),
+        ({"files": {"sc": "/a/sc.dcm", "region": "whole"}}, "files.region"),
         ({"shadow": {"model_name": "x"}}, "shadow"),
     ],
 )

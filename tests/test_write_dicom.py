@@ -213,7 +213,9 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     import highdicom as hd
 
     ds, prepared = _load(SMALL)
-    out = write_results(ds, prepared, _prediction("resnet50", fractured), tmp_path).files
+    # Three decimals of a percent: the shown Numeric Value is rounded to one, the exact value kept.
+    expected_p = 87.346 if fractured else 6.234
+    out = write_results(ds, prepared, _prediction("resnet50", fractured, expected_p / 100), tmp_path).files
     sr = hd.sr.srread(out.sr)
     tracking_uid = derive_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
     groups = sr.content.get_image_measurement_groups()
@@ -221,19 +223,41 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     assert len(groups) == 1 and len(rois) == 1
     assert groups[0].tracking_uid == rois[0].tracking_uid == tracking_uid
     numbers = {m.name.value: (m.value, m.unit.value) for m in groups[0].get_measurements()}
-    expected_p = 87.3 if fractured else 6.2
-    assert numbers == {"122157": (pytest.approx(expected_p), "%"), "122411": (pytest.approx(42.0), "%")}
+    # highdicom reads the Floating Point Value: the exact probability.
+    assert numbers == {"FX-PROBABILITY": (pytest.approx(expected_p), "%"), "122411": (pytest.approx(42.0), "%")}
+    shown = {m.name.value: m.name.meaning for m in groups[0].get_measurements()}
+    assert shown["FX-PROBABILITY"] == "Fracture probability"
+    # What viewers print (OHIF: the Numeric Value): one decimal.
+    raw = pydicom.dcmread(out.sr)
+    row6 = next(i for i in raw.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    ds_values = {
+        i.ConceptNameCodeSequence[0].CodeValue: str(i.MeasuredValueSequence[0].NumericValue)
+        for group in row6.ContentSequence for i in group.ContentSequence if i.ValueType == "NUM"
+    }
+    assert ds_values == {"FX-PROBABILITY": "87.3" if fractured else "6.2", "122411": "42.0"}
+    declared = {i.CodingSchemeDesignator: i for i in raw.CodingSchemeIdentificationSequence}
+    assert "99PACSAI" in declared, "the local coding scheme is declared"
     assert rois[0].get_measurements() == []
     roi = rois[0].roi
     assert roi is not None and str(roi.GraphicType) == "POLYLINE"
     points = np.asarray(roi.GraphicData, dtype=float).reshape(-1, 2)
     assert len(points) == 5 and (points[0] == points[-1]).all(), "a closed rectangle"
     box = (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
+    # Both report the heat map's hottest region (a negative too: its label then lies beside that region,
+    # on screen in OHIF, not beyond the image's edge); only a positive calls it a suspected fracture.
+    assert out.region is not None and box == pytest.approx(tuple(out.region))
+    x0, y0, x1, y1 = out.region
+    assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows and (x1 - x0) * (y1 - y0) < ds.Columns * ds.Rows
+    g = prepared.geometry  # the synthetic map's maximum, (0.6, 0.4) of the network input, lies inside
+    assert x0 <= (0.6 * g.size - g.pad_left) / g.scale <= x1 and y0 <= (0.4 * g.size - g.pad_top) / g.scale <= y1
+    tracking = rois[0].tracking_identifier
     if fractured:
-        assert out.roi is not None and box == pytest.approx(tuple(out.roi))
+        assert out.roi == out.region
         assert groups[0].finding_type.value == rois[0].finding_type.value == "72704001"
+        assert tracking == "AI fracture: suspected region"
     else:
-        assert out.roi is None and box == (0, 0, ds.Columns, ds.Rows), "the whole image"
+        assert out.roi is None and groups[0].finding_type is None and rois[0].finding_type is None
+        assert tracking == "AI fracture: strongest evidence, not suspected"
     evaluation = rois[0].get_qualitative_evaluations()[0]
     assert evaluation.value.value == ("52101004" if fractured else "2667000")
 
@@ -244,12 +268,13 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     assert qualitative.ConceptNameCodeSequence[0].CodeValue == "72704001"
     assert qualitative.ConceptCodeSequence[0].CodeValue == ("52101004" if fractured else "2667000")
     derived = {i.ConceptNameCodeSequence[0].CodeValue: i.MeasuredValueSequence[0] for i in top["126011"].ContentSequence}
-    assert float(derived["122157"].NumericValue) == pytest.approx(expected_p)
+    assert float(derived["122157"].NumericValue) == pytest.approx(expected_p), "row 10: the exact value"
     assert derived["122157"].MeasurementUnitsCodeSequence[0].CodeValue == "%"
     assert raw.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     finding = read_finding(raw)
     assert finding.fractured is fractured and finding.probability == pytest.approx(expected_p / 100)
     assert finding.roi == (pytest.approx(tuple(out.roi)) if fractured else None)
+    assert finding.region == pytest.approx(tuple(out.region))
 
 
 @pytest.mark.skipif(not (SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm").is_file(), reason="shared data absent")
@@ -327,9 +352,9 @@ def test_all_zero_heat_map_gives_no_roi_and_no_tint(tmp_path: Path) -> None:
     prediction = Prediction(**{**{f: getattr(prediction, f) for f in prediction.__dataclass_fields__},
                                "cam": np.zeros((224, 224), np.float32)})
     out = write_results(ds, prepared, prediction, tmp_path).files
-    assert out.roi is None
+    assert out.roi is None and out.region is None
     finding = read_finding(pydicom.dcmread(out.sr))
-    assert finding.fractured is True and finding.roi is None
+    assert finding.fractured is True and finding.roi is None and finding.region is None, "the whole image"
     rgb = pydicom.dcmread(out.sc).pixel_array
     middle = rgb[rgb.shape[0] // 2, :].astype(int)
     assert (middle[:, 0] == middle[:, 1]).all() and (middle[:, 1] == middle[:, 2]).all()

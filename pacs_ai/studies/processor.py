@@ -148,7 +148,8 @@ class StudyProcessor:
             except Exception as exc:  # noqa: BLE001 - e.g. purged spool file
                 left_out.append(StudyLeftOut(job.id, job.sop_instance_uid, "unreadable", str(exc)))
                 continue
-            roi = job_result.files.roi if job_result is not None and job_result.files is not None else None
+            # the region the image's own SR reports (the whole image when None)
+            roi = job_result.files.region if job_result is not None and job_result.files is not None else None
             findings.append(
                 ImageFinding(
                     header,

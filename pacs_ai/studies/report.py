@@ -6,8 +6,8 @@ same helpers, for several images:
 - language, observation context (the device observer "pacs-ai"), procedure reported, an image library
   entry per analysed image;
 - row 6, *Imaging Measurements*: for every analysed image, in the order received, its finding as in its
-  own SR (``image_finding_groups``): a region group (the suspected region, else the whole image) and a
-  TID 1501 group with its Probability and Threshold Value in percent, linked by the same tracking UID as
+  own SR (``image_finding_groups``): a region group (the heat map's hottest region, suspected or not,
+  else the whole image) and a TID 1501 group with its Fracture probability and Threshold Value in percent, linked by the same tracking UID as
   the image's own SR, and referencing the image;
 - row 10, *Derived Imaging Measurements*: the study Probability (the rule applied to the images'
   probabilities) and the study Threshold Value, in percent, each referencing every analysed image, with
@@ -43,12 +43,14 @@ from pacs_ai.write.common import (
 from pacs_ai.write.structured_report import (
     ABSENT,
     FRACTURE,
+    FRACTURE_PROBABILITY,
     PERCENT,
     PRESENT,
     PROBABILITY,
     THRESHOLD,
     _library_entry,
     _measurement_report,
+    coding_scheme_identification,
     image_finding_groups,
 )
 from pacs_ai.write.uids import derive_uid
@@ -169,6 +171,7 @@ def build_study_report(
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the study Structured Report: {exc}") from exc
     copy_patient_study(images[0].source, sr, what="study Structured Report")  # headers[] have them blanked
+    sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]  # the groups' local code
     sr.SeriesDate = sr.ContentDate  # viewers list series by it (as the image SR)
     sr.SeriesTime = sr.ContentTime
     return sr
@@ -191,7 +194,7 @@ def _code(item: Any, attr: str) -> tuple[str, str] | None:
 
 def _percent(item: Any) -> float:
     measured = item.MeasuredValueSequence[0]
-    value = float(measured.NumericValue)
+    value = float(measured.get("FloatingPointValue", measured.NumericValue))  # exact value, else the DS
     unit = _code(measured, "MeasurementUnitsCodeSequence")
     return value / 100.0 if unit == (PERCENT.value, PERCENT.scheme_designator) else value
 
@@ -232,7 +235,10 @@ def read_study_report(sr: pydicom.Dataset) -> list[GroupFinding]:
                         tracking = str(item.TextValue)
                     elif vt == "CODE" and concept == (FRACTURE.value, FRACTURE.scheme_designator):
                         entry["fractured"] = _code(item, "ConceptCodeSequence") == (PRESENT.value, PRESENT.scheme_designator)
-                    elif vt == "NUM" and concept == (PROBABILITY.value, PROBABILITY.scheme_designator):
+                    elif vt == "NUM" and concept in (
+                        (PROBABILITY.value, PROBABILITY.scheme_designator),
+                        (FRACTURE_PROBABILITY.value, FRACTURE_PROBABILITY.scheme_designator),
+                    ):
                         entry["probability"] = _percent(item)
                     elif vt == "IMAGE":
                         entry["source"] = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)

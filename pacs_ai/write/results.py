@@ -87,9 +87,10 @@ def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folde
     """Build and save the results of one classification; returns where they are and their UIDs.
 
     Returns ``WrittenResults``: ``files`` (``sc``, ``sr``, ``overlay`` paths, the SC's and SR's SOP and
-    Series Instance UIDs, and ``roi``: ``(x0, y0, x1, y1)`` in source pixel coordinates, end exclusive, or
-    None when no fracture is suspected) and ``timings`` (seconds per step: roi, sr_build, overlay, png,
-    picture_wait, sc_encode, fsync).
+    Series Instance UIDs, ``roi``: ``(x0, y0, x1, y1)`` in source pixel coordinates, end exclusive, or
+    None when no fracture is suspected, and ``region``: the region the SR reports, ``roi`` when a fracture
+    is suspected, else the heat map's hottest region, None (the whole image) when there is no heat map)
+    and ``timings`` (seconds per step: roi, sr_build, overlay, png, picture_wait, sc_encode, fsync).
     Raises DicomWriteError (the objects cannot be built) or StorageError (they cannot be written).
     """
     folder = Path(folder)
@@ -152,11 +153,13 @@ def _build_and_write(
     timings: dict[str, float] = {}
     fractured = bool(prediction.fractured)
     t = time.perf_counter()
-    roi = None
-    if fractured:  # the ROI goes into the SR in source pixels: found on the heat map at the original size
-        heat = _heat_on_original(prepared, prediction)
-        roi = hottest_region(heat, ROI_REL_THRESHOLD) if heat is not None else None
-        del heat
+    # The region goes into the SR in source pixels: found on the heat map at the original size. It is the
+    # suspected region when a fracture is suspected (also boxed on the SC), else the strongest
+    # sub-threshold evidence (SR only: a box on a negative SC would read as a finding).
+    heat = _heat_on_original(prepared, prediction)
+    region = hottest_region(heat, ROI_REL_THRESHOLD) if heat is not None else None
+    del heat
+    roi = region if fractured else None
     timings["roi"] = time.perf_counter() - t
     # The picture (overlay + PNG) is rendered on another core while this thread builds the SR.
     picture = _PICTURES.submit(
@@ -171,7 +174,7 @@ def _build_and_write(
             probability=probability,
             threshold=threshold,
             fractured=fractured,
-            roi=roi,
+            roi=region,
             series_instance_uid=uids["sr-series"],
             sop_instance_uid=uids["sr"],
         )
@@ -210,5 +213,6 @@ def _build_and_write(
         sc_series_instance_uid=uids["sc-series"],
         sr_series_instance_uid=uids["sr-series"],
         roi=(int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3])) if roi is not None else None,
+        region=(int(region[0]), int(region[1]), int(region[2]), int(region[3])) if region is not None else None,
     )
     return WrittenResults(files, timings)

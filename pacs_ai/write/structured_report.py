@@ -10,11 +10,16 @@ Content tree (under the "Imaging Measurement Report" root, PS3.16 TID 1500):
   - a *Planar ROI Measurements and Qualitative Evaluations* group (TID 1410): tracking identifier, the
     region as a closed POLYLINE (DCM 111030 "Image Region") on the source image, the algorithm (TID
     4019, threshold as parameter), Fracture = Present / Absent; finding type Fracture when suspected.
-    The region is the heat map's hottest region (bounding box) when a fracture is suspected and one was
-    found (tracking identifier ``REGION_TRACKING``), else the whole image, the region the classifier
+    The region is the heat map's hottest region (bounding box): the suspected region when a fracture is
+    suspected (tracking identifier ``REGION_TRACKING``, finding type Fracture), the region of the
+    strongest (sub-threshold) evidence when it is not (``HEAT_PEAK_TRACKING``, Fracture = Absent, no
+    finding type); without a heat map (no localisation) it is the whole image, the region the classifier
     evaluated (``IMAGE_TRACKING``);
-  - a *Measurements and Qualitative Evaluations* group (TID 1501) with the source image: Probability
-    (DCM 122157) = calibrated P(fracture) and Threshold Value (DCM 122411), both in percent (UCUM ``%``);
+  - a *Measurements and Qualitative Evaluations* group (TID 1501) with the source image: *Fracture
+    probability* (``FRACTURE_PROBABILITY``, a local code: TID 300 measurement names are extensible) =
+    calibrated P(fracture) and Threshold Value (DCM 122411), both in percent (UCUM ``%``); the Numeric
+    Value (DS, what viewers print) is rounded to one decimal, the exact value is the Floating Point Value
+    (FD) of the same NUM (PS3.3 C.18.1: FD carries the value when the DS has too little precision);
 - row 10, *Derived Imaging Measurements* (DCM 126011): Probability and Threshold Value of the whole
   image (TID 300, in percent, inferred from the source image, with the algorithm);
 - row 12, *Qualitative Evaluations* (UMLS C0034375): the image-level finding, Fracture (SCT 72704001) =
@@ -24,12 +29,24 @@ Why this shape (issue 15): OHIF v3 (3.13) reads spatial coordinates for every me
 the *Imaging Measurements* groups (grouped by tracking UID) and fails on one without a region; it also
 fails on a report with no measurement at all. So every report carries one region, and the numbers sit
 in a TID 1501 group that shares the region's tracking UID (the standard's way of saying "same
-finding"), which OHIF merges with the region: it draws the region labelled "Probability: 87.30 %" (percent,
-not a bare UCUM "1"). The region group holds no NUM because TID 1419 does not let its measurements
+finding"), which OHIF merges with the region. Before the user tracks the report, OHIF labels the region
+with one line per NUM of the merged groups, ``"<concept name meaning>: <value>.toFixed(2) <unit code>"``
+(extension cornerstone-dicom-sr, ``_getLabelFromMeasuredValueSequence``), and with nothing else of the
+groups (the finding type, the qualitative evaluation and the tracking identifier only show after
+tracking). Hence the concept name "Fracture probability": OHIF prints "Fracture probability: 86.40 %"
+and "Threshold Value: 42.00 %" (two decimals are OHIF's format; the DS it formats is rounded to one).
+OHIF puts that label right of the region, vertically centred, without keeping it on screen
+(``getTextBoxCoordsCanvas`` is called without the element): a whole-image region has its label beyond
+the image's right edge, off screen when the image fills the viewport's width (landscape) and clipped
+at 1600x1000 even for a square image. So a negative report names the heat map's hottest region too
+(Fracture = Absent there, as on the whole image; the SC shows the same hot spot), and the whole image
+is left for a result without a heat map. The region group holds no NUM because TID 1419 does not let its measurements
 point at coordinates, and OHIF takes a group's first NUM as the geometry when the user tracks the
 report; without one it takes the region (111030 POLYLINE, 5 points: a rectangle annotation). The
 report-level rows 10 and 12 hold the image-level result for readers that do not look into groups.
-dciodvfy reports no error or warning on either shape.
+dciodvfy reports no error on either shape; its only warnings are that it does not know the local coding
+scheme ``99PACSAI`` (PS3.16 8.2 lets 99-prefixed private schemes be used; the SR declares it in its
+Coding Scheme Identification Sequence).
 
 ``read_finding`` reads such a report back (also the earlier layout: one image-level TID 1501 group with
 unit "1"); used by tests and the end-to-end check.
@@ -63,14 +80,20 @@ from pacs_ai.write.uids import derive_uid
 __all__ = [
     "ABSENT",
     "FRACTURE",
+    "FRACTURE_PROBABILITY",
+    "HEAT_PEAK_TRACKING",
+    "IMAGE_TRACKING",
+    "LOCAL_SCHEME",
     "PERCENT",
     "PRESENT",
     "PROBABILITY",
+    "REGION_TRACKING",
     "SERIES_DESCRIPTION",
     "SERIES_TITLE",
     "THRESHOLD",
     "SrFinding",
     "build_structured_report",
+    "coding_scheme_identification",
     "image_finding_groups",
     "read_finding",
 ]
@@ -93,6 +116,14 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 IMAGING_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")
 REGION_TRACKING = "AI fracture: suspected region"
 """Tracking identifier of a region where a fracture is suspected (the heat map's hottest region)."""
+HEAT_PEAK_TRACKING = "AI fracture: strongest evidence, not suspected"
+"""Tracking identifier of the heat map's hottest region when no fracture is suspected."""
+LOCAL_SCHEME = "99PACSAI"
+"""pacs-ai's local coding scheme (PS3.16 8.2: private schemes start with 99), declared in the SR's
+Coding Scheme Identification Sequence."""
+FRACTURE_PROBABILITY = Code("FX-PROBABILITY", LOCAL_SCHEME, "Fracture probability")
+"""The calibrated P(fracture) of a finding, in the TID 1501 group (a TID 300 measurement name; the
+report-level row 10 keeps DCM 122157 Probability)."""
 IMAGE_TRACKING = "AI fracture classification: whole image"
 """Tracking identifier when the region reported is the whole image (no fracture, or not localised)."""
 
@@ -176,6 +207,25 @@ def _measurement_report(
     return _container(IMAGING_MEASUREMENT_REPORT, items, template_id="1500")
 
 
+def _shown_measurement(name: Code, percent: float) -> hd.sr.Measurement:
+    """A NUM in percent whose Numeric Value (DS, what viewers print) is rounded to one decimal; the exact
+    value stays in its Floating Point Value (FD, PS3.3 C.18.1), which highdicom and ``read_finding`` read."""
+    measurement = hd.sr.Measurement(name=name, value=float(percent), unit=PERCENT)
+    measured = measurement[0].MeasuredValueSequence[0]
+    measured.NumericValue = pydicom.valuerep.DSfloat(f"{float(percent):.1f}")
+    measured.FloatingPointValue = float(percent)
+    return measurement
+
+
+def coding_scheme_identification() -> pydicom.Dataset:
+    """The Coding Scheme Identification Sequence item declaring ``LOCAL_SCHEME`` (SOP Common Module)."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = LOCAL_SCHEME
+    item.CodingSchemeName = "pacs-ai local codes"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
+
+
 def image_finding_groups(
     header: pydicom.Dataset,
     model: ModelInfo,
@@ -188,16 +238,19 @@ def image_finding_groups(
 ) -> list[Any]:
     """The two row-6 groups of one image's finding, linked by one tracking UID (module docstring).
 
-    ``header``: the source image as returned by ``source_header``. Used by the image SR and, once per
-    image, by the study SR (``pacs_ai.studies.report``).
+    ``header``: the source image as returned by ``source_header``. ``roi`` (x0, y0, x1, y1, source
+    pixels, end exclusive): the heat map's hottest region, the suspected region when ``fractured``, else
+    the region of the strongest sub-threshold evidence; None: the whole image. Used by the image SR and,
+    once per image, by the study SR (``pacs_ai.studies.report``); an SR using them declares
+    ``LOCAL_SCHEME`` (``coding_scheme_identification``).
     """
     src_uid = str(header.SOPInstanceUID)
     finding = PRESENT if fractured else ABSENT
     # OHIF 3.13 opens a TID 1500 report only when it holds at least one region (it fails on a group
-    # without one, and on a report without groups): without a suspected region, the region the
+    # without one, and on a report without groups): without a heat-map region, the region the
     # classifier evaluated, the whole image, is reported.
     whole_image = (0, 0, int(header.Columns), int(header.Rows))
-    region_box = roi if (fractured and roi is not None) else whole_image
+    region_box = tuple(roi) if roi is not None else whole_image
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=_roi_polyline(region_box),
@@ -208,10 +261,11 @@ def image_finding_groups(
     # One finding, two groups linked by the tracking UID: the region (TID 1410, no measurements:
     # TID 1419 allows none inferred from elsewhere, and OHIF takes a group's first NUM as the
     # geometry when the user tracks it) and the probability and threshold of that finding (TID 1501).
-    tracking = hd.sr.TrackingIdentifier(
-        uid=derive_uid(src_uid, model.version, "tracking"),
-        identifier=IMAGE_TRACKING if region_box is whole_image else REGION_TRACKING,
-    )
+    if roi is None:
+        identifier = IMAGE_TRACKING
+    else:
+        identifier = REGION_TRACKING if fractured else HEAT_PEAK_TRACKING
+    tracking = hd.sr.TrackingIdentifier(uid=derive_uid(src_uid, model.version, "tracking"), identifier=identifier)
     finding_type = FRACTURE if fractured else None
     regions: list[Any] = [
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -226,8 +280,8 @@ def image_finding_groups(
             finding_type=finding_type,
             algorithm_id=algorithm,
             measurements=[
-                hd.sr.Measurement(name=name, value=100.0 * float(value), unit=PERCENT)
-                for name, value in ((PROBABILITY, probability), (THRESHOLD, threshold))
+                _shown_measurement(FRACTURE_PROBABILITY, 100.0 * float(probability)),
+                _shown_measurement(THRESHOLD, 100.0 * float(threshold)),
             ],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
         ),
@@ -251,8 +305,9 @@ def build_structured_report(
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR of one classification of ``source`` (layout in the module docstring).
 
-    ``roi`` (x0, y0, x1, y1 in source pixels, end exclusive) is the reported region when ``fractured``;
-    otherwise, or when it is None, the region reported is the whole image.
+    ``roi`` (x0, y0, x1, y1 in source pixels, end exclusive) is the heat map's hottest region: the
+    suspected region when ``fractured``, the strongest sub-threshold evidence otherwise; when it is None
+    the region reported is the whole image.
 
     Tracking UIDs are derived from the source SOP Instance UID and the model version (deterministic).
     Raises DicomWriteError when highdicom refuses the inputs.
@@ -313,6 +368,7 @@ def build_structured_report(
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the Structured Report: {exc}") from exc
     copy_patient_study(source, sr, what="Structured Report")
+    sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     # Series Date/Time (Type 3): the report's creation time; viewers list series by it (Orthanc Explorer
     # files a series without one under "?").
     sr.SeriesDate = sr.ContentDate
@@ -330,7 +386,10 @@ class SrFinding:
     algorithm_name: str | None
     algorithm_version: str | None
     roi: tuple[float, float, float, float] | None
+    """The suspected region (None: no fracture suspected, or not localised)."""
     source_sop_instance_uid: str | None
+    region: tuple[float, float, float, float] | None = None
+    """The region reported, suspected or not (None: the whole image)."""
 
 
 _TRACKING_IDENTIFIER = ("112039", "DCM")
@@ -357,16 +416,19 @@ def _code_of(item: Any, attr: str) -> tuple[str, str] | None:
 def read_finding(sr: pydicom.Dataset) -> SrFinding:
     """Read the finding back from an SR (a plain pydicom dataset is enough: no highdicom parsing needed).
 
-    Probability and threshold come back as fractions (0-1) whether written in percent or with unit "1";
-    ``roi`` is the suspected region (None when the only region reported is the whole image).
+    Probability (DCM 122157 or ``FRACTURE_PROBABILITY``, the first found) and threshold come back as
+    fractions (0-1) whether written in percent or with unit "1", from a NUM's Floating Point Value when it
+    has one (else its Numeric Value); ``roi`` is the suspected region (None when none is reported),
+    ``region`` the region reported (None when it is the whole image).
     Raises ValueError when the SR holds no Fracture evaluation or no Probability measurement.
     """
     fractured: bool | None = None
     probability: float | None = None
     threshold: float | None = None
     name = version = None
-    roi = None
+    roi = region = None
     source_uid = None
+    probability_codes = {(c.value, c.scheme_designator) for c in (PROBABILITY, FRACTURE_PROBABILITY)}
     for item, tracking in _walk(sr.get("ContentSequence")):
         concept = _code_of(item, "ConceptNameCodeSequence")
         vt = item.get("ValueType")
@@ -374,10 +436,10 @@ def read_finding(sr: pydicom.Dataset) -> SrFinding:
             fractured = _code_of(item, "ConceptCodeSequence") == (PRESENT.value, PRESENT.scheme_designator)
         elif vt == "NUM" and concept is not None:
             measured = item.MeasuredValueSequence[0]
-            value = float(measured.NumericValue)
+            value = float(measured.get("FloatingPointValue", measured.NumericValue))
             if _code_of(measured, "MeasurementUnitsCodeSequence") == (PERCENT.value, PERCENT.scheme_designator):
                 value /= 100.0
-            if concept == (PROBABILITY.value, PROBABILITY.scheme_designator) and probability is None:
+            if concept in probability_codes and probability is None:
                 probability = value
             elif concept == (THRESHOLD.value, THRESHOLD.scheme_designator) and threshold is None:
                 threshold = value
@@ -385,11 +447,12 @@ def read_finding(sr: pydicom.Dataset) -> SrFinding:
             name = name or str(item.TextValue)
         elif vt == "TEXT" and concept == ("111003", "DCM"):
             version = version or str(item.TextValue)
-        elif vt == "SCOORD" and roi is None and tracking != IMAGE_TRACKING:
+        elif vt == "SCOORD" and region is None and tracking != IMAGE_TRACKING:
             pts = np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)
-            roi = (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max()))
+            region = (float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max()))
+            roi = None if tracking == HEAT_PEAK_TRACKING else region
         elif vt == "IMAGE" and source_uid is None:
             source_uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
     if fractured is None or probability is None:
         raise ValueError("not a pacs-ai fracture report: no Fracture evaluation or Probability measurement")
-    return SrFinding(fractured, probability, threshold, name, version, roi, source_uid)
+    return SrFinding(fractured, probability, threshold, name, version, roi, source_uid, region)
