@@ -47,7 +47,7 @@ SERVER = textwrap.dedent(
 
     logging.basicConfig(level=logging.WARNING)
     data, port = Path(sys.argv[1]), int(sys.argv[2])
-    jobs = JobStore(f"sqlite:///{data / 'pacs-ai.db'}")
+    jobs = JobStore(f"sqlite:///{data / 'pacs-ai.db'}", upgrade=True)
     listener = Listener(ListenerConfig(port=port, max_pdu_size=0), Spool(data / "spool"), jobs)
     listener.start()
     print("READY", flush=True)
@@ -132,7 +132,7 @@ def job_counts(database: Path) -> dict[str, int]:
     """Jobs per state in the SQLite job store at ``database``."""
     from pacs_ai.queue.jobstore import JobStore
 
-    jobs = JobStore(f"sqlite:///{database}")
+    jobs = JobStore(f"sqlite:///{database}", upgrade=True)
     try:
         return jobs.counts()
     finally:

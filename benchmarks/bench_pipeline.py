@@ -95,7 +95,7 @@ def pipeline(engine, folder: Path, files: list[Path], work: Path, batch: int) ->
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    jobs = JobStore(f"sqlite:///{work / 'pacs-ai.db'}")
+    jobs = JobStore(f"sqlite:///{work / 'pacs-ai.db'}", upgrade=True)
     spool = Spool(work / "spool")
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)

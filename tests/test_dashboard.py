@@ -91,7 +91,7 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A store with one positive and one negative done job (with overlays), a dead job whose reason
     names the patient and its UID, and a dead delivery."""
     config = _config(tmp_path)
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", upgrade=True)
     files = _spool(tmp_path, 4)
     ids = [_enqueue(store, p, ds) for p, ds in files]
     claimed = store.claim(OWNER, limit=4)

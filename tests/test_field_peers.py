@@ -151,7 +151,7 @@ def test_peer_without_the_sr_class_gets_an_sr_it_accepts(
 
 
 def _store_with_job(tmp_path: Path, r: dict[str, Any], destinations: list[str]) -> tuple[JobStore, int]:
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", delivery_policy=RetryPolicy(max_attempts=3, backoff_base_s=0.0, backoff_max_s=0.0))
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", delivery_policy=RetryPolicy(max_attempts=3, backoff_base_s=0.0, backoff_max_s=0.0), upgrade=True)
     outcome = store.enqueue(
         sop_instance_uid=pydicom.uid.generate_uid(), study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_aet="MODALITY", spool_path=str(tmp_path / "x.dcm"),
@@ -240,7 +240,7 @@ def test_migration_adds_per_object_state_to_an_older_database(tmp_path: Path) ->
             "VALUES (1, 'pacs', 'dead', 5, '2026-01-01', '2026-01-01', 'refused')"
         ))
     engine.dispose()
-    store = JobStore(url)
+    store = JobStore(url, upgrade=True)
     assert store.schema_version == migrations.LATEST_VERSION
     [delivery] = store.list_deliveries()
     assert delivery.objects is None and delivery.delivered_objects() == set()

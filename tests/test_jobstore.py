@@ -41,7 +41,7 @@ def db_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(db_url: str, clock: Clock):  # type: ignore[no-untyped-def]
-    s = JobStore(db_url, RetryPolicy(3, 10.0, 25.0), RetryPolicy(2, 5.0, 60.0), clock=clock)
+    s = JobStore(db_url, RetryPolicy(3, 10.0, 25.0), RetryPolicy(2, 5.0, 60.0), clock=clock, upgrade=True)
     yield s
     s.close()
 
@@ -96,8 +96,8 @@ def test_get_and_find(store: JobStore) -> None:
 
 
 def test_claim_is_atomic_across_threads(db_url: str) -> None:
-    JobStore(db_url).close()
-    setup = JobStore(db_url)
+    JobStore(db_url, upgrade=True).close()
+    setup = JobStore(db_url, upgrade=True)
     for n in range(150):
         enqueue(setup, n)
     claimed: list[int] = []
@@ -105,7 +105,7 @@ def test_claim_is_atomic_across_threads(db_url: str) -> None:
     errors: list[BaseException] = []
 
     def worker(name: str) -> None:
-        store = JobStore(db_url)  # own engine and connections, like a separate process
+        store = JobStore(db_url)  # own engine and connections, like a separate process (no upgrade)
         try:
             while True:
                 jobs = store.claim(name, limit=3)
@@ -305,12 +305,12 @@ def test_listing_counts_and_oldest(store: JobStore, clock: Clock) -> None:
 
 
 def test_migrations_idempotent_on_reopen(db_url: str) -> None:
-    store = JobStore(db_url)
+    store = JobStore(db_url, upgrade=True)
     assert store.schema_version == migrations.LATEST_VERSION
     enqueue(store, 1)
     store.close()
     for _ in range(2):
-        store = JobStore(db_url)
+        store = JobStore(db_url, upgrade=True)
         assert store.find_by_sop_uid("1.2.3.1") is not None
         store.close()
     engine = sa.create_engine(db_url)
@@ -323,7 +323,7 @@ def test_migrations_idempotent_on_reopen(db_url: str) -> None:
 
 
 def test_newer_schema_is_refused(db_url: str) -> None:
-    JobStore(db_url).close()
+    JobStore(db_url, upgrade=True).close()
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
         conn.execute(
@@ -331,11 +331,11 @@ def test_newer_schema_is_refused(db_url: str) -> None:
         )
     engine.dispose()
     with pytest.raises(JobStoreError, match="newer"):
-        JobStore(db_url)
+        JobStore(db_url, upgrade=True)
 
 
 def test_locked_database_raises_job_store_error(db_url: str) -> None:
-    store = JobStore(db_url, busy_timeout_s=0.2)
+    store = JobStore(db_url, busy_timeout_s=0.2, upgrade=True)
     holder = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
@@ -350,7 +350,7 @@ def test_locked_database_raises_job_store_error(db_url: str) -> None:
 
 def test_unusable_database_url() -> None:
     with pytest.raises(JobStoreError):
-        JobStore("nosuchdialect://x")
+        JobStore("nosuchdialect://x", upgrade=True)
 
 
 def test_postgresql_claim_uses_skip_locked(store: JobStore) -> None:
@@ -384,7 +384,7 @@ def test_jobs_cli_list_show_retry_purge(tmp_path: Path, capsys: pytest.CaptureFi
     cfg = tmp_path / "pacs-ai.toml"
     cfg.write_text('[storage]\ndata_dir = "data"\n[[destinations]]\nname = "pacs"\nae_title = "P"\nhost = "h"\nport = 1\n')
     config = load_config(cfg)
-    store = JobStore(config.database_url, RetryPolicy(1, 1.0, 1.0))
+    store = JobStore(config.database_url, RetryPolicy(1, 1.0, 1.0), upgrade=True)
     spool = config.storage.spool
     ids = []
     for n in range(3):

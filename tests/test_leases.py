@@ -35,7 +35,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock):  # type: ignore[no-untyped-def]
-    s = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}", RetryPolicy(2, 10.0, 60.0), RetryPolicy(2, 10.0, 60.0), clock=clock)
+    s = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}", RetryPolicy(2, 10.0, 60.0), RetryPolicy(2, 10.0, 60.0), clock=clock, upgrade=True)
     yield s
     s.close()
 

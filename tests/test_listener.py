@@ -72,7 +72,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
 
     def start(spool_root: Path | None = None, busy_timeout_s: float = 30.0, **listener: Any) -> Served:
         config = ListenerConfig(port=free_port(), network_timeout_s=20.0, **listener)
-        jobs = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}", busy_timeout_s=busy_timeout_s)
+        jobs = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}", busy_timeout_s=busy_timeout_s, upgrade=True)
         spool = Spool(spool_root or tmp_path / "spool")
         observer = Recorder()
         server = Served(Listener(config, spool, jobs, observer=observer), jobs, spool, observer)
@@ -459,7 +459,7 @@ SERVER_SCRIPT = textwrap.dedent(
     from pacs_ai.store.spool import Spool
 
     config = load_config(Path(sys.argv[1]))
-    jobs = JobStore(config.database_url)
+    jobs = JobStore(config.database_url, upgrade=True)
     listener = Listener(config.listener, Spool(config.storage.spool), jobs)
     listener.start()
     print("READY", listener.port, flush=True)
@@ -529,7 +529,7 @@ def test_sigkill_while_receiving_loses_no_acknowledged_image(chunked_send, sampl
 
     proc = start_server(script, config)  # restart on the same data
     try:
-        jobs = JobStore(f"sqlite:///{tmp_path / 'data' / 'pacs-ai.db'}")
+        jobs = JobStore(f"sqlite:///{tmp_path / 'data' / 'pacs-ai.db'}", upgrade=True)
         spool = Spool(tmp_path / "data" / "spool")
         for f in acknowledged:
             uid = str(meta(f).MediaStorageSOPInstanceUID)
@@ -589,7 +589,7 @@ def test_send_and_echo_commands(serve, chunked_send, sample_files, tmp_path, cap
 def test_invalid_allow_list_entry_is_a_config_error(tmp_path: Path) -> None:
     from pacs_ai.errors import ConfigError
 
-    jobs = JobStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    jobs = JobStore(f"sqlite:///{tmp_path / 'db.sqlite'}", upgrade=True)
     with pytest.raises(ConfigError, match="listener.allowed_calling_aets"):
         Listener(ListenerConfig(allowed_calling_aets=("A_CALLING_TITLE_TOO_LONG",)), Spool(tmp_path), jobs)
     jobs.close()

@@ -282,7 +282,7 @@ def test_status_reports_listener_queue_model_and_device(tmp_path):
     (model / "model.safetensors").write_bytes(b"")  # status looks for the weights, never loads them
     data = tmp_path / "data"
     data.mkdir()
-    store = JobStore(f"sqlite:///{data / 'pacs-ai.db'}")
+    store = JobStore(f"sqlite:///{data / 'pacs-ai.db'}", upgrade=True)
     for i in range(3):
         store.enqueue(sop_instance_uid=f"1.2.3.{i}", study_instance_uid="1.2.3", series_instance_uid="1.2.3.9",
                       sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_aet="X", spool_path=f"/s/{i}",

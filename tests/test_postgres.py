@@ -46,7 +46,7 @@ def _enqueue(store, n: int, prefix: str = "1.2.826.0.1.3680043.10.1") -> list[in
 def _claimer(url: str, owner: str, start: threading.Barrier | None, out: list[int]) -> None:
     from pacs_ai.queue.jobstore import JobStore
 
-    store = JobStore(url)
+    store = JobStore(url)  # the schema is in place: a plain open, as a second process would
     try:
         if start is not None:
             start.wait(30)
@@ -79,7 +79,7 @@ def test_claim_race_claims_each_job_once(postgres_server):  # noqa: F811
     from pacs_ai.queue.jobstore import JobStore
 
     url = postgres_server.create_database("claim_race")
-    store = JobStore(url)
+    store = JobStore(url, upgrade=True)
     try:
         ids = _enqueue(store, JOBS)
         ctx = multiprocessing.get_context("fork")
@@ -164,7 +164,7 @@ def test_scale_out_two_workers_one_listener(postgres_server, tmp_path):  # noqa:
     from model_factory import model_folder
 
     url = postgres_server.create_database("scale_out")
-    JobStore(url).close()  # creates the schema, so that the trigger can be installed before any job
+    JobStore(url, upgrade=True).close()  # creates the schema, so that the trigger can be installed before any job
     with psycopg.connect(postgres_server.dsn("scale_out"), autocommit=True) as conn:
         conn.execute(_TRIGGER_SQL)
 

@@ -57,7 +57,7 @@ def _send_and_cut(port: int, mode: str, after_pdus: int = 3) -> None:
 @pytest.mark.parametrize("mode", ["abort", "disconnect"])
 def test_peer_cut_off_mid_c_store_is_logged_and_nothing_is_stored(mode: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="pacs_ai.receive")
-    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", upgrade=True)
     spool = Spool(tmp_path / "spool")
     listener = Listener(ListenerConfig(port=free_port(), max_pdu_size=16384, network_timeout_s=10), spool, jobs)
     listener.start()

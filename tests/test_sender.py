@@ -145,6 +145,7 @@ def _store(tmp_path: Path, max_attempts: int = 3, base: float = 60.0) -> JobStor
     return JobStore(
         f"sqlite:///{tmp_path / 'jobs.db'}",
         delivery_policy=RetryPolicy(max_attempts=max_attempts, backoff_base_s=base, backoff_max_s=base * 8),
+        upgrade=True,
     )
 
 

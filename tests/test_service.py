@@ -92,7 +92,7 @@ def test_leases_of_a_stopped_process_on_this_host_are_taken_back_at_start(tmp_pa
 
     from pacs_ai.daemon.service import reclaim_orphaned_leases
 
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", upgrade=True)
     try:
         for i in range(3):
             store.enqueue(

@@ -76,7 +76,7 @@ def test_worker_scores_shadows_on_the_same_decode(engines, tmp_path: Path, monke
         return real(ds)
 
     monkeypatch.setattr(worker_module, "dicom_to_gray", counting)
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", RetryPolicy(3, 0.0, 0.0))
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", RetryPolicy(3, 0.0, 0.0), upgrade=True)
     files = [SAMPLE, TIBIA]
     ids = [enqueue(store, f) for f in files]
     worker = Worker(store, live, png_writer, tmp_path / "results", ["pacs"], owner="w1", shadow=ShadowScorer([same, other]))

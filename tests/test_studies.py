@@ -46,7 +46,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def jobs(tmp_path: Path, clock: Clock):  # type: ignore[no-untyped-def]
-    store = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}", RetryPolicy(3, 1.0, 5.0), RetryPolicy(3, 1.0, 5.0), clock=clock)
+    store = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}", RetryPolicy(3, 1.0, 5.0), RetryPolicy(3, 1.0, 5.0), clock=clock, upgrade=True)
     yield store
     store.close()
 

@@ -33,7 +33,7 @@ def engine() -> InferenceEngine:
 
 @pytest.fixture
 def store(tmp_path: Path) -> JobStore:
-    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", RetryPolicy(3, 0.0, 0.0))
+    s = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", RetryPolicy(3, 0.0, 0.0), upgrade=True)
     yield s
     s.close()
 

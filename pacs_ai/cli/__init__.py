@@ -12,7 +12,7 @@ from pacs_ai.errors import PacsAiError
 
 # Modules under pacs_ai.cli, each exposing ``register(subparsers) -> None``; a sub-command's parser sets
 # ``func`` to a callable taking the parsed arguments and returning the exit status.
-COMMAND_MODULES = ("serve", "jobs", "network", "classify", "status", "config_check", "route", "studies", "shadow")
+COMMAND_MODULES = ("serve", "jobs", "network", "classify", "status", "config_check", "route", "studies", "shadow", "db")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,8 @@ from datetime import timedelta
 from typing import Any
 
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
-from pacs_ai.config import Config
-from pacs_ai.errors import JobStoreError, ResultFormatError
-from pacs_ai.queue.jobstore import DeliveryState, Job, JobState, JobStore, RetryPolicy
+from pacs_ai.errors import ResultFormatError
+from pacs_ai.queue.jobstore import DeliveryState, Job, JobState, open_job_store
 from pacs_ai.queue.retention import purge_old_jobs
 from pacs_ai.results import JobResult, RoutingOutcome
 
@@ -24,30 +23,6 @@ def parse_duration(text: str) -> timedelta:
     if not match:
         raise argparse.ArgumentTypeError(f"expected a duration like 30d, 12h, 90m, got {text!r}")
     return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def open_job_store(config: Config) -> JobStore:
-    """The configured job store, for the admin commands (jobs, studies, shadow).
-
-    Raises JobStoreError when the configuration names an SQLite file that does not exist: an admin who
-    forgot ``--config`` is told so, instead of getting an empty queue created in the current folder.
-    """
-    from pacs_ai.cli.status import _sqlite_missing
-
-    missing = _sqlite_missing(config.database_url)
-    if missing is not None:
-        raise JobStoreError(
-            f"no database at {missing} (the service has not run with this configuration; "
-            f"configuration: {config.source or 'embedded defaults'}; pass --config FILE)"
-        )
-    return JobStore(
-        config.database_url,
-        RetryPolicy(config.worker.max_attempts, config.worker.backoff_base_s, config.worker.backoff_max_s),
-        RetryPolicy(
-            config.delivery.max_attempts, config.delivery.backoff_base_s, config.delivery.backoff_max_s
-        ),
-        busy_timeout_s=config.database.busy_timeout_s,
-    )
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:

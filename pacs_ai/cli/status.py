@@ -139,45 +139,21 @@ def probe_health(config: Config, timeout: float = PROBE_TIMEOUT_S) -> dict[str, 
     return {"url": url, "ok": body.get("status") == "ok", "code": 200, "failing": body.get("failing", [])}
 
 
-def _sqlite_missing(url: str) -> Path | None:
-    if not url.startswith("sqlite"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database
-    if not database or database == ":memory:":
-        return None
-    path = Path(database)
-    return None if path.exists() else path
-
-
-def _with_connect_timeout(url: str, seconds: int = 5) -> str:
-    """A PostgreSQL URL gets ``connect_timeout`` (unless it has one), so an unreachable server is
-    reported within seconds instead of after the TCP timeout."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - JobStore reports a malformed URL
-        return url
-    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
-        return url
-    return parsed.update_query_dict({"connect_timeout": str(seconds)}).render_as_string(hide_password=False)
-
-
 def read_queue(config: Config) -> dict[str, Any]:
     """Jobs per state, the oldest queued job, deliveries per destination (from the job store)."""
     url = config.database_url
     report: dict[str, Any] = {"database": mask_url(url), "ok": False}
-    missing = _sqlite_missing(url)
+    from pacs_ai.queue.engine import missing_sqlite_file
+
+    missing = missing_sqlite_file(url)
     if missing is not None:
         report["error"] = f"no database yet at {missing} (the service has not run)"
         return report
     from pacs_ai.errors import PacsAiError
-    from pacs_ai.queue.jobstore import JobStore
+    from pacs_ai.queue.jobstore import open_job_store
 
-    try:
-        store = JobStore(_with_connect_timeout(url))
+    try:  # opening reads the schema version and writes nothing; an old schema is reported, not upgraded
+        store = open_job_store(config, connect_timeout_s=5)
     except PacsAiError as exc:
         report["error"] = str(exc)
         return report

@@ -35,7 +35,7 @@ from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.metrics import Metrics, MetricsServer
 from pacs_ai.ops.notify import SystemdNotifier
 from pacs_ai.ops.tls import client_context, server_context
-from pacs_ai.queue.jobstore import JobStore, RetryPolicy
+from pacs_ai.queue.jobstore import JobStore, open_job_store
 from pacs_ai.queue.retention import purge_old_jobs
 from pacs_ai.results import JobResult
 
@@ -57,19 +57,6 @@ class Roles:
 def process_owner(role: str) -> str:
     """A lease owner name unique to this process: host, pid and role."""
     return f"{socket.gethostname()}:{os.getpid()}:{role}"
-
-
-def open_job_store(config: Config) -> JobStore:
-    """The job store named by the configuration, with its retry policies."""
-    worker, delivery = config.worker, config.delivery
-    return JobStore(
-        config.database_url,
-        job_policy=RetryPolicy(worker.max_attempts, worker.backoff_base_s, worker.backoff_max_s),
-        delivery_policy=RetryPolicy(
-            delivery.max_attempts, delivery.backoff_base_s, delivery.backoff_max_s
-        ),
-        busy_timeout_s=config.database.busy_timeout_s,
-    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -156,7 +143,15 @@ class Service:
         self.observer: Observer = CompositeObserver(
             self.metrics, self.audit, WakeUpObserver(self.jobs_bell, self.results_bell)
         )
-        self.jobs = open_job_store(config)
+        # Migrating is explicit: serve and worker upgrade the schema when they start (idempotent; several
+        # processes starting at once are serialised by the database), admin commands never do.
+        self.jobs = open_job_store(config, upgrade=True)
+        if self.jobs.upgraded is not None and self.jobs.upgraded.before != self.jobs.upgraded.after:
+            log.info(
+                "job database schema upgraded from version %d to %d",
+                self.jobs.upgraded.before,
+                self.jobs.upgraded.after,
+            )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         silence = max(60.0, config.worker.lease_seconds)
         self.health = HealthCheck(

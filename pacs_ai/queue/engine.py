@@ -1,6 +1,6 @@
 """Engine and transactions of the job store: one SQLAlchemy engine per store, SQLite or PostgreSQL.
 
-SQLite runs in WAL mode with ``synchronous=FULL``, foreign keys on and a busy timeout; every writing
+SQLite runs in WAL mode (set by the schema upgrade) with ``synchronous=FULL``, foreign keys on and a busy timeout; every writing
 transaction starts with ``BEGIN IMMEDIATE``, so a claim is atomic across threads and processes, while a
 read-only transaction starts with a plain ``BEGIN`` and takes no write lock. PostgreSQL rows are locked
 with ``SELECT ... FOR UPDATE [SKIP LOCKED]`` (:meth:`Database.for_update`).
@@ -29,8 +29,24 @@ def short_error(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file an ``sqlite:///`` URL names when it does not exist (None: it exists, in memory, or not
+    SQLite). Raises nothing: a malformed URL is for :class:`Database` to report."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except Exception:  # noqa: BLE001 - Database reports a malformed URL
+        return None
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        return None
+    path = Path(database)
+    return None if path.exists() else path
+
+
 def sqlite_engine(parsed: sa.URL, busy_timeout_s: float, *, create_folder: bool = True) -> sa.Engine:
-    """An engine on an SQLite file (or ``:memory:``) with the pragmas above; ``busy_timeout_s`` seconds."""
+    """An engine on an SQLite file (or ``:memory:``) with the pragmas above; ``busy_timeout_s`` seconds.
+    ``create_folder``: make the file's folder when missing (only when the store may create the file)."""
     database = parsed.database or ""
     memory = database in ("", ":memory:") or database.startswith("file::memory:")
     if not memory and create_folder:
@@ -50,8 +66,8 @@ def sqlite_engine(parsed: sa.URL, busy_timeout_s: float, *, create_folder: bool 
         cur = dbapi_conn.cursor()
         try:
             cur.execute(f"PRAGMA busy_timeout={busy_ms}")
-            if not memory:
-                cur.execute("PRAGMA journal_mode=WAL")
+            # journal_mode=WAL is kept in the file: migrations.upgrade sets it, so that merely opening a
+            # database (pacs-ai status) writes nothing.
             # FULL: a committed job survives power loss too, not only a process crash.
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -70,11 +86,12 @@ class Database:
     """The engine of one job store and its two kinds of transaction (:meth:`write`, :meth:`read`).
 
     ``url``: an SQLAlchemy URL (``sqlite:///path`` or ``postgresql+psycopg://...``); ``busy_timeout_s``:
-    how long an SQLite writer waits for the lock. Raises JobStoreError for a malformed URL or a driver
+    how long an SQLite writer waits for the lock; ``create``: an SQLite file's folder may be made (False for
+    a store that must only read what exists). Raises JobStoreError for a malformed URL or a driver
     that cannot load. Connecting is lazy: nothing touches the database until the first transaction.
     """
 
-    def __init__(self, url: str, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, busy_timeout_s: float = 30.0, create: bool = True) -> None:
         self.url = url
         try:
             parsed = make_url(url)
@@ -84,7 +101,7 @@ class Database:
         self.dialect = parsed.get_backend_name()
         try:
             if self.dialect == "sqlite":
-                self.engine = sqlite_engine(parsed, busy_timeout_s)
+                self.engine = sqlite_engine(parsed, busy_timeout_s, create_folder=create)
             else:
                 self.engine = sa.create_engine(parsed, pool_pre_ping=True)
         except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from pacs_ai.errors import JobStoreError
 from pacs_ai.queue import leases, migrations
-from pacs_ai.queue.engine import Database, short_error
+from pacs_ai.queue.engine import Database, missing_sqlite_file, short_error
 from pacs_ai.queue.leases import LeasedKind
 from pacs_ai.queue.models import deliveries as D
 from pacs_ai.queue.models import jobs as J
@@ -37,6 +37,9 @@ from pacs_ai.queue.records import (
 )
 from pacs_ai.queue.retry import RetryPolicy
 
+if TYPE_CHECKING:
+    from pacs_ai.config import Config
+
 __all__ = [
     "MAX_ERROR_CHARS",
     "DELIVERY_LEASES",
@@ -48,6 +51,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "RetryPolicy",
+    "open_job_store",
 ]
 
 _CHUNK = 500
@@ -88,7 +92,12 @@ class JobStore:
 
     ``job_policy`` and ``delivery_policy`` decide retries (:class:`RetryPolicy`); ``busy_timeout_s`` is how
     long an SQLite writer waits for the lock; ``clock`` returns the current time (tests pass their own).
-    Raises JobStoreError when the database cannot be opened or its schema is not this program's.
+
+    Opening does not migrate: without ``upgrade`` the schema version is only read, and a database that
+    does not exist, or whose schema is older or newer than this program's, is refused with a
+    JobStoreError (naming ``pacs-ai db upgrade`` when an upgrade would help), with nothing written.
+    ``upgrade=True`` creates or upgrades the schema first (:func:`migrations.upgrade`); ``upgraded``
+    then says from which version to which.
     """
 
     def __init__(
@@ -99,15 +108,24 @@ class JobStore:
         *,
         busy_timeout_s: float = 30.0,
         clock: Callable[[], datetime] | None = None,
+        upgrade: bool = False,
     ) -> None:
         self.url = url
         self.job_policy = job_policy
         self.delivery_policy = delivery_policy
         self._clock = clock or (lambda: datetime.now(UTC))
-        self.db = Database(url, busy_timeout_s=busy_timeout_s)
+        missing = None if upgrade else missing_sqlite_file(url)
+        if missing is not None:  # connecting would create an empty file
+            raise JobStoreError(f"no job database at {missing}: {migrations.UPGRADE_HINT}")
+        self.db = Database(url, busy_timeout_s=busy_timeout_s, create=upgrade)
         self.dialect = self.db.dialect
+        self.upgraded: migrations.SchemaUpgrade | None = None
         try:
-            self.schema_version = migrations.upgrade(self.db.engine)
+            if upgrade:
+                self.upgraded = migrations.upgrade(self.db.engine)
+                self.schema_version = self.upgraded.after
+            else:
+                self.schema_version = migrations.check(self.db)
         except JobStoreError:
             self.db.close()
             raise
@@ -491,3 +509,45 @@ class JobStore:
         query = sa.select(sa.func.count()).where(D.c.job_id == job_id, D.c.state != DeliveryState.DONE.value)
         with self.db.read() as conn:
             return int(conn.execute(query).scalar() or 0) == 0
+
+
+def open_job_store(config: Config, *, upgrade: bool = False, connect_timeout_s: int | None = None) -> JobStore:
+    """The job store the configuration names, with its retry policies and busy timeout: the one way every
+    command, ``serve`` and ``worker`` open it.
+
+    ``upgrade``: create or upgrade the schema (``serve``/``worker`` start, ``pacs-ai db upgrade``); without
+    it nothing is written by opening, and an SQLite file that does not exist is refused (an admin who forgot
+    ``--config`` is told so, instead of getting an empty queue created in the current folder).
+    ``connect_timeout_s``: a PostgreSQL server that does not answer fails within that many seconds.
+    Raises JobStoreError (see :class:`JobStore`).
+    """
+    url = config.database_url
+    missing = None if upgrade else missing_sqlite_file(url)
+    if missing is not None:
+        raise JobStoreError(
+            f"no database at {missing} (the service has not run with this configuration; "
+            f"configuration: {config.source or 'embedded defaults'}; pass --config FILE)"
+        )
+    if connect_timeout_s is not None:
+        url = _with_connect_timeout(url, connect_timeout_s)
+    worker, delivery = config.worker, config.delivery
+    return JobStore(
+        url,
+        RetryPolicy(worker.max_attempts, worker.backoff_base_s, worker.backoff_max_s),
+        RetryPolicy(delivery.max_attempts, delivery.backoff_base_s, delivery.backoff_max_s),
+        busy_timeout_s=config.database.busy_timeout_s,
+        upgrade=upgrade,
+    )
+
+
+def _with_connect_timeout(url: str, seconds: int) -> str:
+    """A PostgreSQL URL with ``connect_timeout`` (unless it has one); other URLs as they are."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - JobStore reports a malformed URL
+        return url
+    if parsed.get_backend_name() != "postgresql" or "connect_timeout" in parsed.query:
+        return url
+    return parsed.update_query_dict({"connect_timeout": str(seconds)}).render_as_string(hide_password=False)

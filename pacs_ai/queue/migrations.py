@@ -1,7 +1,9 @@
 """Schema migrations of the job store: an ordered list of steps and a ``schema_version`` table.
 
-``upgrade(engine)`` applies, in one transaction, every step whose version is above the highest
-version recorded in ``schema_version``. Steps are never edited once released: a schema change is a new
+Opening a store never migrates it: :func:`check` only reads the version and refuses a database older or
+newer than this program. Migrating is explicit (``pacs-ai serve`` and ``pacs-ai worker`` at start,
+``pacs-ai db upgrade``): :func:`upgrade` applies, in one transaction, every step whose version is above
+the highest version recorded in ``schema_version``. Steps are never edited once released: a schema change is a new
 step appended to ``MIGRATIONS`` (and the matching change in ``models.py``). Each step describes its own
 tables (a frozen snapshot), so a later change to ``models.py`` never alters what an old step creates.
 
@@ -18,6 +20,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from pacs_ai.errors import JobStoreError
+from pacs_ai.queue.engine import Database
 from pacs_ai.queue.models import UTCDateTime
 from pacs_ai.queue.models import schema_version as schema_version_table
 
@@ -152,18 +155,71 @@ def current_version(conn: sa.Connection) -> int:
     return int(conn.execute(sa.select(sa.func.max(schema_version_table.c.version))).scalar() or 0)
 
 
-def upgrade(engine: sa.Engine) -> int:
-    """Bring the schema up to ``LATEST_VERSION``; returns the version now in place."""
+@dataclass(frozen=True)
+class SchemaUpgrade:
+    """What :func:`upgrade` did: the schema version before and after (equal when nothing was to do)."""
+
+    before: int
+    after: int
+
+
+UPGRADE_HINT = "run `pacs-ai db upgrade --config FILE` (pacs-ai serve and pacs-ai worker also upgrade it when they start)"
+
+
+def _newer_error(version: int) -> JobStoreError:
+    return JobStoreError(
+        f"the job database is at schema version {version}, newer than this program knows "
+        f"({LATEST_VERSION}): upgrade pacs-ai or point it at another database"
+    )
+
+
+def check(db: Database) -> int:
+    """The schema version of the database, read without changing anything.
+
+    Raises JobStoreError when it is older than ``LATEST_VERSION`` (the message names ``pacs-ai db
+    upgrade``; version 0: no pacs-ai schema at all) or newer (a newer pacs-ai wrote it).
+    """
+    with db.read() as conn:
+        version = current_version(conn)
+    if version > LATEST_VERSION:
+        raise _newer_error(version)
+    if version < LATEST_VERSION:
+        what = "has no pacs-ai schema" if version == 0 else f"is at schema version {version}"
+        raise JobStoreError(
+            f"the job database {db.parsed!r} {what}, older than this program needs ({LATEST_VERSION}): "
+            f"{UPGRADE_HINT}"
+        )
+    return version
+
+
+def _use_wal(engine: sa.Engine) -> None:
+    """SQLite: write-ahead logging, a setting kept in the database file (set once, by the upgrade)."""
+    database = engine.url.database or ""
+    if engine.dialect.name != "sqlite" or database in ("", ":memory:") or database.startswith("file::memory:"):
+        return
+    raw = engine.raw_connection()  # outside any transaction: journal_mode cannot change inside one
+    try:
+        cur = raw.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.close()
+    finally:
+        raw.close()
+
+
+def upgrade(engine: sa.Engine) -> SchemaUpgrade:
+    """Bring the schema up to ``LATEST_VERSION`` (idempotent); returns the versions before and after.
+
+    Raises JobStoreError when the database is newer than this program (and SQLAlchemy errors when a step
+    fails; the transaction is then rolled back, nothing half-applied).
+    """
+    _use_wal(engine)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
         schema_version_table.create(conn, checkfirst=True)
-        version = current_version(conn)
+        before = version = current_version(conn)
         if version > LATEST_VERSION:
-            raise JobStoreError(
-                f"the job database is at schema version {version}, newer than this program knows "
-                f"({LATEST_VERSION}): upgrade pacs-ai or point it at another database"
-            )
+            raise _newer_error(version)
         for migration in MIGRATIONS:
             if migration.version <= version:
                 continue
@@ -176,4 +232,4 @@ def upgrade(engine: sa.Engine) -> int:
                 )
             )
             version = migration.version
-    return version
+    return SchemaUpgrade(before, version)
