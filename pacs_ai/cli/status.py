@@ -27,7 +27,6 @@ import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json

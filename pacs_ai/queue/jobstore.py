@@ -41,9 +41,9 @@ if TYPE_CHECKING:
     from pacs_ai.config import Config
 
 __all__ = [
-    "MAX_ERROR_CHARS",
     "DELIVERY_LEASES",
     "JOB_LEASES",
+    "MAX_ERROR_CHARS",
     "Delivery",
     "DeliveryState",
     "EnqueueOutcome",

@@ -1,4 +1,5 @@
-"""SQLAlchemy Core tables of the job store (the current schema; see migrations.py for how it is built)."""
+"""SQLAlchemy Core tables of the job store: the current schema, exactly what migrations.py builds
+(tests/test_schema.py compares the two on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ jobs = sa.Table(
     sa.Column("started_at", UTCDateTime, nullable=True),
     sa.Column("finished_at", UTCDateTime, nullable=True),
     sa.Index("ix_jobs_state_next", "state", "next_attempt_at"),
+    sa.Index("ix_jobs_state_updated", "state", "updated_at"),  # migration step 2: listing and purging
+    sa.Index("ix_jobs_study", "study_instance_uid"),  # migration step 3: jobs grouped by study
 )
 
 deliveries = sa.Table(
@@ -85,6 +88,7 @@ deliveries = sa.Table(
     sa.Column("objects", sa.JSON, nullable=True),
     sa.UniqueConstraint("job_id", "destination", name="uq_deliveries_job_destination"),
     sa.Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    sa.Index("ix_deliveries_job", "job_id"),  # migration step 2: deliveries of a job
 )
 
 studies = sa.Table(
