@@ -21,7 +21,7 @@ def _job(store: JobStore, n: int, spool_path: Path) -> int:
 
 def test_purge_removes_old_jobs_files_only_under_the_configured_folders(tmp_path: Path) -> None:
     spool, results, elsewhere = tmp_path / "spool", tmp_path / "results", tmp_path / "elsewhere"
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", RetryPolicy(1, 0.0, 0.0), RetryPolicy(1, 0.0, 0.0))
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", RetryPolicy(1, 0.0, 0.0), RetryPolicy(1, 0.0, 0.0), upgrade=True)
     try:
         inside = _job(store, 0, spool / "a" / "1.2.3.0.dcm")
         outside = _job(store, 1, elsewhere / "1.2.3.1.dcm")  # a row naming a file outside the spool

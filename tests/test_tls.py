@@ -253,7 +253,7 @@ def test_send_and_echo_commands_over_mutual_tls_to_the_real_listener(certs, samp
         args = parser.parse_args(list(argv))
         return int(args.func(args) or 0)
 
-    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", upgrade=True)
     listener = Listener(
         ListenerConfig(port=0, network_timeout_s=10.0), Spool(tmp_path / "spool"), jobs,
         ssl_context=server_context(_tls(certs, "server", "ca")),
