@@ -3,18 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pacs_ai.errors import PacsAiError
 from pacs_ai.infer.architectures import ARCHITECTURES
+from training.loop import RunConfig
+from training.maptrain import MapTrainConfig
+from training.train import TrainConfig
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core this process may use, as the daemon's rule)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda (default: auto)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, config: type[RunConfig], *, data_help: str, split_help: str, out_help: str, resume_help: str) -> None:
+    """The options of every training run (the fields of ``training.loop.RunConfig``), defaults from ``config``."""
+    d = {f.name: f.default for f in dataclasses.fields(config)}
+    p.add_argument("--arch", choices=ARCHITECTURES, default=d["arch"])
+    p.add_argument("--data", type=Path, required=True, help=data_help)
+    p.add_argument("--split", type=Path, default=None, help=split_help)
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--cache-dir", type=Path, default=None, help="cache letterboxed images here (.npy)")
+    p.add_argument("--name", default=d["export_name"], help="model name for the card")
+    p.add_argument("--version", default=d["export_version"], help="model version for the card")
+    p.add_argument("--half", action="store_true", help="export weights as float16")
+    p.add_argument("--target-sensitivity", type=float, default=d["target_sensitivity"])
+    p.add_argument("--n-boot", type=int, default=d["n_boot"], help="bootstrap resamples for the exported card's intervals")
+    p.add_argument("--limit", type=int, default=None, help="use at most N train and N val images (smoke tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(p)
+
+
+def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``RunConfig`` keyword arguments from the options :func:`_add_run_options` added."""
+    return {
+        "data": str(args.data), "out": str(args.out), "arch": args.arch, "split": str(args.split) if args.split else None,
+        "val_fraction": args.val_fraction, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "weight_decay": args.weight_decay, "threads": args.threads, "device": args.device,
+        "cache_dir": str(args.cache_dir) if args.cache_dir else None, "export_name": args.name,
+        "export_version": args.version, "export_half": args.half, "target_sensitivity": args.target_sensitivity,
+        "n_boot": args.n_boot, "limit": args.limit,
+    }
 
 
 def _add_eval_data(p: argparse.ArgumentParser) -> None:
@@ -36,18 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("train", help="train a backbone (checkpoints every epoch, --resume, early stopping)", description="Train resnet50, vgg16 or densenet121 with a two-class head on letterboxed, CLAHE-enhanced radiographs (the daemon's own preprocessing). Checkpoints every epoch to --out (last.pt, best.pt); --export writes the calibrated model folder after every improving epoch.")
-    p.add_argument("--arch", choices=ARCHITECTURES, default="densenet121")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (fractured/, not_fractured/, optional manifest.csv)")
-    p.add_argument("--split", type=Path, default=None, help="split CSV (default: split on the fly with --val-fraction/--seed)")
-    p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, history and config")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    _add_run_options(
+        p, TrainConfig, data_help="dataset folder (fractured/, not_fractured/, optional manifest.csv)",
+        split_help="split CSV (default: split on the fly with --val-fraction/--seed)",
+        out_help="run folder for checkpoints, history and config", resume_help="continue from OUT/last.pt",
+    )
     p.add_argument("--weights", default="none", help="none (from scratch), imagenet (torchvision's local cache only) or a local state-dict FILE (default: none)")
     p.add_argument("--size", type=int, default=224, help="square input side in pixels (default: 224)")
     p.add_argument("--no-clahe", action="store_true", help="disable CLAHE contrast enhancement")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--schedule", choices=("cosine", "onecycle"), default="cosine", help="cosine: warm-up + cosine, also paced by --max-minutes")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -57,32 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without validation AUROC improvement")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; the cosine schedule is paced to end within it")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=None, help="cache letterboxed images here (.npy)")
     p.add_argument("--export", type=Path, default=None, help="model folder to (re)write, calibrated, after every improving epoch")
-    p.add_argument("--name", default="fracture-classifier", help="model name for the card")
-    p.add_argument("--version", default="0.1.0", help="model version for the card")
-    p.add_argument("--half", action="store_true", help="export weights as float16")
-    p.add_argument("--target-sensitivity", type=float, default=0.90)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the exported card's intervals")
-    p.add_argument("--limit", type=int, default=None, help="use at most N train and N val images (smoke tests)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_threads(p)
 
     p = sub.add_parser("train-map", help="localisation-supervised fracture-map model from boxes.csv (checkpoints, --resume)", description="Train a fracture-map model (per-cell fracture logits on the last feature map, log-sum-exp pooled to the image logit) on crops of images letterboxed at --scale px, supervised by the fracture boxes in DATA/boxes.csv. Validates whole images every epoch (AUROC, pointing game), checkpoints every epoch and every --checkpoint-minutes, exports the best epoch to OUT/model-best.")
-    p.add_argument("--arch", choices=ARCHITECTURES, default="densenet121")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (fractured/, not_fractured/, manifest.csv, boxes.csv)")
-    p.add_argument("--split", type=Path, default=None, help="split CSV (default: group-aware split with --val-fraction/--seed, written to OUT/split.csv)")
-    p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints, history and the exported model")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (also mid-epoch)")
+    _add_run_options(
+        p, MapTrainConfig, data_help="dataset folder (fractured/, not_fractured/, manifest.csv, boxes.csv)",
+        split_help="split CSV (default: group-aware split with --val-fraction/--seed, written to OUT/split.csv)",
+        out_help="run folder for checkpoints, history and the exported model", resume_help="continue from OUT/last.pt (also mid-epoch)",
+    )
     p.add_argument("--scale", type=int, default=512, help="letterbox side of the whole image, as served (default: 512)")
     p.add_argument("--crop", type=int, default=256, help="training crop side in pixels (default: 256)")
-    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--crops-per-epoch", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--pct-start", type=float, default=0.25, help="one-cycle warm-up share of the steps")
     p.add_argument("--pool-r", type=float, default=5.0, help="log-sum-exp pooling sharpness")
     p.add_argument("--map-weight", type=float, default=1.0, help="weight of the cell loss next to the image loss")
@@ -92,17 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-pool", type=int, default=128, help="normal training images scanned per epoch for hard negatives")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--val-limit", type=int, default=None, help="score only every fractured and a fixed sample of normal validation images after each epoch, N in all (default: all)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=None, help="cache letterboxed images here (.npy)")
-    p.add_argument("--name", default="pacs-ai-fracture-map", help="model name for the card")
-    p.add_argument("--version", default="2.0.0", help="model version for the card")
-    p.add_argument("--half", action="store_true", help="export weights as float16")
-    p.add_argument("--target-sensitivity", type=float, default=0.90)
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--limit", type=int, default=None, help="use at most N train and N val images (smoke tests)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_threads(p)
 
     p = sub.add_parser("evaluate", help="metrics with bootstrap 95%% intervals, confusion matrix, ROC curve PNG", description="Evaluate a model folder on labelled images (DICOM, JPEG or PNG). Uses the card's temperature and threshold.")
     p.add_argument("--model", type=Path, required=True, help="model folder (model.json + weights)")
@@ -192,19 +204,13 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         print(f"wrote {args.out}")
         return 0
     if args.command == "train":
-        from training.train import TrainConfig
         from training.train import main as train_main
 
         cfg = TrainConfig(
-            data=str(args.data), out=str(args.out), arch=args.arch, split=str(args.split) if args.split else None,
-            val_fraction=args.val_fraction, seed=args.seed, size=args.size, clahe=not args.no_clahe, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+            **_run_fields(args), size=args.size, clahe=not args.no_clahe, optimizer=args.optimizer,
             schedule=args.schedule, warmup_epochs=args.warmup_epochs, weights=args.weights, freeze_epochs=args.freeze_epochs,
             freeze_groups=args.freeze_groups, balance=args.balance, label_smoothing=args.label_smoothing, patience=args.patience,
-            max_minutes=args.max_minutes, threads=args.threads, device=args.device,
-            cache_dir=str(args.cache_dir) if args.cache_dir else None, export_dir=str(args.export) if args.export else None,
-            export_name=args.name, export_version=args.version, export_half=args.half,
-            target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit, progress=not args.no_progress,
+            max_minutes=args.max_minutes, export_dir=str(args.export) if args.export else None, progress=not args.no_progress,
         )
         summary = train_main(cfg, resume_run=args.resume, log=lambda m: print(m, flush=True))
         print(json.dumps(summary))
@@ -212,17 +218,13 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     if args.command == "train-map":
         import shlex
 
-        from training.maptrain import MapTrainConfig, train_map
+        from training.maptrain import train_map
 
         cfg = MapTrainConfig(
-            data=str(args.data), out=str(args.out), arch=args.arch, split=str(args.split) if args.split else None,
-            val_fraction=args.val_fraction, seed=args.seed, scale=args.scale, crop=args.crop, epochs=args.epochs,
-            crops_per_epoch=args.crops_per_epoch, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            **_run_fields(args), scale=args.scale, crop=args.crop, crops_per_epoch=args.crops_per_epoch,
             pct_start=args.pct_start, pool_r=args.pool_r, map_weight=args.map_weight, outside_weight=args.outside_weight,
             pos_fraction=args.pos_fraction, hard_fraction=args.hard_fraction, hard_pool=args.hard_pool,
-            checkpoint_minutes=args.checkpoint_minutes, threads=args.threads, device=args.device,
-            cache_dir=str(args.cache_dir) if args.cache_dir else None, export_name=args.name, export_version=args.version,
-            export_half=args.half, target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, limit=args.limit, val_limit=args.val_limit,
+            checkpoint_minutes=args.checkpoint_minutes, val_limit=args.val_limit,
             command="python -m training " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         )
         summary = train_map(cfg, resume=args.resume, log=lambda m: print(m, flush=True), progress=not args.no_progress)

@@ -7,14 +7,15 @@
 - checkpoints: :func:`save_checkpoint` writes atomically (``pacs_ai.store.atomic``: temporary file,
   fsync, rename), so a run killed while saving keeps its previous ``last.pt``; :func:`load_checkpoint`;
   :func:`rng_state` / :func:`restore_rng_state` (numpy, torch and Python generators);
-- :func:`write_config` and :func:`dataset_description` for the run folder and the model card.
+- :class:`RunConfig`, the settings both runs have (each run's config extends it), :func:`write_config`
+  and :func:`dataset_description` for the run folder and the model card.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from pacs_ai.store.atomic import write_atomic_with
 from training.data import Item, list_dataset, read_split, split_items
 
 __all__ = [
+    "RunConfig",
     "dataset_description",
     "limit_items",
     "load_checkpoint",
@@ -38,6 +40,34 @@ __all__ = [
 ]
 
 FRACATLAS = "FracAtlas (Abedeen et al., Scientific Data 10, 521, 2023; CC BY 4.0)"
+
+
+@dataclass
+class RunConfig:
+    """The settings of every training run (``train`` and ``train-map``); stored in each checkpoint
+    (``asdict``) and read back by keyword, so adding a field with a default keeps old checkpoints loadable."""
+
+    data: str
+    out: str
+    arch: str = "densenet121"
+    split: str | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    clahe: bool = True
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    threads: int | None = None
+    device: str = "auto"
+    cache_dir: str | None = None
+    export_name: str = "fracture-classifier"
+    export_version: str = "0.1.0"
+    export_half: bool = False
+    target_sensitivity: float = 0.90
+    n_boot: int = 1000
+    limit: int | None = None
+    augment: dict[str, Any] = field(default_factory=dict)
 
 
 def start_run(out: str | Path, threads: int | None, device: str, seed: int) -> tuple[Path, torch.device]:

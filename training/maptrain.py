@@ -50,7 +50,7 @@ from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, Geometry, Inpu
 from training.augment import AugmentConfig, augment_with_mask
 from training.data import Item, load_images, write_split
 from training.export import export_model, machine_description
-from training.loop import dataset_description, load_checkpoint, load_split, save_checkpoint, start_run, write_config
+from training.loop import RunConfig, dataset_description, load_checkpoint, load_split, save_checkpoint, start_run, write_config
 from training.metrics import binary_metrics
 from training.pointing import Box, boxes_on_grid, peak_hit, pointing_game, read_boxes
 
@@ -58,23 +58,17 @@ PixelBox = tuple[float, float, float, float]
 
 
 @dataclass
-class MapTrainConfig:
-    """Everything a fracture-map run depends on (stored in each checkpoint and in the model card)."""
+class MapTrainConfig(RunConfig):
+    """Everything a fracture-map run depends on (stored in each checkpoint and in the model card): the
+    shared :class:`~training.loop.RunConfig` (with this run's defaults) plus the map's own settings."""
 
-    data: str
-    out: str
-    arch: str = "densenet121"
-    split: str | None = None
-    val_fraction: float = 0.2
-    seed: int = 0
+    epochs: int = 12
+    weight_decay: float = 0.05
+    export_name: str = "pacs-ai-fracture-map"
+    export_version: str = "2.0.0"
     scale: int = 512
     crop: int = 256
-    clahe: bool = True
-    epochs: int = 12
     crops_per_epoch: int = 2048
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.05
     pct_start: float = 0.25
     pool_r: float = 5.0
     map_weight: float = 1.0
@@ -85,18 +79,8 @@ class MapTrainConfig:
     hard_fraction: float = 0.3
     hard_pool: int = 128
     checkpoint_minutes: float = 10.0
-    threads: int | None = None
-    device: str = "auto"
-    cache_dir: str | None = None
-    export_name: str = "pacs-ai-fracture-map"
-    export_version: str = "2.0.0"
-    export_half: bool = False
-    target_sensitivity: float = 0.90
-    n_boot: int = 1000
-    limit: int | None = None
     val_batch: int = 8
     val_limit: int | None = None
-    augment: dict[str, Any] = field(default_factory=dict)
     command: str = ""
 
     def spec(self) -> InputSpec:

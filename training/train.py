@@ -31,7 +31,7 @@ from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, nor
 from training.augment import AugmentConfig, augment_batch
 from training.data import Item, load_images
 from training.export import export_model, machine_description
-from training.loop import dataset_description, load_checkpoint, restore_rng_state, rng_state, save_checkpoint, start_run, write_config
+from training.loop import RunConfig, dataset_description, load_checkpoint, restore_rng_state, rng_state, save_checkpoint, start_run, write_config
 from training.loop import load_split as _load_split
 from training.metrics import binary_metrics, softmax_positive
 from training.predict import predict_letterboxed
@@ -51,21 +51,11 @@ __all__ = [
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run depends on (stored in each checkpoint and in the model card)."""
+class TrainConfig(RunConfig):
+    """Everything a classifier run depends on (stored in each checkpoint and in the model card): the
+    shared :class:`~training.loop.RunConfig` plus the classifier's own settings."""
 
-    data: str
-    out: str
-    arch: str = "densenet121"
-    split: str | None = None
-    val_fraction: float = 0.2
-    seed: int = 0
     size: int = 224
-    clahe: bool = True
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
@@ -76,18 +66,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     patience: int = 10
     max_minutes: float | None = None
-    threads: int | None = None
-    device: str = "auto"
-    cache_dir: str | None = None
     export_dir: str | None = None
-    export_name: str = "fracture-classifier"
-    export_version: str = "0.1.0"
-    export_half: bool = False
-    target_sensitivity: float = 0.90
-    n_boot: int = 1000
-    limit: int | None = None
     progress: bool = True
-    augment: dict[str, Any] = field(default_factory=dict)
 
     def spec(self) -> InputSpec:
         return InputSpec(size=self.size, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe=self.clahe)
