@@ -3,8 +3,11 @@
 Helpers importable from any test (``from conftest import free_port, TEST_DATA``):
 - ``free_port()``: a TCP port on 127.0.0.1 free right now.
 - ``REPO_ROOT``, ``TEST_DATA`` (the committed samples), ``SHARED_DATA`` (../shared/data, may be absent).
-Fixtures: ``shared_dicom`` (../shared/data/dicom or skip), ``wg04_files`` (the ten WG-04 files or skip),
+Fixtures: ``shared_dicom`` (../shared/data/dicom or skip: only for tests that need the full-size set),
+``wg04_files`` (the ten committed small WG-04 files: two images in five encodings, tests/data/wg04),
+``undecodable_files`` (the two committed lossy JPEGs the decoders refuse, tests/data/undecodable),
 ``sample_files`` (the committed tests/data/*.dcm), ``sample_file`` (the small MONOCHROME2 CR).
+tests/data/make_samples.py records how the committed samples were made from ../shared.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO_ROOT / "tests" / "data"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 SHARED_DICOM = SHARED_DATA / "dicom"
+WG04_SMALL = TEST_DATA / "wg04"
+UNDECODABLE = TEST_DATA / "undecodable"
 
 
 def free_port() -> int:
@@ -26,6 +31,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def expected_result_uid(source_uid: str, model_version: str, kind: str) -> str:
+    """The result UID the README and pacs_ai/write/uids.py document, computed here independently.
+
+    Rule: SHA-256 of ``"pacs-ai/result-uid/v1" US source US model_version US kind`` (US = 0x1F), its first 16
+    bytes made an RFC 4122 version-5 UUID (version nibble 5, variant bits 10), written as ``2.25.<integer>``
+    (PS3.5 B.2). Bit operations by hand, no ``uuid`` module, no product code.
+    """
+    import hashlib
+
+    text = "\x1f".join(["pacs-ai/result-uid/v1", source_uid.strip(), model_version, kind]).encode("utf-8")
+    raw = bytearray(hashlib.sha256(text).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return f"2.25.{int.from_bytes(raw, 'big')}"
 
 
 def have_tool(name: str) -> bool:
@@ -40,10 +61,17 @@ def shared_dicom() -> Path:
 
 
 @pytest.fixture(scope="session")
-def wg04_files(shared_dicom: Path) -> list[Path]:
-    files = sorted(shared_dicom.glob("wg04_*/*.dcm"))
-    if not files:
-        pytest.skip(f"no wg04_* files under {shared_dicom}")
+def wg04_files() -> list[Path]:
+    """RG2 (MONOCHROME2 hip) and RG3 (MONOCHROME1 tibia), each as UNC, RLE, J2KR, JLSL and JPLL (8x smaller)."""
+    files = sorted(WG04_SMALL.glob("*.dcm"))
+    assert len(files) == 10, f"the committed WG-04 samples are missing from {WG04_SMALL}"
+    return files
+
+
+@pytest.fixture(scope="session")
+def undecodable_files() -> list[Path]:
+    files = sorted(UNDECODABLE.glob("*.dcm"))
+    assert len(files) == 2, f"the committed undecodable samples are missing from {UNDECODABLE}"
     return files
 
 

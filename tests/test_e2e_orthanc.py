@@ -3,8 +3,8 @@
 1. Start Orthanc (tests/orthanc.py: own config, free ports, temporary storage) with the daemon as a
    DICOM modality, and the daemon (``pacs-ai serve --config``) with Orthanc as its only destination and
    a tiny random-weight model (tests/model_factory.py).
-2. Upload the radiographs of ``../shared/data/dicom`` (five encodings each of a MONOCHROME2 hip and a
-   MONOCHROME1 tibia) to Orthanc with ``storescu``, each in its own transfer syntax, and have Orthanc
+2. Upload the committed WG-04 samples of ``tests/data/wg04`` (five encodings each of a MONOCHROME2 hip and a
+   MONOCHROME1 tibia, 8x smaller than ../shared's originals) to Orthanc with ``storescu``, each in its own transfer syntax, and have Orthanc
    forward each one to the daemon (``POST /modalities/pacsai/store``).
 3. Wait (bounded) until every study in Orthanc holds its originals plus one SC and one SR per original
    (deterministic UIDs), check the SC previews render as PNG and each SR says what the daemon decided
@@ -36,13 +36,13 @@ import pytest
 
 from orthanc import OrthancServer, orthanc_available, storescu
 
+from conftest import WG04_SMALL, expected_result_uid
+
 from pacs_ai.write.structured_report import read_finding
-from pacs_ai.write.uids import derive_uid
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 PACS_AI = Path(sys.executable).parent / "pacs-ai"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -75,8 +75,6 @@ def _prerequisites() -> str | None:
         return "storescu (dcmtk) is not installed"
     if not PACS_AI.exists():
         return f"{PACS_AI} not found (pip install -e .)"
-    if not (SHARED_DICOM / "wg04_RG2_hip_CR").is_dir():
-        return f"{SHARED_DICOM} not found (shared test data absent)"
     try:
         import model_factory  # noqa: F401
     except ImportError as exc:
@@ -146,7 +144,7 @@ class Daemon:
 
 def _expected(ds: pydicom.Dataset) -> dict[str, str]:
     uid = str(ds.SOPInstanceUID)
-    return {"sc": derive_uid(uid, MODEL_VERSION, "sc"), "sr": derive_uid(uid, MODEL_VERSION, "sr")}
+    return {"sc": expected_result_uid(uid, MODEL_VERSION, "sc"), "sr": expected_result_uid(uid, MODEL_VERSION, "sr")}
 
 
 def _find_instance(pacs: OrthancServer, sop_uid: str) -> str | None:
@@ -194,9 +192,8 @@ def test_orthanc_round_trip(tmp_path: Path) -> None:
         pytest.skip(reason)
     from model_factory import make_model_folder
 
-    originals = sorted((SHARED_DICOM / "wg04_RG2_hip_CR").glob("*.dcm")) + sorted(
-        (SHARED_DICOM / "wg04_RG3_tibia_CR").glob("*.dcm")
-    )
+    originals = sorted(WG04_SMALL.glob("RG2_*.dcm")) + sorted(WG04_SMALL.glob("RG3_*.dcm"))
+    assert len(originals) == 10
     samples = sorted((REPO / "tests" / "data").glob("*.dcm"))
     headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in originals + samples}
 
@@ -332,7 +329,13 @@ enabled = false
         except AssertionError:
             print(daemon.log_tail(), file=sys.stderr)
             raise
-        time.sleep(3)  # let any stray re-delivery land before counting
+        # Count only when the daemon has no delivery left to (re)send: a stray re-delivery would land now.
+        store = JobStore(f"sqlite:///{data_dir / 'pacs-ai.db'}")
+        try:
+            _wait(lambda: {d.state.value for d in store.list_deliveries(limit=10_000)} == {"done"}, RESULTS_TIMEOUT_S,
+                  "every delivery done")
+        finally:
+            store.close()
         all_uids = pacs.sop_uids()
         assert len(all_uids) == len(set(all_uids)), "duplicate instances in Orthanc"
         expected_total = len(originals) * 3 + len(samples) * 2

@@ -187,17 +187,13 @@ def _inverted_monochrome2(ds: pydicom.Dataset) -> pydicom.Dataset:
     return out
 
 
-def _mono1_files(shared_dir: Path | None) -> list[Path]:
-    from conftest import SHARED_DICOM, TEST_DATA
+def _mono1_files() -> list[Path]:
+    from conftest import TEST_DATA, WG04_SMALL
 
-    files = sorted(TEST_DATA.glob("*mono1*.dcm"))
-    unc = SHARED_DICOM / "wg04_RG3_tibia_CR" / "RG3_UNC.dcm"
-    if unc.is_file():
-        files.append(unc)
-    return files
+    return [*sorted(TEST_DATA.glob("*mono1*.dcm")), WG04_SMALL / "RG3_UNC.dcm"]
 
 
-@pytest.mark.parametrize("path", _mono1_files(None), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _mono1_files(), ids=lambda p: p.name)
 def test_monochrome1_and_inverted_monochrome2_copy_give_the_same_input(path: Path) -> None:
     ds = pydicom.dcmread(path)
     assert ds.PhotometricInterpretation == "MONOCHROME1"

@@ -24,9 +24,9 @@ from pacs_ai.infer.preprocess import (
     prepare,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DICOM_DIR = SHARED / "dicom"
-needs_dicom = pytest.mark.skipif(not DICOM_DIR.is_dir(), reason=f"shared DICOM data not found at {DICOM_DIR}")
+TEST_DATA = Path(__file__).resolve().parent / "data"
+WG04 = TEST_DATA / "wg04"  # the WG-04 images 8x smaller, in their five encodings (tests/data/make_samples.py)
+UNDECODABLE = TEST_DATA / "undecodable"
 
 
 def make_ds(arr: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None, **extra: object) -> Dataset:
@@ -198,29 +198,28 @@ def test_image_file_to_gray(tmp_path: Path) -> None:
     assert ei.value.reason == "unreadable_image"
 
 
-@needs_dicom
 def test_real_dicom_every_transfer_syntax_same_input() -> None:
     spec = InputSpec()
-    for folder in ("wg04_RG2_hip_CR", "wg04_RG3_tibia_CR"):
-        tensors = [prepare(dicom_to_gray(pydicom.dcmread(f)), spec).tensor for f in sorted((DICOM_DIR / folder).glob("*.dcm"))]
+    for image in ("RG2", "RG3"):
+        tensors = [prepare(dicom_to_gray(pydicom.dcmread(f)), spec).tensor for f in sorted(WG04.glob(f"{image}_*.dcm"))]
         assert len(tensors) == 5
         for t in tensors[1:]:
             torch.testing.assert_close(t, tensors[0])
 
 
-@needs_dicom
 def test_real_monochrome1_has_bright_bone() -> None:
     # In the MONOCHROME1 tibia, raw values are high for air; after inversion the image centre (bone and
     # soft tissue) must be brighter than the corners (air / collimation).
-    g = dicom_to_gray(pydicom.dcmread(DICOM_DIR / "wg04_RG3_tibia_CR" / "RG3_UNC.dcm"))
+    g = dicom_to_gray(pydicom.dcmread(WG04 / "RG3_UNC.dcm"))
     h, w = g.shape
     centre = g[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3].mean()
     assert centre > 0.3
 
 
-@needs_dicom
 def test_real_undecodable() -> None:
-    for f in sorted((DICOM_DIR / "edge_cases_undecodable").glob("*.dcm")):
+    files = sorted(UNDECODABLE.glob("*.dcm"))
+    assert len(files) == 2
+    for f in files:
         with pytest.raises(InputError) as ei:
             dicom_to_gray(pydicom.dcmread(f))
         assert ei.value.reason == "undecodable_pixel_data"

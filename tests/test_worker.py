@@ -80,11 +80,10 @@ def make_worker(store: JobStore, engine: Any, tmp_path: Path, writer=png_writer,
     return Worker(store, engine, writer, tmp_path / "results", DESTINATIONS, owner="w1", **kw)
 
 
-def test_batch_with_good_undecodable_and_non_dicom_files(store, engine, tmp_path, sample_files, shared_dicom) -> None:
+def test_batch_with_good_undecodable_and_non_dicom_files(store, engine, tmp_path, sample_files, undecodable_files) -> None:
     not_dicom = tmp_path / "not.dcm"
     not_dicom.write_text("this is not DICOM")
-    undecodable = sorted((shared_dicom / "edge_cases_undecodable").glob("*.dcm"))
-    assert len(undecodable) == 2
+    undecodable = undecodable_files
     good = [enqueue(store, f) for f in sample_files]
     bad = {enqueue(store, f): "undecodable_pixel_data" for f in undecodable}
     bad[enqueue(store, not_dicom)] = "unreadable_dicom"
@@ -222,7 +221,7 @@ def test_jobs_claimed_when_stop_is_set_go_back_to_the_queue(store, engine, tmp_p
 
 
 def test_worker_with_the_real_result_writer(store, engine, tmp_path, sample_files) -> None:
-    results = pytest.importorskip("pacs_ai.write.results")
+    from pacs_ai.write import results
     job_id = enqueue(store, sample_files[0])
     worker = make_worker(store, engine, tmp_path, writer=results.write_results)
     assert worker.run_once() == 1

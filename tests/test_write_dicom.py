@@ -1,7 +1,7 @@
 """The result objects: Secondary Capture + TID 1500 Structured Report, validated by dciodvfy and dcmdump.
 
-Runs ``write_results`` on the real radiographs of ``../shared/data/dicom`` (a MONOCHROME2 hip and a
-MONOCHROME1 tibia) and on any committed sample in ``tests/data``, once per architecture name, with a
+Runs ``write_results`` on the committed samples in ``tests/data`` (real WG-04 radiographs made small: a
+MONOCHROME2 hip and a MONOCHROME1 tibia, uncompressed and, from tests/data/wg04, JPEG 2000 and JPEG-LS), once per architecture name, with a
 synthetic heat map (the writer does not care where the map comes from), and checks every object with
 ``dciodvfy`` (no "Error" line), ``dcmdump`` and a read-back of its content.
 """
@@ -19,6 +19,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from conftest import WG04_SMALL, expected_result_uid
+
 from pacs_ai.errors import DicomWriteError
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.write.overlay import Caption, hottest_region, normalise_heat, render_result_image
@@ -27,7 +29,6 @@ from pacs_ai.write.structured_report import read_finding
 from pacs_ai.write.uids import derive_uid
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 ARCHITECTURES = ("resnet50", "vgg16", "densenet121")
@@ -51,13 +52,8 @@ except ImportError:  # pragma: no cover
 
 def _sources() -> list[Any]:
     found: list[Any] = []
-    for name in ("wg04_RG2_hip_CR/RG2_UNC.dcm", "wg04_RG3_tibia_CR/RG3_UNC.dcm"):
-        path = SHARED_DICOM / name
-        found.append(
-            pytest.param(path, id=path.stem, marks=[] if path.is_file() else [
-                pytest.mark.skip(reason=f"{path} not found (shared test data absent)")
-            ])
-        )
+    for name in ("RG2_J2KR.dcm", "RG3_JLSL.dcm"):  # compressed sources: the results are still uncompressed
+        found.append(pytest.param(WG04_SMALL / name, id=f"wg04-{Path(name).stem}"))
     for path in sorted((REPO / "tests" / "data").glob("*.dcm")):  # field_cases/ have their own tests
         found.append(pytest.param(path, id=f"sample-{path.stem}"))
     return found
@@ -95,10 +91,7 @@ def _load(path: Path) -> tuple[pydicom.Dataset, Any]:
     """Decode each source once per test session (decoding a 2140x1760 image costs about half a second)."""
     if path not in _PREPARED:
         ds = pydicom.dcmread(path)
-        try:
-            prepared = prepare(dicom_to_gray(ds), InputSpec())
-        except Exception as exc:  # a committed sample that is not a greyscale image
-            pytest.skip(f"{path.name} cannot be prepared: {exc}")
+        prepared = prepare(dicom_to_gray(ds), InputSpec())
         _PREPARED[path] = (ds, prepared)
     return _PREPARED[path]
 
@@ -161,10 +154,10 @@ def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -
         assert arch in equipment.ManufacturerModelName
         assert any("1.2.3" in v for v in equipment.SoftwareVersions)
     src_uid = ds.SOPInstanceUID
-    assert sc.SOPInstanceUID == out.sc_sop_instance_uid == derive_uid(src_uid, "1.2.3", "sc")
-    assert sr.SOPInstanceUID == out.sr_sop_instance_uid == derive_uid(src_uid, "1.2.3", "sr")
-    assert sc.SeriesInstanceUID == out.sc_series_instance_uid == derive_uid(src_uid, "1.2.3", "sc-series")
-    assert sr.SeriesInstanceUID == out.sr_series_instance_uid == derive_uid(src_uid, "1.2.3", "sr-series")
+    assert sc.SOPInstanceUID == out.sc_sop_instance_uid == expected_result_uid(src_uid, "1.2.3", "sc")
+    assert sr.SOPInstanceUID == out.sr_sop_instance_uid == expected_result_uid(src_uid, "1.2.3", "sr")
+    assert sc.SeriesInstanceUID == out.sc_series_instance_uid == expected_result_uid(src_uid, "1.2.3", "sc-series")
+    assert sr.SeriesInstanceUID == out.sr_series_instance_uid == expected_result_uid(src_uid, "1.2.3", "sr-series")
 
     # The Secondary Capture.
     assert sc.SOPClassUID == SC_CLASS
@@ -217,7 +210,7 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     expected_p = 87.346 if fractured else 6.234
     out = write_results(ds, prepared, _prediction("resnet50", fractured, expected_p / 100), tmp_path).files
     sr = hd.sr.srread(out.sr)
-    tracking_uid = derive_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
+    tracking_uid = expected_result_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
     groups = sr.content.get_image_measurement_groups()
     rois = sr.content.get_planar_roi_measurement_groups()
     assert len(groups) == 1 and len(rois) == 1
@@ -277,9 +270,8 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     assert finding.region == pytest.approx(tuple(out.region))
 
 
-@pytest.mark.skipif(not (SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm").is_file(), reason="shared data absent")
 def test_reprocessing_gives_the_same_uids_and_replaces_files(tmp_path: Path) -> None:
-    ds, prepared = _load(SHARED_DICOM / "wg04_RG2_hip_CR" / "RG2_UNC.dcm")
+    ds, prepared = _load(WG04_SMALL / "RG2_J2KR.dcm")
     first = write_results(ds, prepared, _prediction("densenet121", True), tmp_path).files
     second = write_results(ds, prepared, _prediction("densenet121", False, 0.2), tmp_path).files
     for key in ("sc_sop_instance_uid", "sr_sop_instance_uid", "sc_series_instance_uid", "sr_series_instance_uid"):
@@ -300,8 +292,9 @@ def test_derive_uid_is_deterministic_and_distinct() -> None:
     assert uids == {kind: derive_uid(src, "1.0.0", kind) for kind in uids}
     assert derive_uid(src, "1.0.1", "sc") != uids["sc"]
     assert derive_uid("1.2.3.4.6", "1.0.0", "sc") != uids["sc"]
-    for uid in uids.values():
+    for kind, uid in uids.items():
         assert pydicom.uid.UID(uid).is_valid and len(uid) <= 64 and uid.startswith("2.25.")
+        assert uid == expected_result_uid(src, "1.0.0", kind)  # the documented rule, computed independently
     with pytest.raises(ValueError):
         derive_uid(src, "1.0.0", "bogus")
 

@@ -1,9 +1,9 @@
 """The bad-input corpus: builders for malformed, unsupported and hostile DICOM inputs, with expected outcomes.
 
 Every case is built on demand into a folder (nothing large is committed): from the committed sample under
-``tests/data`` (decoded, shrunk and re-UID'd) or from synthesised pydicom datasets, plus the undecodable
-files of ``../shared/data/dicom/edge_cases_undecodable`` when that folder exists (those cases are skipped
-otherwise; the synthesised corrupt JPEG-LS / JPEG 2000 / RLE streams cover the same path on any clone).
+``tests/data`` (decoded, shrunk and re-UID'd) or from synthesised pydicom datasets, plus the two real
+undecodable lossy JPEGs committed under ``tests/data/undecodable`` (WG-04 RG2/RG3_JPLY, see
+tests/data/make_samples.py); synthesised corrupt JPEG-LS / JPEG 2000 / RLE streams cover the same path.
 
 ``CASES`` is the table: each :class:`Case` has an id, what it is, how it is sent, and its
 :class:`Expect`-ed outcome, one of
@@ -43,8 +43,7 @@ from pydicom.uid import (
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES_DIR = REPO / "tests" / "data"
-SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
-UNDECODABLE_DIR = SHARED_DICOM / "edge_cases_undecodable"
+UNDECODABLE_DIR = REPO / "tests" / "data" / "undecodable"  # committed copies of WG-04 RG2/RG3_JPLY
 
 CR = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
@@ -587,7 +586,7 @@ def build_no_modality(folder: Path) -> CaseInput:
     return _one(folder, "no-modality", ds)
 
 
-def _shared_undecodable(name: str) -> Callable[[Path], CaseInput]:
+def _undecodable(name: str) -> Callable[[Path], CaseInput]:
     def build(folder: Path) -> CaseInput:
         # Re-UID a copy: a resend of the same instance would only be a duplicate of an earlier run.
         ds = dcmread(UNDECODABLE_DIR / name)
@@ -597,10 +596,6 @@ def _shared_undecodable(name: str) -> Callable[[Path], CaseInput]:
         return _one(folder, name.removesuffix(".dcm"), ds)
 
     return build
-
-
-def _needs_shared(name: str) -> Callable[[], str]:
-    return lambda: "" if (UNDECODABLE_DIR / name).is_file() else f"{UNDECODABLE_DIR / name} not present"
 
 
 def build_deflated(folder: Path) -> CaseInput:
@@ -621,10 +616,10 @@ CASES: list[Case] = [
          build_truncated_header),
     Case("short_pixel_data", "Pixel Data 2/3 of what Rows x Columns x Bits says", dead("undecodable_pixel_data"),
          build_short_pixels),
-    Case("undecodable_rg2_jply", "real 12-bit lossy JPEG Extended the decoders refuse (shared data)",
-         dead("undecodable_pixel_data"), _shared_undecodable("RG2_JPLY.dcm"), _needs_shared("RG2_JPLY.dcm")),
-    Case("undecodable_rg3_jply", "real 12-bit lossy JPEG Extended the decoders refuse (shared data)",
-         dead("undecodable_pixel_data"), _shared_undecodable("RG3_JPLY.dcm"), _needs_shared("RG3_JPLY.dcm")),
+    Case("undecodable_rg2_jply", "real 12-bit lossy JPEG Extended the decoders refuse (tests/data/undecodable)",
+         dead("undecodable_pixel_data"), _undecodable("RG2_JPLY.dcm")),
+    Case("undecodable_rg3_jply", "real 12-bit lossy JPEG Extended the decoders refuse (tests/data/undecodable)",
+         dead("undecodable_pixel_data"), _undecodable("RG3_JPLY.dcm")),
     Case("corrupt_jpegls", "JPEG-LS stream with its marker segments overwritten", dead("undecodable_pixel_data"),
          _corrupt_stream(JPEGLSLossless, "header"), lambda: _encoder_missing(JPEGLSLossless)),
     Case("corrupt_j2k", "JPEG 2000 lossless codestream truncated to 30 %", dead("undecodable_pixel_data"),
