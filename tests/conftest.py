@@ -12,6 +12,7 @@ tests/data/make_samples.py records how the committed samples were made from ../s
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 from pathlib import Path
@@ -85,6 +86,50 @@ def sample_files() -> list[Path]:
 @pytest.fixture(scope="session")
 def sample_file() -> Path:
     return TEST_DATA / "cr_hip_mono2_small.dcm"
+
+
+STORE_ERROR_LINE = "C-STORE failed with an unexpected error"
+"""What the listener logs, with the traceback, when its C-STORE handler raises (pacs_ai/receive/listener.py)."""
+
+
+class _StoreErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(STORE_ERROR_LINE):
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _no_store_handler_errors(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Fail every test during which a C-STORE handler raised an unexpected exception: in this process
+    (a listener the test runs) or in a daemon the test started (tests/daemon_harness.py keeps their logs).
+    A 0xA700 answer is only right for a resource fault, never for a bug. Tests that provoke one on purpose
+    carry ``@pytest.mark.store_errors_expected``."""
+    from daemon_harness import STARTED_LOGS
+
+    handler = _StoreErrors()
+    logger = logging.getLogger("pacs_ai.receive")
+    logger.addHandler(handler)
+    STARTED_LOGS.clear()
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if request.node.get_closest_marker("store_errors_expected"):
+        return
+    found = [f"in this process: {r.getMessage()}\n{logging.Formatter().formatException(r.exc_info)}"
+             for r in handler.records if r.exc_info]
+    for log in STARTED_LOGS:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        at = text.find(STORE_ERROR_LINE)
+        if at >= 0:
+            found.append(f"in the daemon ({log}):\n{text[at:at + 3000]}")
+    if found:
+        pytest.fail("unexpected exception(s) in the C-STORE handler (answered 0xA700):\n" + "\n".join(found[:3]),
+                    pytrace=False)
 
 
 class Tmpfs:

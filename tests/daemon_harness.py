@@ -319,6 +319,8 @@ class DaemonError(AssertionError):
 
 
 _RUNNING: set[subprocess.Popen[bytes]] = set()
+STARTED_LOGS: list[Path] = []
+"""The log of every daemon started since the last ``clear()`` (tests/conftest.py checks them after each test)."""
 
 
 def _kill_leftovers() -> None:
@@ -418,6 +420,8 @@ class Daemon:
         if self.alive:
             return self
         self.starts += 1
+        if self.log_path not in STARTED_LOGS:
+            STARTED_LOGS.append(self.log_path)
         log = open(self.log_path, "ab")
         log.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n".encode())
         log.flush()

@@ -26,7 +26,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
-from conftest import REPO_ROOT, copies, free_port, have_tool
+from conftest import REPO_ROOT, STORE_ERROR_LINE, copies, free_port, have_tool
 from pacs_ai.config import ListenerConfig
 from pacs_ai.queue.jobstore import JobState, JobStore
 from pacs_ai.receive import contexts as cx
@@ -603,3 +603,41 @@ def test_port_in_use_is_reported(serve) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PacsAiError, match=f"cannot listen on 127.0.0.1:{server.port}"):
         other.start()
     assert not other.running and echo(server.port)
+
+
+@pytest.mark.store_errors_expected
+def test_a_bug_in_the_store_handler_is_logged_with_its_traceback_counted_and_answered_a700(
+    tmp_path: Path, sample_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception (a bug, here a KeyError from the job commit) answers 0xA700 so the sender
+    keeps the image, logs the traceback and counts it in ``pacs_ai_store_errors_total``; every other test
+    fails when this happens (tests/conftest.py)."""
+    from pacs_ai.ops.metrics import Metrics
+
+    caplog.set_level(logging.ERROR, logger="pacs_ai.receive")
+    metrics = Metrics()
+    jobs = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}")
+    real_enqueue = jobs.enqueue
+
+    def buggy_enqueue(**kwargs: Any) -> Any:
+        raise KeyError("study_instance_uid")
+
+    jobs.enqueue = buggy_enqueue  # type: ignore[method-assign]
+    listener = Listener(ListenerConfig(port=free_port(), network_timeout_s=20.0), Spool(tmp_path / "spool"), jobs,
+                        observer=metrics)
+    listener.start()
+    try:
+        assert send(listener.port, [sample_file]) == [cx.STATUS_OUT_OF_RESOURCES]
+        records = [r for r in caplog.records if r.getMessage().startswith(STORE_ERROR_LINE)]
+        assert len(records) == 1 and records[0].exc_info is not None
+        assert records[0].exc_info[0] is KeyError
+        assert "buggy_enqueue" in caplog.text  # the traceback names where it happened
+        text = metrics.render().decode()
+        assert 'pacs_ai_store_errors_total{exception="KeyError"} 1.0' in text
+        assert 'pacs_ai_images_rejected_total{status="0xA700"} 1.0' in text
+        jobs.enqueue = real_enqueue  # type: ignore[method-assign]
+        assert send(listener.port, [sample_file]) == [0]  # the sender's resend is stored; still one error
+        assert 'pacs_ai_store_errors_total{exception="KeyError"} 1.0' in metrics.render().decode()
+    finally:
+        listener.stop(grace_s=2)
+        jobs.close()

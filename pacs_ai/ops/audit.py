@@ -90,6 +90,9 @@ class AuditLog:
     def image_rejected(self, status: int, reason: str) -> None:
         pass
 
+    def store_error(self, exception: str) -> None:
+        pass
+
     def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:
         pass
 

@@ -19,6 +19,10 @@ class Observer(Protocol):
     def image_rejected(self, status: int, reason: str) -> None:
         """A C-STORE was answered with a non-success ``status``."""
 
+    def store_error(self, exception: str) -> None:
+        """The C-STORE handler raised an unexpected exception (a bug: its class name, e.g. ``KeyError``);
+        the image was answered 0xA700 and ``image_rejected`` follows."""
+
     def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:
         """A job ended an attempt in ``state`` (done, failed or dead); seconds spent per stage."""
 
@@ -39,6 +43,9 @@ class NullObserver:
         pass
 
     def image_rejected(self, status: int, reason: str) -> None:
+        pass
+
+    def store_error(self, exception: str) -> None:
         pass
 
     def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:

@@ -6,6 +6,7 @@ Every metric is named ``pacs_ai_<name>``:
 ``images_received_total``              counter    instances stored and queued (duplicates included)
 ``images_duplicate_total``             counter    of which re-sent instances already known
 ``images_rejected_total{status}``      counter    C-STOREs answered with a failure status (hex, e.g. 0xA700)
+``store_errors_total{exception}``      counter    unexpected exceptions in the C-STORE handler (a bug; 0 expected)
 ``associations_total{result}``         counter    association requests, accepted/rejected
 ``jobs_finished_total{state}``         counter    job attempts ended done / failed / dead
 ``inference_seconds``                  histogram  model time per job
@@ -59,6 +60,9 @@ class Metrics:
         self.images_received = Counter("images_received", "DICOM instances stored and queued", **kw)
         self.images_duplicate = Counter("images_duplicate", "Received instances that were already known", **kw)
         self.images_rejected = Counter("images_rejected", "C-STORE requests answered with a failure", ["status"], **kw)
+        self.store_errors = Counter(
+            "store_errors", "Unexpected exceptions in the C-STORE handler (answered 0xA700)", ["exception"], **kw
+        )
         self.associations = Counter("associations", "Association requests", ["result"], **kw)
         self.jobs_finished = Counter("jobs_finished", "Job attempts ended, by resulting state", ["state"], **kw)
         self.inference_seconds = Histogram(
@@ -90,6 +94,9 @@ class Metrics:
 
     def image_rejected(self, status: int, reason: str) -> None:
         self.images_rejected.labels(status=f"0x{int(status):04X}").inc()
+
+    def store_error(self, exception: str) -> None:
+        self.store_errors.labels(exception=exception).inc()
 
     def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:
         self.jobs_finished.labels(state=state).inc()

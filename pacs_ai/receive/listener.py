@@ -278,8 +278,9 @@ class Listener:
     def _on_store(self, event: Any) -> int:
         try:
             status, reason = self._store(event)
-        except Exception as exc:  # never let an exception escape into pynetdicom
+        except Exception as exc:  # never let an exception escape into pynetdicom: a bug, logged and counted
             log.exception("C-STORE failed with an unexpected error; answering 0xA700")
+            self._notify("store_error", type(exc).__name__)
             status, reason = cx.STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
         if status != cx.STATUS_SUCCESS:
             self._notify(lambda: self.observer.image_rejected(status, reason), "image_rejected")
