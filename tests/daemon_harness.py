@@ -4,7 +4,7 @@
     with Daemon(tmp_path / "d", model=model, destinations=[dest]) as daemon:   # started, C-ECHO answered
         result = send_files(daemon.port, files)            # pynetdicom SCU, files sent byte for byte
         daemon.wait_settled(uids, timeout=60)              # every job done or dead
-        daemon.kill(); daemon.start()                      # SIGKILL, restart on the same port and data
+        daemon.kill(); daemon.start()                      # SIGKILL daemon and worker child, restart
         daemon.jobs().find_by_sop_uid(uid).last_error      # the daemon's own job store
 
 Everything listens on 127.0.0.1 on free ports; every wait is bounded. ``Daemon`` writes a TOML config in
@@ -485,11 +485,34 @@ class Daemon:
                 self.proc.wait(10)
         return self.proc.returncode
 
-    def kill(self) -> None:
-        """SIGKILL, like a power cut for the process (nothing gets to clean up)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    def children(self) -> list[int]:
+        """PIDs of the daemon's child processes (its worker) right now."""
+        if not self.alive:
+            return []
+        pids: list[int] = []
+        try:
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():  # type: ignore[union-attr]
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+        return pids
+
+    def kill(self) -> list[int]:
+        """SIGKILL the daemon and its worker child at once, like a power cut (nothing gets to clean up:
+        the child's parent-death SIGTERM finds it already dead). ``serve`` runs in its own session, so its
+        process group is the daemon and its children. Returns the PIDs killed."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        pids = [self.proc.pid, *self.children()]
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in pids[1:]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the child is reaped by init
+        left = [pid for pid in pids[1:] if _running(pid)]
+        if left:
+            raise DaemonError(f"processes of the killed daemon still run: {left}")
+        return pids
 
     def restart(self, timeout: float = 120.0) -> Daemon:
         self.stop()
@@ -567,6 +590,15 @@ class Daemon:
                 return True
             time.sleep(poll)
         return condition()
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -97,6 +97,28 @@ class _Refusal:
 
 
 @dataclass
+class Hold:
+    """The next dataset ``predicate`` accepts is held inside the C-STORE handler until ``release``.
+
+    ``entered`` is set when the handler holds it (the whole dataset has arrived; the sender waits for the
+    answer); ``assoc`` is that association. ``release(store=True)`` stores and answers success, like a PACS
+    that commits on receipt; ``release(store=False)`` answers 0xA700 and keeps nothing, like a PACS that
+    commits only with its answer.
+    """
+
+    predicate: Callable[[Dataset], bool]
+    entered: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    store: bool = True
+    assoc: object = None
+    sop_instance_uid: str = ""
+
+    def release(self, store: bool) -> None:
+        self.store = store
+        self.released.set()
+
+
+@dataclass
 class DestSCP:
     """A recording Storage SCP. ``start()`` / ``stop()`` may be called repeatedly; the port stays the same.
 
@@ -120,6 +142,7 @@ class DestSCP:
             self.port = free_port()
         self._lock = threading.Condition()
         self._refusals: list[_Refusal] = []
+        self._holds: list[Hold] = []
         self._server = None
         self._ae: AE | None = None
 
@@ -134,6 +157,13 @@ class DestSCP:
         """Refuse every object of the given studies (results keep the source image's study)."""
         studies = frozenset(study_uids)
         self.refuse(lambda ds: str(ds.get("StudyInstanceUID", "")) in studies, status)
+
+    def hold(self, predicate: Callable[[Dataset], bool]) -> Hold:
+        """Hold the next dataset ``predicate`` accepts in the handler (see :class:`Hold`)."""
+        hold = Hold(predicate)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
 
     def clear_refusals(self) -> None:
         with self._lock:
@@ -192,8 +222,15 @@ class DestSCP:
         except Exception:  # noqa: BLE001 - a dataset we cannot parse
             return 0xC210
         with self._lock:
-            status = 0x0000
-            for refusal in self._refusals:
+            hold = next((h for h in self._holds if not h.entered.is_set() and h.predicate(ds)), None)
+            if hold is not None:
+                hold.assoc, hold.sop_instance_uid = event.assoc, str(ds.get("SOPInstanceUID", ""))
+                hold.entered.set()
+        if hold is not None and not hold.released.wait(300):  # bounded: a test that forgot to release
+            raise AssertionError("a held C-STORE was never released")
+        with self._lock:
+            status = 0x0000 if hold is None or hold.store else 0xA700
+            for refusal in self._refusals if status == 0x0000 else ():
                 try:
                     if refusal.predicate(ds):
                         status = refusal.status
