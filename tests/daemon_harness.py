@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -187,12 +188,14 @@ def send_files(
     timeout: float = 60.0,
     stop: threading.Event | None = None,
     on_sent: Callable[[Sent], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AssocResult:
     """Send ``files`` byte for byte (as stored) in one association; one ``Sent`` per file, in order.
 
     Each file's own SOP class and transfer syntax are proposed (no conversion). A file whose context
     the peer did not accept gets ``status=None, error='no accepted presentation context'``; after an
-    abort every remaining file gets ``status=None``. ``stop`` ends the association early.
+    abort every remaining file gets ``status=None``. ``stop`` ends the association early. ``ssl_context``
+    (a TLS client context) makes it a DICOM TLS association.
     """
     files = [Path(f) for f in files]
     idents = [file_identity(f) for f in files]
@@ -207,7 +210,8 @@ def send_files(
         raise ValueError("too many presentation contexts for one association")
     peer = Destination(name="daemon", ae_title=called_ae, host=host, port=port)
     try:
-        assoc = open_association(peer, contexts, calling_ae_title=calling_ae, timeout_s=timeout)
+        assoc = open_association(peer, contexts, calling_ae_title=calling_ae, timeout_s=timeout,
+                                 ssl_context=ssl_context)
     except DestinationUnreachable as exc:
         result = AssocResult(accepted=False, rejected="no association" if exc.kind == "unreachable" else exc.kind)
         result.sent = [Sent(f, ident[1], None, result.rejected) for f, ident in zip(files, idents)]
@@ -245,7 +249,8 @@ class _Quiet(logging.Filter):
 
 
 def echo(
-    port: int, host: str = "127.0.0.1", called_ae: str = DAEMON_AE, timeout: float = 5.0, quiet: bool = False
+    port: int, host: str = "127.0.0.1", called_ae: str = DAEMON_AE, timeout: float = 5.0, quiet: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> bool:
     """True when the peer answers a C-ECHO with success within ``timeout`` seconds.
 
@@ -256,15 +261,16 @@ def echo(
     if quiet:
         transport.addFilter(hush)
     try:
-        return _echo(port, host, called_ae, timeout)
+        return _echo(port, host, called_ae, timeout, ssl_context)
     finally:
         transport.removeFilter(hush)
 
 
-def _echo(port: int, host: str, called_ae: str, timeout: float) -> bool:
+def _echo(port: int, host: str, called_ae: str, timeout: float, ssl_context: ssl.SSLContext | None = None) -> bool:
     peer = Destination(name="daemon", ae_title=called_ae, host=host, port=port)
     try:
-        assoc = open_association(peer, [build_context(Verification)], calling_ae_title=TEST_AE, timeout_s=timeout)
+        assoc = open_association(peer, [build_context(Verification)], calling_ae_title=TEST_AE, timeout_s=timeout,
+                                 ssl_context=ssl_context)
     except Exception:  # noqa: BLE001 - not up (yet), rejected, or anything else: no echo
         return False
     try:
@@ -294,13 +300,20 @@ def _toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]], destinations: Sequence[dict[str, Any]]) -> Path:
+    """Write the config; a dict value is a sub-table (``{"listener": {"tls": {...}}}`` is ``[listener.tls]``)."""
     lines: list[str] = ["# written by tests/daemon_harness.py"]
-    for name, table in sections.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+
+    def table(header: str, values: dict[str, Any], array: bool = False) -> None:
+        lines.append(f"\n[[{header}]]" if array else f"\n[{header}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{header}.{k}", v)
+
+    for name, values in sections.items():
+        table(name, values)
     for dest in destinations:
-        lines.append("\n[[destinations]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in dest.items()]
+        table("destinations", dest, array=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -350,12 +363,14 @@ class Daemon:
         port: int | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.root / "data"
         self.port = port or free_port()
         self.ae_title = DAEMON_AE
+        self.client_ssl = client_ssl  # the TLS client context of the harness's echo and send (a TLS listener)
         models = [model] if isinstance(model, (str, Path)) else list(model)
         sections: dict[str, dict[str, Any]] = {
             "listener": {
@@ -446,7 +461,7 @@ class Daemon:
             if not self.alive:
                 raise DaemonError(f"pacs-ai serve exited with {self.proc.returncode if self.proc else '?'}:\n"
                                   f"{self.log_tail()}")
-            if echo(self.port, timeout=2.0, quiet=True):
+            if echo(self.port, timeout=2.0, quiet=True, ssl_context=self.client_ssl):
                 return
             time.sleep(0.2)
         raise DaemonError(f"pacs-ai serve did not answer C-ECHO within {timeout:.0f} s:\n{self.log_tail()}")
@@ -540,9 +555,10 @@ class Daemon:
     # -- talking to it ----------------------------------------------------------------------------
 
     def echo(self, timeout: float = 5.0) -> bool:
-        return echo(self.port, timeout=timeout)
+        return echo(self.port, timeout=timeout, ssl_context=self.client_ssl)
 
     def send(self, files: Sequence[Path], **kwargs: Any) -> AssocResult:
+        kwargs.setdefault("ssl_context", self.client_ssl)
         return send_files(self.port, files, **kwargs)
 
     # -- its job store ------------------------------------------------------------------------------

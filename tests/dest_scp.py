@@ -16,6 +16,7 @@ Used by tests/test_faults.py, tests/test_bad_inputs.py and benchmarks/bench_late
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -134,6 +135,8 @@ class DestSCP:
     """Accept only these transfer syntaxes (like a restrictive PACS: ``[ImplicitVRLittleEndian]``)."""
     refuse_sop_classes: frozenset[str] = frozenset()
     """SOP classes whose presentation contexts are rejected (e.g. ``{COMPREHENSIVE_3D_SR}``)."""
+    ssl_context: ssl.SSLContext | None = None
+    """A TLS server context: the destination speaks DICOM TLS (mutual when it requires client certificates)."""
     received: list[Received] = field(default_factory=list)
     datasets: dict[str, Dataset] = field(default_factory=dict)
 
@@ -192,7 +195,8 @@ class DestSCP:
         deadline = time.monotonic() + 10
         while True:  # the port may linger briefly after a stop
             try:
-                self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+                self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers,
+                                               ssl_context=self.ssl_context)
                 break
             except OSError:
                 if time.monotonic() > deadline:

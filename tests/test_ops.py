@@ -340,3 +340,44 @@ def test_status_counts_a_rejected_probe_as_up(tmp_path):
     finally:
         server.shutdown()
     assert report["up"] and "rejected" in report["detail"]
+
+
+def test_status_against_a_running_daemon(tmp_path, sample_file):
+    """``pacs-ai status`` (the console command, in its own process) against the real ``pacs-ai serve``
+    started by tests/daemon_harness.py, after it processed and delivered one image."""
+    import subprocess
+    import sys
+
+    from daemon_harness import Daemon, file_identity, shared_model
+    from dest_scp import DestSCP
+
+    from pacs_ai.infer.model_card import load_model_folder
+
+    model = shared_model()
+    _model, card = load_model_folder(model)
+    with DestSCP(ae_title="STATUSDEST") as dest, Daemon(tmp_path / "daemon", model=model, destinations=[dest]) as daemon:
+        uid = file_identity(sample_file)[1]
+        assert daemon.send([sample_file]).statuses == [0x0000]
+        job = daemon.wait_settled([uid], timeout=120)[uid]
+        assert job is not None and str(job.state) == "done", job
+        assert daemon.wait_until(lambda: daemon.jobs().delivery_counts().get("statusdest") == {"done": 1}, 60)
+
+        def status(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "pacs_ai", "status", "--config", str(daemon.config_path), *extra],
+                                  capture_output=True, text=True, timeout=120, cwd=daemon.root)
+
+        done = status("--json")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["ok"], report
+        assert report["listener"]["up"] and report["listener"]["detail"] == "C-ECHO answered"
+        assert report["listener"]["address"].endswith(f":{daemon.port}") and not report["listener"]["tls"]
+        assert report["queue"]["jobs"]["done"] == 1 and report["queue"]["jobs"]["queued"] == 0
+        assert report["queue"]["deliveries_pending"] == {"statusdest": 0}
+        assert [(m["name"], m["version"], m["ok"]) for m in report["models"]] == [(card.name, card.version, True)]
+        assert report["device"]["effective"] == "cpu"
+        text = status("--strict")
+        assert text.returncode == 0 and "UP" in text.stdout, text.stdout + text.stderr
+    # the daemon stopped: the same command says so, and --strict turns it into exit status 3
+    down = status("--strict")
+    assert down.returncode == 3 and "DOWN" in down.stdout, down.stdout + down.stderr

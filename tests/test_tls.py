@@ -275,3 +275,55 @@ def test_send_and_echo_commands_over_mutual_tls_to_the_real_listener(certs, samp
     finally:
         listener.stop(grace_s=1.0)
         jobs.close()
+
+
+def test_daemon_listener_and_sender_over_mutual_tls(certs, tmp_path, sample_file):
+    """The real ``pacs-ai serve`` with ``[listener.tls]`` (client certificates required) and a destination
+    with ``[destinations.tls]``: an image sent with a client certificate is stored and its results reach a
+    destination that also requires a client certificate; clients without one, with one from another CA, or
+    without TLS are refused and leave no job."""
+    from daemon_harness import Daemon, file_identity, shared_model
+    from dest_scp import DestSCP
+
+    def files(name: str | None, ca: str | None = "ca") -> dict[str, str]:
+        return {k: str(v) for k, v in vars(_tls(certs, name, ca)).items() if v is not None}
+
+    dest = DestSCP(ae_title="TLSDEST", ssl_context=server_context(_tls(certs, "server", "ca")))
+    with dest:
+        daemon = Daemon(
+            tmp_path / "daemon", model=shared_model(),
+            destinations=[{"name": "tlsdest", "ae_title": "TLSDEST", "host": "127.0.0.1", "port": dest.port,
+                           "tls": files("client")}],
+            overrides={"listener": {"tls": files("server")}},
+            client_ssl=client_context(_tls(certs, "client", "ca")),
+        )
+        with daemon:  # started: it answered a C-ECHO over mutual TLS
+            uid = file_identity(sample_file)[1]
+            refused = {
+                "no client certificate": client_context(_tls(certs, None, "ca")),
+                "certificate from another CA": client_context(_tls(certs, "stranger", "ca")),
+            }
+            for why, ctx in refused.items():
+                result = daemon.send([sample_file], ssl_context=ctx, timeout=10)
+                assert not result.accepted, f"a client with {why} was let in"
+            plain = daemon.send([sample_file], ssl_context=None, timeout=10)
+            assert not plain.accepted, "a client without TLS was let in"
+            assert daemon.job(uid) is None, "a refused client left a job"
+
+            result = daemon.send([sample_file])
+            assert result.accepted and result.statuses == [0x0000], result
+            job = daemon.wait_settled([uid], timeout=120)[uid]
+            assert job is not None and str(job.state) == "done", job
+            study = str(pydicom_study(sample_file))
+            assert dest.wait_for(lambda d: d.complete_studies({study}) == {study}, 120), (
+                f"results not delivered over TLS: {daemon.log_tail()}"
+            )
+            assert {r.calling_ae for r in dest.stored()} == {"PACSAI"}
+            (delivery,) = daemon.jobs().list_deliveries(job_id=job.id)
+            assert str(delivery.state) == "done"
+
+
+def pydicom_study(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
