@@ -380,7 +380,10 @@ def test_destination_down_for_the_whole_burst_then_up(tmp_path: Path) -> None:
         uids = [im.sop_uid for im in images]
         jobs = daemon.wait_settled(uids, timeout=90)
         assert all(j is not None and str(j.state) == "done" for j in jobs.values()), "processing waited for the PACS"
-        time.sleep(2.0)  # a few delivery attempts against the closed port
+        # a few delivery attempts against the closed port, for every image
+        assert daemon.wait_until(
+            lambda: len(ds := daemon.jobs().list_deliveries(limit=1000)) == len(images)
+            and min(d.attempts for d in ds) >= 2, 60)
         counts = daemon.jobs().delivery_counts().get("destscp", {})
         assert counts.get("done", 0) == 0 and sum(counts.values()) == len(images), counts
         attempts_while_down = max(d.attempts for d in daemon.jobs().list_deliveries(limit=1000))

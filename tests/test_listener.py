@@ -465,7 +465,7 @@ SERVER_SCRIPT = textwrap.dedent(
     print("READY", listener.port, flush=True)
     signal.signal(signal.SIGTERM, lambda *a: (listener.stop(), sys.exit(0)))
     while True:
-        time.sleep(1)
+        signal.pause()
     """
 )
 
