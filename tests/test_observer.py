@@ -18,6 +18,9 @@ class Recorder(NullObserver):
     def image_rejected(self, status: int, reason: str) -> None:
         self.log.append((self.name, "image_rejected", (status, reason)))
 
+    def store_error(self, exception: str) -> None:
+        self.log.append((self.name, "store_error", (exception,)))
+
     def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:
         self.log.append((self.name, "job_finished", (job_id, state, inference_s, cam_s)))
 
@@ -34,6 +37,7 @@ def test_composite_fans_every_event_out_in_order() -> None:
     composite.association("MOD", "127.0.0.1:1", False, "calling AE title not allowed")
     composite.image_received(1, "2.25.1", 100, False)
     composite.image_rejected(0xA900, "SOP class mismatch")
+    composite.store_error("KeyError")
     composite.job_finished(1, "done", 0.5, 0.25)
     composite.delivered(1, "pacs", 3.0)
     composite.delivery_failed(1, "pacs", "refused", True)
@@ -41,6 +45,7 @@ def test_composite_fans_every_event_out_in_order() -> None:
         ("association", ("MOD", "127.0.0.1:1", False, "calling AE title not allowed")),
         ("image_received", (1, "2.25.1", 100, False)),
         ("image_rejected", (0xA900, "SOP class mismatch")),
+        ("store_error", ("KeyError",)),
         ("job_finished", (1, "done", 0.5, 0.25)),
         ("delivered", (1, "pacs", 3.0)),
         ("delivery_failed", (1, "pacs", "refused", True)),

@@ -76,6 +76,10 @@ class CompositeObserver:
         for observer in self._observers:
             observer.image_rejected(status, reason)
 
+    def store_error(self, exception: str) -> None:
+        for observer in self._observers:
+            observer.store_error(exception)
+
     def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:
         for observer in self._observers:
             observer.job_finished(job_id, state, inference_s, cam_s)

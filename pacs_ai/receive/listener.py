@@ -280,7 +280,8 @@ class Listener:
             status, reason = self._store(event)
         except Exception as exc:  # never let an exception escape into pynetdicom: a bug, logged and counted
             log.exception("C-STORE failed with an unexpected error; answering 0xA700")
-            self._notify("store_error", type(exc).__name__)
+            name = type(exc).__name__
+            self._notify(lambda: self.observer.store_error(name), "store_error")
             status, reason = cx.STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
         if status != cx.STATUS_SUCCESS:
             self._notify(lambda: self.observer.image_rejected(status, reason), "image_rejected")
