@@ -319,8 +319,8 @@ def test_daemon_listener_and_sender_over_mutual_tls(certs, tmp_path, sample_file
                 f"results not delivered over TLS: {daemon.log_tail()}"
             )
             assert {r.calling_ae for r in dest.stored()} == {"PACSAI"}
-            (delivery,) = daemon.jobs().list_deliveries(job_id=job.id)
-            assert str(delivery.state) == "done"
+            assert daemon.wait_until(
+                lambda: [str(d.state) for d in daemon.jobs().list_deliveries(job_id=job.id)] == ["done"], 60)
 
 
 def pydicom_study(path: Path) -> str:
