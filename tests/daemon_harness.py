@@ -557,6 +557,15 @@ class Daemon:
     def echo(self, timeout: float = 5.0) -> bool:
         return echo(self.port, timeout=timeout, ssl_context=self.client_ssl)
 
+    def cli(self, *args: str, timeout: float = 120.0) -> Any:
+        """``pacs-ai ARGS --config <its config>`` in a subprocess; its JSON output (the command must succeed)."""
+        command = serve_command(self.config_path)[:-3]  # the console script (or python -c ...) without "serve"
+        out = subprocess.run([*command, *args, "--config", str(self.config_path)], capture_output=True, text=True,
+                             timeout=timeout, cwd=self.root, env=self.env)
+        if out.returncode != 0:
+            raise DaemonError(f"pacs-ai {' '.join(args)} exited with {out.returncode}: {out.stderr[-2000:]}")
+        return json.loads(out.stdout)
+
     def send(self, files: Sequence[Path], **kwargs: Any) -> AssocResult:
         kwargs.setdefault("ssl_context", self.client_ssl)
         return send_files(self.port, files, **kwargs)

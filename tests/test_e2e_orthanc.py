@@ -18,13 +18,8 @@ Prints the seconds from the C-STORE to the daemon to both results being stored i
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,25 +31,19 @@ import pytest
 
 from orthanc import OrthancServer, orthanc_available, storescu
 
-from conftest import WG04_SMALL, expected_result_uid
+from conftest import WG04_SMALL, expected_result_uid, free_port
+from daemon_harness import Daemon
 
 from pacs_ai.write.structured_report import read_finding
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-PACS_AI = Path(sys.executable).parent / "pacs-ai"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 MODEL_VERSION = "0.0.1-e2e"
 DAEMON_START_TIMEOUT_S = 180.0
 RESULTS_TIMEOUT_S = 420.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(condition: Callable[[], Any], timeout_s: float, what: str, *, every: float = 0.5) -> Any:
@@ -73,73 +62,11 @@ def _prerequisites() -> str | None:
         return "Orthanc is not installed (Debian package orthanc)"
     if shutil.which("storescu") is None:
         return "storescu (dcmtk) is not installed"
-    if not PACS_AI.exists():
-        return f"{PACS_AI} not found (pip install -e .)"
     try:
         import model_factory  # noqa: F401
     except ImportError as exc:
         return f"tests/model_factory.py unavailable: {exc}"
     return None
-
-
-class Daemon:
-    """``pacs-ai serve`` as a subprocess with its own config."""
-
-    def __init__(self, folder: Path, config: str) -> None:
-        self.folder = folder
-        self.config_path = folder / "pacs-ai.toml"
-        self.config_path.write_text(config, encoding="utf-8")
-        self.log_path = folder / "daemon.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, port: int) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [str(PACS_AI), "serve", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.folder,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-        def listening() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"the daemon exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        _wait(listening, DAEMON_START_TIMEOUT_S, "the daemon to listen")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-    def cli(self, *args: str) -> Any:
-        out = subprocess.run(
-            [str(PACS_AI), *args, "--config", str(self.config_path)],
-            capture_output=True, text=True, timeout=120, cwd=self.folder,
-        )
-        assert out.returncode == 0, f"pacs-ai {' '.join(args)} failed: {out.stderr[-2000:]}"
-        return json.loads(out.stdout)
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 def _expected(ds: pydicom.Dataset) -> dict[str, str]:
@@ -198,51 +125,24 @@ def test_orthanc_round_trip(tmp_path: Path) -> None:
     headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in originals + samples}
 
     model = make_model_folder(tmp_path / "model", "resnet50", version=MODEL_VERSION, threshold=0.5)
-    daemon_port = _free_port()
+    daemon_port = free_port()
     pacs = OrthancServer(tmp_path / "orthanc", aet="ORTHANC", modalities={"pacsai": ("PACSAI", "127.0.0.1", daemon_port)})
-    data_dir = tmp_path / "data"
-    config = f"""
-[listener]
-ae_title = "PACSAI"
-host = "127.0.0.1"
-port = {daemon_port}
-
-[storage]
-data_dir = "{data_dir}"
-
-[model]
-path = ["{model}"]
-device = "cpu"
-batch_size = 4
-threads = 2
-
-[worker]
-poll_interval_s = 0.2
-
-[studies]
-enabled = false   # this test counts the per-image results; study SRs: tests/test_studies_orthanc.py
-
-[delivery]
-poll_interval_s = 0.5
-max_attempts = 100
-backoff_base_s = 1.0
-backoff_max_s = 4.0
-timeout_s = 15.0
-
-[[destinations]]
-name = "orthanc"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-
-[metrics]
-enabled = false
-"""
-    daemon = Daemon(tmp_path, config)
+    # The one harness (tests/daemon_harness.py): its config, the test's model, Orthanc as the only destination.
+    daemon = Daemon(
+        tmp_path / "daemon", model=model, port=daemon_port,
+        destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}],
+        overrides={
+            "model": {"batch_size": 4, "threads": 2},
+            "worker": {"poll_interval_s": 0.2, "max_attempts": 3},
+            "delivery": {"poll_interval_s": 0.5, "max_attempts": 100, "backoff_base_s": 1.0, "backoff_max_s": 4.0,
+                         "timeout_s": 15.0},
+        },
+    )
+    data_dir = daemon.data_dir
     timings: dict[str, float] = {}
     try:
         pacs.start()
-        daemon.start(daemon_port)
+        daemon.start(DAEMON_START_TIMEOUT_S)
 
         # -- 1. radiographs -> Orthanc -> daemon -> results in Orthanc ------------------------------------
         pacs.storescu(originals)
@@ -364,4 +264,5 @@ enabled = false
             print("   ", line)
     finally:
         daemon.stop()
+        daemon.close_store()
         pacs.stop()

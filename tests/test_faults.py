@@ -32,7 +32,10 @@ import pytest
 from bad_inputs.corpus import image_dataset, real_pixels, small_images, write
 from daemon_harness import DAEMON_AE, TEST_AE, Daemon, Sent, file_identity, shared_model
 from dest_scp import DestSCP, free_port
-from pynetdicom import AE, evt
+from pynetdicom import build_context, evt
+
+from pacs_ai.config import Destination
+from pacs_ai.send.sender import open_association
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -267,11 +270,9 @@ def send_and_kill_after(daemon: Daemon, path: Path, pdus: int) -> tuple[int | No
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    ae = AE(ae_title=TEST_AE)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate("127.0.0.1", daemon.port, ae_title=DAEMON_AE, evt_handlers=[(evt.EVT_PDU_SENT, on_sent)])
-    assert assoc.is_established
+    peer = Destination(name="daemon", ae_title=DAEMON_AE, host="127.0.0.1", port=daemon.port)
+    assoc = open_association(peer, [build_context(sop_class, [syntax])], calling_ae_title=TEST_AE, timeout_s=30,
+                             evt_handlers=[(evt.EVT_PDU_SENT, on_sent)])
     status: int | None = None
     try:
         rsp = assoc.send_c_store(path)
@@ -281,6 +282,7 @@ def send_and_kill_after(daemon: Daemon, path: Path, pdus: int) -> tuple[int | No
     finally:
         if assoc.is_established:
             assoc.abort()
+        assoc.ae.shutdown()
         cut.set()
         thread.join(60)
     assert count["n"] > pdus, f"the C-STORE ended after {count['n']} PDUs, before the kill at {pdus}"
