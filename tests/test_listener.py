@@ -616,7 +616,7 @@ def test_a_bug_in_the_store_handler_is_logged_with_its_traceback_counted_and_ans
 
     caplog.set_level(logging.ERROR, logger="pacs_ai.receive")
     metrics = Metrics()
-    jobs = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}")
+    jobs = JobStore(f"sqlite:///{tmp_path / 'pacs-ai.db'}", upgrade=True)
     real_enqueue = jobs.enqueue
 
     def buggy_enqueue(**kwargs: Any) -> Any:
