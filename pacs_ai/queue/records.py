@@ -50,6 +50,8 @@ class Job:
     lease_expires_at: datetime | None
     last_error: str | None
     result: dict | None
+    """The stored JSON of a ``pacs_ai.results.JobResult`` (``JobResult.to_json()``; read it with
+    ``JobResult.read(job.result)``), None before the job ended done or skipped."""
     received_at: datetime
     updated_at: datetime
     started_at: datetime | None

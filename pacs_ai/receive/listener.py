@@ -70,11 +70,13 @@ class HeaderUids:
 
     def problems(self) -> list[str]:
         """The attribute names that are missing, empty or longer than 64 characters (a UID's limit)."""
-        return [
-            name
-            for name in ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid")
-            if not getattr(self, name) or len(getattr(self, name)) > 64
-        ]
+        values = {
+            "sop_instance_uid": self.sop_instance_uid,
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "sop_class_uid": self.sop_class_uid,
+        }
+        return [name for name, value in values.items() if not value or len(value) > 64]
 
 
 def read_header_uids(stream: BytesIO, transfer_syntax: UID) -> HeaderUids:
