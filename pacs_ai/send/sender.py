@@ -270,7 +270,7 @@ def open_association(
     if assoc.is_established:
         return assoc
     ae.shutdown()
-    if assoc.is_rejected:
+    if assoc.is_rejected or "rejected" in answer:
         # Even a "permanent" rejection (unknown AE title...) is usually a configuration that someone will
         # fix: retry with backoff; the delivery is dead-lettered after the configured attempts anyway.
         raise DestinationUnreachable(
@@ -279,8 +279,12 @@ def open_association(
     if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
         raise ContextsRefused(name, f"{where} accepts none of the proposed presentation contexts", permanent=True)
     if assoc.is_aborted and answer.get("connected"):
+        # A peer that rejects and closes at once can make the rejection itself be lost (a TCP reset
+        # discards it): from here a rejection and an abort during negotiation look the same.
         raise DestinationUnreachable(
-            name, f"association aborted by {where} (no answer or abort during negotiation)", kind="aborted"
+            name,
+            f"association with {where} aborted during negotiation (the peer rejected or dropped it, or did not answer)",
+            kind="aborted",
         )
     raise DestinationUnreachable(name, f"cannot connect to {where} (connection refused, unreachable or timed out)")
 
