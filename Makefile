@@ -63,6 +63,11 @@ bench: install-test-deps
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 	$(PY) benchmarks/bench_latency.py --full-size   # WG-04 radiographs from ../shared (skips, saying why, without)
 
+## Static checks (settings in pyproject.toml): ruff over the code, tests and benchmarks; mypy over pacs_ai/.
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check pacs_ai training tests benchmarks
+	$(VENV)/bin/mypy
+
 install: install-deps
 	bash systemd/install.sh
 

@@ -18,6 +18,7 @@ with parameter gradients) at batch 1, for comparison.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -142,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             folder = save_model_folder(Path(tmp) / arch, build_model(arch).eval(), card, half=True)
             engine = InferenceEngine([folder], device=args.device, batch_size=max(batches), threads=args.threads)
             dev = engine.device
-            sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+            sync = functools.partial(torch.cuda.synchronize, dev) if dev.type == "cuda" else (lambda: None)
             for b in batches:
                 batch = images(spec, b)
                 iters = args.iters or (20 if dev.type == "cuda" else (5 if b == 1 else 3))
                 t_fwd, t_cam = timed_pair(
-                    lambda: engine.predict(batch, with_cam=False), lambda: engine.predict(batch), iters, args.warmup, sync
+                    functools.partial(engine.predict, batch, with_cam=False),
+                    functools.partial(engine.predict, batch),
+                    iters,
+                    args.warmup,
+                    sync,
                 )
                 row = {
                     "arch": arch, "batch": b, "device": str(dev), "threads": engine.threads,

@@ -224,7 +224,7 @@ def measure_cstore(pacs: Any, files: list[Path], calling_ae: str, rounds: int = 
         release.append(time.perf_counter() - t)
         ae.shutdown()
     out = {"association set-up": statistics.median(setup)}
-    for f, values in zip(files, stores):
+    for f, values in zip(files, stores, strict=True):
         out[f"C-STORE {f.name} ({f.stat().st_size / 1e6:.1f} MB)"] = statistics.median(values)
     out["association release"] = statistics.median(release)
     return out
@@ -235,11 +235,11 @@ def run(args: Any) -> int:
     if reason:
         print(f"full-size mode skipped: {reason}")
         return 0
+    from pydicom import dcmread
+
     from bad_inputs.corpus import reuid_copies
     from daemon_harness import Daemon, send_files
     from orthanc import OrthancServer
-    from pydicom import dcmread
-
     from pacs_ai.infer.model_card import load_card
     from pacs_ai.write.uids import derive_uid
 
@@ -410,7 +410,7 @@ def report(f: dict[str, Any]) -> None:
     for ph in f["phases_ms"].values():
         keys += [k for k in ph if k not in keys]
     labels = dict(WORKER_PHASES)
-    print(f"per-phase medians, ms      " + "".join(f"{e:>14s}" for e in encs))
+    print("per-phase medians, ms      " + "".join(f"{e:>14s}" for e in encs))
     for k in keys:
         print(f"{labels.get(k, k)[:44]:44s}" + "".join(f"{f['phases_ms'][e].get(k, float('nan')):14.1f}" for e in encs))
     print("results to Orthanc from this process (pynetdicom, one association, medians of 5):")

@@ -220,9 +220,10 @@ def _check_value(key: str, value: Any) -> None:
     name = key.rsplit(".", 1)[-1]
     if name == "port" and not 0 < value < 65536:
         raise ConfigError(key, f"must be a TCP port between 1 and 65535, not {value}")
-    if name == "ae_title" or name == "calling_ae_title":
-        if len(value) > 16 or (name == "ae_title" and not value.strip()) or "\\" in value:
-            raise ConfigError(key, f"must be a DICOM AE title of 1 to 16 characters, not {value!r}")
+    if name in ("ae_title", "calling_ae_title") and (
+        len(value) > 16 or (name == "ae_title" and not value.strip()) or "\\" in value
+    ):
+        raise ConfigError(key, f"must be a DICOM AE title of 1 to 16 characters, not {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         positive = ("max_associations", "batch_size", "max_attempts", "lease_seconds", "timeout_s", "busy_timeout_s")
         if name in positive and value <= 0:

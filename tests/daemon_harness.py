@@ -41,7 +41,7 @@ REPO = TESTS.parent
 if str(TESTS) not in sys.path:  # benchmarks import this module too: tests/ holds its siblings
     sys.path.insert(0, str(TESTS))
 
-from dest_scp import DestSCP, free_port
+from dest_scp import DestSCP, free_port  # noqa: E402 - found through the sys.path entry above
 
 from pacs_ai.config import Destination
 from pacs_ai.send.sender import ContextsRefused, DestinationUnreachable, c_store, open_association
@@ -223,10 +223,10 @@ def send_files(
     result = AssocResult(accepted=True)
     try:
         with raw_file_sending():
-            for i, (f, ident) in enumerate(zip(files, idents)):
+            for i, (f, ident) in enumerate(zip(files, idents, strict=True)):
                 if (stop is not None and stop.is_set()) or not assoc.is_established:
                     result.sent.extend(
-                        Sent(g, ig[1], None, "association ended") for g, ig in zip(files[i:], idents[i:])
+                        Sent(g, ig[1], None, "association ended") for g, ig in zip(files[i:], idents[i:], strict=True)
                     )
                     break
                 item = Sent(f, ident[1], None, sent_at=time.time())

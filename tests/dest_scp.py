@@ -261,10 +261,9 @@ class DestSCP:
             referenced_sop_instance_uids=tuple(dict.fromkeys(r for r in refs if r)),
             transfer_syntax=str(event.context.transfer_syntax),
         )
-        if status == 0x0000:
-            if self.save_dir is not None:
-                self.save_dir.mkdir(parents=True, exist_ok=True)
-                ds.save_as(self.save_dir / f"{rec.sop_instance_uid}.dcm", enforce_file_format=True)
+        if status == 0x0000 and self.save_dir is not None:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            ds.save_as(self.save_dir / f"{rec.sop_instance_uid}.dcm", enforce_file_format=True)
         with self._lock:
             self.received.append(rec)
             if status == 0x0000 and self.keep_datasets:

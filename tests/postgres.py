@@ -11,6 +11,7 @@ and the folder removed on teardown. fsync is off: the data is disposable.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -138,15 +139,11 @@ class PostgresServer:
     def stop(self) -> None:
         pid = self._postmaster_pid()
         if pid is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._run(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "20", timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
             if self._postmaster_pid() == pid:  # still there: kill the postmaster we started
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 

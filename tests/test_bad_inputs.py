@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from bad_inputs.corpus import ALLOWED_AE, CASES, HUGE_ASSOCIATION, Case, good_image
 from daemon_harness import Daemon, file_identity, shared_model
 
@@ -143,7 +144,7 @@ def test_bad_input(case: Case, daemon: Daemon, tmp_path: Path) -> None:
                 wrong = [(u, j.state, j.last_error) for u, j in jobs.items() if str(j.state) != "done"]
                 assert not wrong, f"expected done, got {wrong[:3]}"
             else:
-                for u, j in jobs.items():
+                for j in jobs.values():
                     assert str(j.state) == "dead", f"expected dead ({expect.reason}), got {j.state}"
                     error = j.last_error or ""
                     assert error.startswith(expect.reason) or f"{expect.reason}:" in error, (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from browser import ConsoleLog, browser, page  # noqa: F401
 
 pytestmark = [pytest.mark.browser]

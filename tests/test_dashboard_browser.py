@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from bad_inputs.corpus import build_multiframe
 from browser import browser, page, screenshots  # noqa: F401
 from conftest import TEST_DATA, copies, free_port
 from daemon_harness import Daemon
 from dest_scp import DestSCP
-
 from pacs_ai.config import BUNDLED_MODEL
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from model_factory import calibration_batch, make_model_folder, model_folder
 
+from model_factory import calibration_batch, make_model_folder, model_folder
 from pacs_ai.errors import ConfigError, ModelError
 from pacs_ai.infer.architectures import ARCHITECTURES
 from pacs_ai.infer.device import autocast_dtype, configure_threads, select_device, thread_count
@@ -54,7 +54,7 @@ def test_prediction_fields_threshold_temperature_and_label(tmp_path: Path) -> No
         logits = model(torch.stack([p.tensor for p in images]))
     expected = torch.softmax(logits.double() / 2.0, dim=1)[:, 1].numpy()
     assert len(preds) == 4
-    for pred, p in zip(preds, expected):
+    for pred, p in zip(preds, expected, strict=True):
         assert isinstance(pred, Prediction)
         assert pred.probability == pytest.approx(float(p), abs=1e-5)
         assert pred.threshold == 0.4 and pred.fractured == (pred.probability >= 0.4)
@@ -76,7 +76,7 @@ def test_batching_and_no_cam_path_give_the_same_probabilities() -> None:
     batched = engine.predict(images)
     single = [engine.predict([im])[0] for im in images]
     plain = engine.predict(images, with_cam=False)
-    for b, s, p in zip(batched, single, plain):
+    for b, s, p in zip(batched, single, plain, strict=True):
         assert b.probability == pytest.approx(s.probability, abs=1e-5)
         assert b.probability == pytest.approx(p.probability, abs=1e-5)
         np.testing.assert_allclose(b.cam, s.cam, atol=1e-4)
@@ -92,7 +92,7 @@ def test_ensemble_probability_is_the_mean_of_its_members() -> None:
     eb = InferenceEngine([b], device="cpu", threads=1)
     both = InferenceEngine([a, b], device="cpu", threads=1)
     images = prepared_images(both, 3, seed=9)
-    for pa, pb, pm in zip(ea.predict(images), eb.predict(images), both.predict(images)):
+    for pa, pb, pm in zip(ea.predict(images), eb.predict(images), both.predict(images), strict=True):
         assert pa.probability != pytest.approx(pb.probability, abs=1e-4)  # really two different models
         assert pm.probability == pytest.approx((pa.probability + pb.probability) / 2, abs=1e-6)
         assert pm.cam.max() == pytest.approx(1.0) and pm.cam.min() >= 0.0
@@ -167,7 +167,7 @@ def test_every_transfer_syntax_gives_the_same_probability(wg04_grays, arch: str)
     for image, variants in wg04_grays.items():
         assert len(variants) >= 5, image
         preds = engine.predict([prepare(g, engine.spec) for _, g in variants])
-        probs = {name: p.probability for (name, _), p in zip(variants, preds)}
+        probs = {name: p.probability for (name, _), p in zip(variants, preds, strict=True)}
         assert max(probs.values()) - min(probs.values()) <= 1e-5, probs
         assert 1e-4 < preds[0].probability < 1 - 1e-4  # not saturated: the comparison means something
         for p in preds[1:]:
@@ -220,7 +220,7 @@ def test_committed_samples_classify(sample_files: list[Path]) -> None:
     engine = engine_for("resnet50")
     preds = engine.predict([prepare(dicom_to_gray(pydicom.dcmread(f)), engine.spec) for f in sample_files])
     assert len(preds) == len(sample_files)
-    by_name = {f.name: p for f, p in zip(sample_files, preds)}
+    by_name = {f.name: p for f, p in zip(sample_files, preds, strict=True)}
     if {"cr_hip_mono2_small.dcm", "cr_hip_mono2_small_rle.dcm"} <= set(by_name):
         a, b = by_name["cr_hip_mono2_small.dcm"], by_name["cr_hip_mono2_small_rle.dcm"]
         assert a.probability == pytest.approx(b.probability, abs=1e-5)
@@ -234,6 +234,7 @@ def test_classify_cli_end_to_end(tmp_path: Path, sample_files: list[Path], capsy
     import sys
 
     import cv2
+
     from conftest import REPO_ROOT
 
     png = tmp_path / "radiograph.png"

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ImplicitVRLittleEndian
+
 from daemon_harness import Daemon, shared_model
 from dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP
-from pydicom.uid import ImplicitVRLittleEndian
 
 FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"

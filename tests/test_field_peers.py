@@ -21,6 +21,8 @@ import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from dest_scp import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,
@@ -28,8 +30,6 @@ from dest_scp import (
     DestSCP,
     free_port,
 )
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
 from pacs_ai.cli.jobs import object_lines
 from pacs_ai.config import Destination
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare

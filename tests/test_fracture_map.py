@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from model_factory import calibration_batch, make_map_model_folder
 
+from model_factory import calibration_batch, make_map_model_folder
 from pacs_ai.errors import ModelError
 from pacs_ai.infer.architectures import ARCHITECTURES, FractureMapNet, build_model
 from pacs_ai.infer.engine import InferenceEngine

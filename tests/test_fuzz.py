@@ -24,14 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_inputs.corpus import (
-    DX_PRESENTATION,
-    image_dataset,
-    real_pixels,
-    rewrite_meta,
-    write,
-)
-from daemon_harness import Daemon, file_identity, shared_model
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -41,6 +33,15 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+
+from bad_inputs.corpus import (
+    DX_PRESENTATION,
+    image_dataset,
+    real_pixels,
+    rewrite_meta,
+    write,
+)
+from daemon_harness import Daemon, file_identity, shared_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from model_factory import TEST_SIZE, calibration_batch, head_linear, make_model
 
 from pacs_ai.explain.gradcam import CAM_METHODS, CamExplainer, cam_target_layers
 from pacs_ai.infer.architectures import ARCHITECTURES
@@ -168,7 +167,6 @@ def test_no_memory_growth_over_hundreds_of_images() -> None:
     about 250 KiB and RSS by about 21 MiB over the same 40 batches; reusing one grows by < 1 KiB / ~6 MiB.
     """
     from model_factory import model_folder
-
     from pacs_ai.infer.engine import InferenceEngine
     from pacs_ai.infer.preprocess import prepare
 

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.models as tvm
-from model_factory import make_map_model_folder
-from synthetic_fractures import REGIONS, write_synthetic_set
 from torch import nn
 
+from model_factory import make_map_model_folder
 from pacs_ai.explain.fracture_map import cells_to_heat
 from pacs_ai.infer.architectures import FractureMapNet
 from pacs_ai.infer.engine import InferenceEngine

@@ -158,10 +158,10 @@ def test_scale_out_two_workers_one_listener(postgres_server, tmp_path):  # noqa:
         pytest.skip(f"`pacs-ai worker` is not available: {reason}")
     import psycopg
 
-    from pacs_ai.queue.jobstore import JobStore
     from bad_inputs.corpus import small_images
     from daemon_harness import Daemon, serve_command
     from model_factory import model_folder
+    from pacs_ai.queue.jobstore import JobStore
 
     url = postgres_server.create_database("scale_out")
     JobStore(url, upgrade=True).close()  # creates the schema, so that the trigger can be installed before any job

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port
 from pynetdicom import AE, evt
 
+from conftest import free_port
 from pacs_ai.config import ListenerConfig
 from pacs_ai.queue.jobstore import JobStore
 from pacs_ai.receive.listener import Listener

@@ -52,7 +52,7 @@ def test_two_views_of_one_study(tmp_path: Path) -> None:
     assert sources[0].StudyInstanceUID == sources[1].StudyInstanceUID
     results = _results(sources, tmp_path)
     _check_apart(results)
-    for ds, r in zip(sources, results):
+    for ds, r in zip(sources, results, strict=True):
         for kind in ("sc", "sr"):
             d = str(r[kind].SeriesDescription)
             # names the source: body part, laterality and its own series and instance number

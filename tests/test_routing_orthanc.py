@@ -15,9 +15,8 @@ import pytest
 
 from daemon_harness import Daemon, shared_model
 from orthanc import OrthancServer, orthanc_available
-from routing_samples import chest, variant
-
 from pacs_ai.infer.model_card import load_card, save_card
+from routing_samples import chest, variant
 
 pytestmark = [pytest.mark.orthanc]
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP, free_port
 
+from dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP, free_port
 from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
@@ -165,7 +165,7 @@ def _finish_jobs(store: JobStore, results: list[dict[str, Any]], destinations: l
         )
         ids.append(outcome.job_id)
     claimed = store.claim("worker", limit=len(results))
-    by_id = dict(zip(ids, results))
+    by_id = dict(zip(ids, results, strict=True))
     for job in claimed:
         r = by_id[job.id]
         files = {k: r[k] for k in ("sc", "sr", "overlay")}

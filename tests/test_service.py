@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import copies, free_port
 from daemon_harness import Daemon, echo, send_files, shared_model
-
 from pacs_ai.config import BUNDLED_MODEL
 from pacs_ai.queue.jobstore import JobState, JobStore
 

@@ -22,8 +22,6 @@ from conftest import copies
 from daemon_harness import Daemon, shared_model
 from model_factory import model_folder
 from orthanc import OrthancServer, orthanc_available
-from test_worker import enqueue, png_writer
-
 from pacs_ai.daemon.worker import Worker
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_card, save_card
@@ -32,6 +30,7 @@ from pacs_ai.queue.jobstore import JobState, JobStore, RetryPolicy
 from pacs_ai.results import JobResult
 from pacs_ai.shadow.drift import histogram, psi, quantile_edges
 from pacs_ai.shadow.scoring import ShadowScorer
+from test_worker import enqueue, png_writer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
@@ -82,7 +81,7 @@ def test_worker_scores_shadows_on_the_same_decode(engines, tmp_path: Path, monke
     worker = Worker(store, live, png_writer, tmp_path / "results", ["pacs"], owner="w1", shadow=ShadowScorer([same, other]))
     assert worker.run_once() == 2
     assert len(decodes) == 2  # one decode per image for the live model and both shadows
-    for job_id, path in zip(ids, files):
+    for job_id, path in zip(ids, files, strict=True):
         job = store.get(job_id)
         assert job.state is JobState.DONE
         shadow = job.result["shadow"]
@@ -90,7 +89,7 @@ def test_worker_scores_shadows_on_the_same_decode(engines, tmp_path: Path, monke
             (same.model_name, same.model_version), (other.model_name, other.model_version)
         ]
         gray = dicom_to_gray(pydicom.dcmread(path))  # the shadows on their own, outside the worker
-        for entry, engine in zip(shadow, (same, other)):
+        for entry, engine in zip(shadow, (same, other), strict=True):
             alone = engine.predict([prepare(gray, engine.spec)], with_cam=False)[0]
             assert entry["probability"] == pytest.approx(alone.probability, abs=1e-5)
             assert entry["fractured"] == alone.fractured
@@ -143,6 +142,6 @@ def test_shadow_results_stored_not_sent_and_reported(tmp_path: Path) -> None:
             probs = [j.result["shadow"][0]["probability"] for j in jobs.values()]
             now = [sum(lo <= p < hi or (hi == 1.0 and p == 1.0) for p in probs) / 3 for lo, hi in ((0, .25), (.25, .5), (.5, .75), (.75, 1.0))]
             ref = [0.4, 0.3, 0.2, 0.1]
-            expected = sum((max(a, 1e-4) - e) * math.log(max(a, 1e-4) / e) for a, e in zip(now, ref))
+            expected = sum((max(a, 1e-4) - e) * math.log(max(a, 1e-4) / e) for a, e in zip(now, ref, strict=True))
             assert f"drift (PSI)          {expected:.3f}" in out.stdout
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

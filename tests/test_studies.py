@@ -7,7 +7,6 @@ probabilities are worked out by hand from the rule definitions (max, mean, noisy
 from __future__ import annotations
 
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -180,7 +179,7 @@ def test_study_policy_from_the_reference_card() -> None:
 @pytest.mark.skipif(not have_tool("dciodvfy"), reason="dciodvfy (dicom3tools) is not installed")
 def test_study_report_passes_dciodvfy(jobs: JobStore, clock: Clock, tmp_path: Path) -> None:
     files = copies(SAMPLE, tmp_path / "in", 2)
-    for f, p in zip(files, (0.2, 0.7)):
+    for f, p in zip(files, (0.2, 0.7), strict=True):
         finish(jobs, receive(jobs, f), p)
     clock.advance(QUIET + 1)
     processor(jobs, tmp_path).run_once()

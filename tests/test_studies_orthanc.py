@@ -20,7 +20,6 @@ import pytest
 from conftest import copies
 from daemon_harness import Daemon, shared_model
 from orthanc import OrthancServer, orthanc_available
-
 from pacs_ai.infer.model_card import load_card
 from pacs_ai.studies.report import SERIES_NUMBER, read_study_report
 from pacs_ai.studies.store import StudyStore

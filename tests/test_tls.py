@@ -51,14 +51,14 @@ def _make_leaf(folder: Path, name: str, ca: str, usage: str) -> None:
 
 def _make_with_cryptography(folder: Path) -> None:  # pragma: no cover - used where cryptography is installed
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def write(name: str, key, cert) -> None:  # type: ignore[no-untyped-def]
         (folder / f"{name}.key").write_bytes(

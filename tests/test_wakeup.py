@@ -12,7 +12,6 @@ from pathlib import Path
 from conftest import copies
 from daemon_harness import Daemon, send_files, shared_model
 from dest_scp import DestSCP
-
 from pacs_ai.daemon.wakeup import ENV_VAR, Doorbell, WakeUpObserver
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from model_factory import model_folder
 
+from model_factory import model_folder
 from pacs_ai.daemon.worker import Worker
 from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.preprocess import Prepared, cam_to_original

@@ -135,7 +135,7 @@ def save_gallery(tiles: list[tuple[np.ndarray, str]], path: Path, title: str) ->
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (img, label) in zip(axes.ravel(), tiles):
+    for ax, (img, label) in zip(axes.ravel(), tiles, strict=False):
         ax.imshow(img)
         ax.set_title(label, fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -19,7 +19,15 @@ from pacs_ai.infer.model_card import ModelCard, load_model_folder, save_card
 from pacs_ai.infer.preprocess import Prepared, cam_to_original, prepare, read_gray
 from training.data import Item, list_dataset, load_images, read_split
 from training.export import calibration, export_model
-from training.metrics import binary_metrics, bootstrap, json_clean, operating_points, reliability, softmax_positive, summarize
+from training.metrics import (
+    binary_metrics,
+    bootstrap,
+    json_clean,
+    operating_points,
+    reliability,
+    softmax_positive,
+    summarize,
+)
 from training.plots import confusion_png, reliability_png, roc_png
 from training.pointing import Box, peak_hit, pointing_game, read_boxes
 from training.predict import predict_letterboxed

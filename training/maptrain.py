@@ -161,7 +161,7 @@ def load_data(cfg: MapTrainConfig, items: list[Item], boxes: dict[str, list[Box]
     images = load_images(Path(cfg.data), items, spec, cache, progress=progress)
     geoms = item_geometries(Path(cfg.data), items, spec.size)
     raw = [boxes.get(it.file, []) if it.label == 1 else [] for it in items]
-    return TrainData(items, images, geoms, [boxes_on_grid(b, g) for b, g in zip(raw, geoms)], raw)
+    return TrainData(items, images, geoms, [boxes_on_grid(b, g) for b, g in zip(raw, geoms, strict=True)], raw)
 
 
 def _crop_origin(cy: float, cx: float, crop: int, size: int) -> tuple[int, int]:
@@ -288,7 +288,7 @@ def mine_hard_negatives(model: FractureMapNet, data: TrainData, spec: InputSpec,
     _, cells = whole_image_pass(model, data.images, spec, pick, cfg.val_batch, device)
     stride = spec.size / cells.shape[-1]
     found = []
-    for i, c in zip(pick, cells):
+    for i, c in zip(pick, cells, strict=True):
         gy, gx = np.unravel_index(int(np.argmax(c)), c.shape)
         found.append((float(c.max()), int(i), (gy + 0.5) * stride, (gx + 0.5) * stride))
     found.sort(reverse=True)

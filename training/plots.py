@@ -38,7 +38,7 @@ def confusion_png(matrices: dict[str, dict[str, Any]], path: Path) -> Path:
     """One confusion matrix per model side by side: ``{label: {"tn","fp","fn","tp", "threshold"}}``."""
     n = len(matrices)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), dpi=120, squeeze=False)
-    for ax, (name, cm) in zip(axes[0], matrices.items()):
+    for ax, (name, cm) in zip(axes[0], matrices.items(), strict=True):
         m = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
         ax.imshow(m, cmap="Blues")
         for (i, j), v in np.ndenumerate(m):

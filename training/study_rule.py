@@ -105,7 +105,7 @@ def _predict(model_dir: Path, data: Path, split: Path, subset: str, cache_dir: P
     pred = predict_model(model, card, data, items, cache_dir)
     return [
         {"file": it.file, "group": it.group, "label": int(it.label), "probability": float(p)}
-        for it, p in zip(items, pred.prob)
+        for it, p in zip(items, pred.prob, strict=True)
     ]
 
 

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if not ready:
             continue
         predictions = engine.predict([p for _, p in ready], with_cam=with_cam)
-        for (path, prepared), pred in zip(ready, predictions):
+        for (path, prepared), pred in zip(ready, predictions, strict=True):
             record: dict[str, Any] = {"file": str(path), "ok": True, **pred.to_dict()}
             if with_cam:
                 out = _overlay_path(args.cam_out, path, used)

@@ -18,6 +18,7 @@ that does not exist yet is reported, not created. Exit status 0 when the report 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import socket
@@ -54,10 +55,9 @@ def _probe_tls_context(config: Config) -> ssl.SSLContext | None:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # a liveness probe of our own listener, not an authentication
     if tls.ca_file is not None and tls.cert_file is not None and tls.key_file is not None:
-        try:  # mutual TLS: present the listener's own certificate (works when it allows clientAuth)
+        # mutual TLS: present the listener's own certificate (works when it allows clientAuth)
+        with contextlib.suppress(OSError, ssl.SSLError):
             ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (OSError, ssl.SSLError):
-            pass
     return ctx
 
 

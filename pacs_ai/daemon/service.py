@@ -246,7 +246,7 @@ class Service:
             # Only the labels are read here: importing torch to validate the card would cost this process
             # seconds of start-up and hundreds of MB; the worker child loads and checks the model.
             cards = [model_labels(path) for path in self.config.model.path]
-            for path, card in zip(self.config.model.path, cards):
+            for path, card in zip(self.config.model.path, cards, strict=True):
                 log.info("model %s %s (%s) from %s; loaded by the worker process", card["name"], card["version"], card["architecture"], path)
             self.metrics.set_model_info(
                 {

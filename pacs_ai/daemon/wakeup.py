@@ -16,6 +16,7 @@ queued by other hosts, and workers started without a doorbell.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 
@@ -44,10 +45,8 @@ class Doorbell:
         """Wake one waiter now or at its next wait; never blocks, never raises."""
         if self.write_fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # BlockingIOError when full: a wake-up is pending anyway
             os.write(self.write_fd, b"\x01")
-        except (BlockingIOError, BrokenPipeError, OSError):  # full: a wake-up is pending anyway
-            pass
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep until rung or ``timeout_s`` seconds passed; True when rung. Clears pending rings."""
@@ -72,10 +71,8 @@ class Doorbell:
         for name in ("read_fd", "write_fd"):
             fd = getattr(self, name)
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
                 setattr(self, name, None)
 
     @staticmethod

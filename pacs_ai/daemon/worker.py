@@ -21,6 +21,7 @@ not yet classified when ``stop`` is set are released back to the queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -183,10 +184,10 @@ class Worker:
         if not items:
             return
         predictions = self._predict(items)
-        scored = [(item, p) for item, p in zip(items, predictions) if p is not None]
+        scored = [(item, p) for item, p in zip(items, predictions, strict=True) if p is not None]
         if self.shadow is not None and scored:  # same pass, same decoded images; stored, never sent
             shadows = self.shadow.score([item.shadow_inputs or [] for item, _ in scored])
-            for (item, _), result in zip(scored, shadows):
+            for (item, _), result in zip(scored, shadows, strict=True):
                 item.shadow_results = result
         self._wait_for_writes()
         done = scored
@@ -328,7 +329,5 @@ class Worker:
 
 def _remove_if_empty(folder: Path) -> None:
     """Remove a job's results folder that the failed attempt left empty (a dead job leaves no empty folder)."""
-    try:
+    with contextlib.suppress(OSError):
         folder.rmdir()  # only succeeds when empty
-    except OSError:
-        pass

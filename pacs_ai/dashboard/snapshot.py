@@ -11,6 +11,7 @@ the job's own UIDs in them are replaced by ``[UID]``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -257,10 +258,8 @@ def take_snapshot(
     owners = {j.id: j for j in [*recent_jobs, *dead_jobs]}
     for d in dead_deliveries:
         if d.job_id not in owners:
-            try:
+            with contextlib.suppress(PacsAiError):
                 owners[d.job_id] = jobs.get(d.job_id)
-            except PacsAiError:
-                pass
     delivery_counts = jobs.delivery_counts()
     configured = {d.name: _address(d) for d in config.destinations} or {OUTBOX: f"folder {config.storage.outbox}"}
     destinations = [

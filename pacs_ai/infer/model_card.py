@@ -7,10 +7,11 @@ card's architecture and refuses weights that do not match it, saying which keys 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ _CARD_FIELDS = (
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 @dataclass
@@ -129,7 +130,7 @@ class ModelCard:
         cn = self.class_names
         if not isinstance(cn, tuple) or len(cn) < 2 or not all(isinstance(c, str) and c for c in cn) or len(set(cn)) != len(cn):
             raise bad("class_names", f"must be at least two distinct non-empty strings, got {cn!r}")
-        for name, lo, hi in (("threshold", 0.0, 1.0), ("temperature", 0.0, math.inf)):
+        for name in ("threshold", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number, got {value!r}")
@@ -154,9 +155,15 @@ class ModelCard:
         vd = self.validation_distribution
         if vd:
             edges, counts = vd.get("bin_edges"), vd.get("counts")
-            ok = isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 >= 2
-            ok = ok and all(isinstance(e, (int, float)) for e in edges) and all(a < b for a, b in zip(edges, edges[1:]))
-            ok = ok and all(isinstance(c, int) and c >= 0 for c in counts) and sum(counts) > 0
+            ok = (
+                isinstance(edges, list)
+                and isinstance(counts, list)
+                and len(edges) == len(counts) + 1 >= 2
+                and all(isinstance(e, (int, float)) for e in edges)
+                and all(a < b for a, b in itertools.pairwise(edges))
+                and all(isinstance(c, int) and c >= 0 for c in counts)
+                and sum(counts) > 0
+            )
             if not ok:
                 raise bad("validation_distribution", "needs ascending bin_edges and one non-negative count per bin")
         if self.study:

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class AuditLog:
             raise StorageError(f"cannot create the audit log folder {self.path.parent}: {exc.strerror or exc}") from exc
 
     def _write(self, event: str, message: str, fields: dict[str, Any]) -> None:
-        entry = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields}
+        entry = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event, **fields}
         line = json.dumps(entry, default=str, ensure_ascii=False) + "\n"
         with self._lock:
             try:

@@ -99,7 +99,7 @@ class AsgiServer:
             sock.close()
             self._socket = None
 
-    def __enter__(self) -> "AsgiServer":
+    def __enter__(self) -> AsgiServer:
         self.start()
         return self
 

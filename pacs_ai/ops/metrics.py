@@ -192,7 +192,7 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.stop()
 
-    def __enter__(self) -> "MetricsServer":
+    def __enter__(self) -> MetricsServer:
         self.start()
         return self
 

@@ -33,7 +33,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def _seconds_since(now: datetime, then: datetime | None) -> float:
     if then is None:
         return 0.0
     if (now.tzinfo is None) != (then.tzinfo is None):
-        now = now.replace(tzinfo=None) if then.tzinfo is None else now.replace(tzinfo=timezone.utc)
+        now = now.replace(tzinfo=None) if then.tzinfo is None else now.replace(tzinfo=UTC)
     return max(0.0, (now - then).total_seconds())
 
 
@@ -238,14 +238,16 @@ class DeliveryProcessor:
                 self._failed(delivery, DeliveryError(name, f"not attempted: {unreachable.detail}"))
                 continue
             recorded = False
-
-            def record(objects: dict[str, dict[str, Any]] | None = None, delivery: Any = delivery) -> None:
-                nonlocal recorded
-                self._succeeded(delivery, job, objects)
-                recorded = True
-
             try:
                 job = self.jobs.get(delivery.job_id)
+
+                def record(
+                    objects: dict[str, dict[str, Any]] | None = None, delivery: Any = delivery, job: Any = job
+                ) -> None:
+                    nonlocal recorded
+                    self._succeeded(delivery, job, objects)
+                    recorded = True
+
                 self._deliver_job(name, job, on_stored=record, delivery=delivery)
             except DeliveryError as exc:
                 if recorded:  # the files were stored and recorded; only the release went wrong
@@ -401,7 +403,7 @@ class DeliveryProcessor:
         except LeaseLostError as exc:
             log.warning("delivery %d to %s was stored but: %s", delivery.id, delivery.destination, exc)
             return
-        now = self.jobs.now() if hasattr(self.jobs, "now") else datetime.now(timezone.utc)
+        now = self.jobs.now() if hasattr(self.jobs, "now") else datetime.now(UTC)
         seconds = _seconds_since(now, getattr(job, "received_at", None))
         log.info("job %d delivered to %s (%.1f s after receipt)", job.id, delivery.destination, seconds)
         self.observer.delivered(job.id, delivery.destination, seconds)

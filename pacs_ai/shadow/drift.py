@@ -55,7 +55,7 @@ def psi(expected_counts: Sequence[int], actual_counts: Sequence[int]) -> float:
     if e_total <= 0 or a_total <= 0:
         raise ValueError("PSI needs at least one value on each side")
     total = 0.0
-    for e, a in zip(expected_counts, actual_counts):
+    for e, a in zip(expected_counts, actual_counts, strict=True):
         es = max(e / e_total, EPSILON)
         as_ = max(a / a_total, EPSILON)
         total += (as_ - es) * math.log(as_ / es)

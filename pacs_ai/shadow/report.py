@@ -176,7 +176,7 @@ def render_text(report: ShadowReport) -> str:
             assert m.reference_edges is not None and m.counts is not None and m.reference_counts is not None
             ref_total, total = sum(m.reference_counts), sum(m.counts)
             lines.append("  bin                  validation   now")
-            for i, (c, rc) in enumerate(zip(m.counts, m.reference_counts)):
+            for i, (c, rc) in enumerate(zip(m.counts, m.reference_counts, strict=True)):
                 lo, hi = m.reference_edges[i], m.reference_edges[i + 1]
                 lines.append(f"    [{lo:.3f}, {hi:.3f})     {rc / ref_total:>8.1%}   {c / total:>6.1%}")
     return "\n".join(lines) + "\n"

@@ -62,7 +62,7 @@ class ShadowScorer:
                     row.append(ShadowScore(engine.model_name, engine.model_version, error=f"{type(exc).__name__}: {exc}"))
                 continue
             seconds = (time.perf_counter() - t0) / max(1, len(inputs))
-            for row, p in zip(results, predictions):
+            for row, p in zip(results, predictions, strict=True):
                 row.append(
                     ShadowScore(
                         model_name=p.model_name,

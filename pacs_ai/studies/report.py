@@ -124,7 +124,7 @@ def build_study_report(
             ),
         )
         regions: list[Any] = []
-        for image, header in zip(images, headers):
+        for image, header in zip(images, headers, strict=True):
             regions += image_finding_groups(
                 header,
                 model,

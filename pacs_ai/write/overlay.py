@@ -200,7 +200,7 @@ def _draw_caption(img: np.ndarray, caption: Caption) -> None:
     x0, y0, x1, y1 = caption_box(img.shape, caption)
     _shade(img, x0, y0, x1, y1)
     y = y0 + pad
-    for (text, colour, rel), ((_, th), base) in zip(lines, sizes):
+    for (text, colour, rel), ((_, th), base) in zip(lines, sizes, strict=True):
         y += th
         cv2.putText(img, text, (x0 + pad, y), _FONT, scale * rel, colour, thickness, cv2.LINE_AA)
         y += base + pad
