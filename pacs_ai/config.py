@@ -244,7 +244,7 @@ def _convert(key: str, tp: Any, raw: Any, base: Path) -> Any:
         if items is None:
             raise ConfigError(key, f"must be a list, not {type(raw).__name__}")
         return tuple(_convert(f"{key}[{i}]", item, v, base) for i, v in enumerate(items))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(raw, dict):
             raise ConfigError(key, f"must be a table, not {type(raw).__name__}")
         return _build(tp, raw, key, base)

@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``classify`` to the parser."""
     p = subparsers.add_parser(
         "classify",

@@ -49,7 +49,7 @@ def _plain(value: Any) -> Any:
 def config_as_dict(config: Config) -> dict[str, Any]:
     """The configuration as plain data (the TOML layout), database password and admin token masked,
     ``source`` dropped."""
-    table = _plain(config)
+    table: dict[str, Any] = _plain(config)
     table.pop("source", None)
     table["database"]["url"] = mask_url(table["database"]["url"])
     if table["dashboard"]["admin_token"]:
@@ -173,7 +173,7 @@ def _dump(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``config check``."""
     config = subparsers.add_parser("config", help="configuration tools", description="Configuration tools.")
     sub = config.add_subparsers(dest="config_command", metavar="COMMAND")

@@ -192,7 +192,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``jobs list|show|retry|purge``."""
     jobs = subparsers.add_parser("jobs", help="inspect and manage the job queue")
     sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)

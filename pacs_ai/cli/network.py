@@ -129,7 +129,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``send`` and ``echo``."""
     p = subparsers.add_parser("send", help="send DICOM files with C-STORE (each in its own transfer syntax when accepted)")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="files or folders (searched recursively)")

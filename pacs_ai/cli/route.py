@@ -76,7 +76,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return status
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``route explain``."""
     route = subparsers.add_parser("route", help="routing rules: which images are analysed")
     sub = route.add_subparsers(dest="route_command", metavar="ACTION", required=True)

@@ -12,7 +12,7 @@ from pacs_ai.errors import ConfigError
 from pacs_ai.ops.logging_setup import configure_logging
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="run the daemon in the foreground: DICOM listener, worker and result delivery",

@@ -64,7 +64,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shadow report``."""
     shadow = subparsers.add_parser("shadow", help="shadow models: agreement with the live model and drift")
     sub = shadow.add_subparsers(dest="shadow_command", metavar="ACTION", required=True)

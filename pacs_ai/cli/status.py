@@ -64,7 +64,8 @@ def _probe_tls_context(config: Config) -> ssl.SSLContext | None:
 def probe_listener(config: Config, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     """C-ECHO the configured listener: ``{"up": bool, "detail": str, "echo_ms": float | None, ...}``."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+
+    from pacs_ai.receive.contexts import VERIFICATION_SOP_CLASS
 
     listener = config.listener
     host, port = _probe_host(listener.host), listener.port
@@ -80,10 +81,12 @@ def probe_listener(config: Config, timeout: float = PROBE_TIMEOUT_S) -> dict[str
     ae = AE(ae_title=STATUS_AE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
     ctx = _probe_tls_context(config)
     started = time.monotonic()
     try:
+        # pynetdicom hands tls_args[1] to wrap_socket(server_hostname=...), where None is allowed (no SNI)
+        # though its annotation says str
         assoc = ae.associate(host, port, ae_title=listener.ae_title, tls_args=(ctx, None) if ctx else None)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - any failure is a finding, not a crash
         assoc, error = None, f"{type(exc).__name__}: {exc}"
@@ -335,7 +338,7 @@ def run_status(args: argparse.Namespace) -> int:
     return 3 if args.strict and not status["ok"] else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``status``."""
     parser = subparsers.add_parser(
         "status",

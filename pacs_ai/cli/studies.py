@@ -147,7 +147,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``studies list|show|complete``."""
     studies = subparsers.add_parser("studies", help="images grouped by study and the study results")
     sub = studies.add_subparsers(dest="studies_command", metavar="ACTION", required=True)

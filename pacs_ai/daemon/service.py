@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -38,6 +39,14 @@ from pacs_ai.ops.tls import client_context, server_context
 from pacs_ai.queue.jobstore import JobStore, open_job_store
 from pacs_ai.queue.retention import purge_old_jobs
 from pacs_ai.results import JobResult
+
+if TYPE_CHECKING:  # built lazily: a role that is off never imports its module (torch for the worker)
+    from starlette.applications import Starlette
+
+    from pacs_ai.daemon.worker import Worker
+    from pacs_ai.receive.listener import Listener
+    from pacs_ai.send.deliveries import DeliveryProcessor
+    from pacs_ai.studies.processor import StudyProcessor
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +179,7 @@ class Service:
 
     # -- construction -------------------------------------------------------------------------------
 
-    def _build_dashboard(self):  # type: ignore[no-untyped-def]
+    def _build_dashboard(self) -> Starlette | None:
         """The admin dashboard, served under ``/`` of the metrics port (None when turned off)."""
         if not self.config.dashboard.enabled:
             return None
@@ -178,7 +187,7 @@ class Service:
 
         return dashboard_app(self.config, self.jobs, health=self.health, audit=self.audit.admin_action)
 
-    def _build_listener(self):  # type: ignore[no-untyped-def]
+    def _build_listener(self) -> Listener:
         from pacs_ai.receive.listener import Listener
         from pacs_ai.store.spool import Spool
 
@@ -193,7 +202,7 @@ class Service:
         self.health.register_probe("listener", lambda: listener.running or self._stop.is_set())
         return listener
 
-    def _build_worker(self):  # type: ignore[no-untyped-def]
+    def _build_worker(self) -> Worker:
         from pacs_ai.daemon.worker import Worker
         from pacs_ai.infer.device import thread_count
         from pacs_ai.infer.engine import InferenceEngine
@@ -275,7 +284,7 @@ class Service:
             if job.finished_at is not None:
                 self._finished_watermark = max(self._finished_watermark, job.finished_at)
 
-    def _build_deliveries(self):  # type: ignore[no-untyped-def]
+    def _build_deliveries(self) -> DeliveryProcessor:
         from pacs_ai.send.deliveries import DeliveryProcessor
 
         delivery = self.config.delivery
@@ -292,7 +301,7 @@ class Service:
             studies=self.studies.studies if self.studies is not None else None,
         )
 
-    def _build_studies(self):  # type: ignore[no-untyped-def]
+    def _build_studies(self) -> StudyProcessor | None:
         from pacs_ai.send.deliveries import destination_names
         from pacs_ai.studies.processor import StudyProcessor, read_card, study_policy
         from pacs_ai.studies.store import StudyStore

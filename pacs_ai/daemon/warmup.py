@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    ComputedRadiographyImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
@@ -37,7 +38,7 @@ __all__ = ["synthetic_radiograph", "warm_up"]
 
 log = logging.getLogger(__name__)
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CR_IMAGE_STORAGE = ComputedRadiographyImageStorage
 WARM_SYNTAXES = (ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless)
 
 

@@ -33,7 +33,7 @@ import hmac
 import io
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -304,7 +304,9 @@ def dashboard_app(
         request.session.clear()
         return RedirectResponse("/", status_code=303)
 
-    def action(name: str, run: Callable[[Request], str], target: Callable[[Request], dict[str, Any]]) -> Callable:
+    def action(
+        name: str, run: Callable[[Request], str], target: Callable[[Request], dict[str, Any]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             form = await request.form()
             what = target(request)

@@ -13,6 +13,7 @@ Used by the inference engine (daemon, ``pacs-ai classify``) and by the training 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,9 +61,12 @@ class MapExplainer:
     method = "fracture map"
 
     def __init__(self, model: nn.Module, temperature: float = 1.0, *, autocast_dtype: torch.dtype | None = None) -> None:
-        if not hasattr(model, "forward_map"):
+        forward_map = getattr(model, "forward_map", None)
+        if not callable(forward_map):
             raise ValueError("MapExplainer needs a fracture-map model (forward_map)")
         self.model = model
+        # (N, 3, S, S) -> ((N, 2) logits, (N, 1, h, w) cell logits): FractureMapNet.forward_map
+        self._forward_map: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = forward_map
         self.temperature = float(temperature)
         self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
@@ -75,9 +79,9 @@ class MapExplainer:
         with torch.inference_mode():
             if self.autocast_dtype is not None:
                 with torch.autocast(device_type="cuda", dtype=self.autocast_dtype):
-                    logits, cells = self.model.forward_map(x)  # type: ignore[operator]
+                    logits, cells = self._forward_map(x)
             else:
-                logits, cells = self.model.forward_map(x)  # type: ignore[operator]
+                logits, cells = self._forward_map(x)
             logits = logits.float().cpu()
             t1 = time.perf_counter()
             heat = cells_to_heat(cells, int(x.shape[-1]), self.temperature).cpu().numpy()

@@ -89,14 +89,14 @@ class _DenseNetCamView(nn.Module):
 
     def __init__(self, densenet: nn.Module) -> None:
         super().__init__()
-        self.features = densenet.features
+        self.features = densenet.get_submodule("features")
         self.relu = nn.ReLU(inplace=False)
-        self.classifier = densenet.classifier
+        self.classifier = densenet.get_submodule("classifier")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.features(x))
-        out = F.adaptive_avg_pool2d(out, (1, 1))
-        return self.classifier(torch.flatten(out, 1))
+        out = F.adaptive_avg_pool2d(self.relu(self.features(x)), (1, 1))
+        logits: torch.Tensor = self.classifier(torch.flatten(out, 1))
+        return logits
 
 
 @dataclass
@@ -142,7 +142,7 @@ class CamExplainer:
         self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
         layers = cam_target_layers(model, architecture)
         if architecture == "densenet121":
-            if len(layers) != 1 or layers[0] is not model.features[-1]:  # type: ignore[index]
+            if len(layers) != 1 or layers[0] is not model.get_submodule("features.norm5"):
                 raise ValueError("densenet121: expected the CAM target layer to be features[-1] (norm5)")
             self.net: nn.Module = _DenseNetCamView(model).eval()
             layers = [self.net.relu]  # the ReLU the classifier sees, right after norm5

@@ -49,6 +49,14 @@ def _check_arch(arch: str) -> None:
         raise ModelError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
+def _sequential(model: nn.Module, name: str) -> nn.Sequential:
+    """``model.<name>``, an ``nn.Sequential`` in torchvision's resnet50/vgg16/densenet121 (ModelError if not)."""
+    sub = model.get_submodule(name)
+    if not isinstance(sub, nn.Sequential):
+        raise ModelError(f"{type(model).__name__}.{name} is a {type(sub).__name__}, expected nn.Sequential")
+    return sub
+
+
 def head_prefix(arch: str) -> str:
     """State-dict key prefix of the classification head that ``build_model`` replaces."""
     _check_arch(arch)
@@ -69,17 +77,21 @@ def build_model(arch: str, num_classes: int = 2, head: str = "classifier") -> nn
         return build_fracture_map_model(arch)
     if num_classes < 2:
         raise ModelError(f"num_classes must be at least 2, got {num_classes}")
+    model: nn.Module
     if arch == "resnet50":
-        model = tvm.resnet50(weights=None)
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        resnet = tvm.resnet50(weights=None)
+        resnet.fc = nn.Linear(resnet.fc.in_features, num_classes)
+        model = resnet
     elif arch == "vgg16":
-        model = tvm.vgg16(weights=None)
-        last = model.classifier[6]
+        vgg = tvm.vgg16(weights=None)
+        last = vgg.classifier[6]
         assert isinstance(last, nn.Linear)
-        model.classifier[6] = nn.Linear(last.in_features, num_classes)
+        vgg.classifier[6] = nn.Linear(last.in_features, num_classes)
+        model = vgg
     else:
-        model = tvm.densenet121(weights=None)
-        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+        densenet = tvm.densenet121(weights=None)
+        densenet.classifier = nn.Linear(densenet.classifier.in_features, num_classes)
+        model = densenet
     return model
 
 
@@ -97,6 +109,8 @@ class FractureMapNet(nn.Module):
     ``nn.Identity``), so ImageNet weights load with :func:`load_backbone_weights` applied to ``trunk``.
     """
 
+    pool_r: torch.Tensor  # the buffer registered in __init__
+
     def __init__(self, arch: str, trunk: nn.Module, channels: int, stride: int, pool_r: float = 5.0) -> None:
         super().__init__()
         self.arch = arch
@@ -104,24 +118,26 @@ class FractureMapNet(nn.Module):
         self.stride = stride
         self._vgg_end = 0
         if arch == "vgg16":
-            feats = list(trunk.features)  # type: ignore[arg-type]
+            feats = list(_sequential(trunk, "features"))
             self._vgg_end = max(i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d))
         self.map_head = nn.Conv2d(channels, 1, kernel_size=1)
         nn.init.normal_(self.map_head.weight, std=0.01)
-        nn.init.constant_(self.map_head.bias, -2.0)
+        if self.map_head.bias is not None:  # always: Conv2d's default bias=True
+            nn.init.constant_(self.map_head.bias, -2.0)
         self.register_buffer("pool_r", torch.tensor(float(pool_r)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map (N, C, S / stride, S / stride), after its ReLU."""
-        t = self.trunk
+        t = self.trunk.get_submodule
+        out: torch.Tensor
         if self.arch == "densenet121":
-            return torch.relu(t.features(x))  # type: ignore[operator]
+            return torch.relu(t("features")(x))
         if self.arch == "resnet50":
-            x = t.maxpool(t.relu(t.bn1(t.conv1(x))))  # type: ignore[operator]
-            return t.layer4(t.layer3(t.layer2(t.layer1(x))))  # type: ignore[operator]
-        for m in list(t.features)[: self._vgg_end]:  # type: ignore[arg-type]
-            x = m(x)
-        return x  # the last ReLU before VGG's final max-pool: stride 16
+            x = t("maxpool")(t("relu")(t("bn1")(t("conv1")(x))))
+            out = t("layer4")(t("layer3")(t("layer2")(t("layer1")(x))))
+            return out
+        out = _sequential(self.trunk, "features")[: self._vgg_end](x)
+        return out  # the last ReLU before VGG's final max-pool: stride 16
 
     def pool(self, cell_logits: torch.Tensor) -> torch.Tensor:
         """(N, 1, h, w) cell logits -> (N,) image logits by log-sum-exp pooling."""
@@ -165,6 +181,7 @@ _DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"backbone weights file not found: {path}")
+    state: object  # a state dict, or a checkpoint that holds one under a key
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -220,27 +237,28 @@ def layer_groups(model: nn.Module, arch: str) -> list[nn.Module]:
     Training freezes a prefix of this list for transfer learning ("freeze early layers").
     """
     _check_arch(arch)
+    sub = model.get_submodule
     if arch == "resnet50":
-        stem = nn.ModuleList([model.conv1, model.bn1])  # type: ignore[list-item]
-        return [stem, model.layer1, model.layer2, model.layer3, model.layer4, model.fc]  # type: ignore[list-item]
+        stem = nn.ModuleList([sub("conv1"), sub("bn1")])
+        return [stem, sub("layer1"), sub("layer2"), sub("layer3"), sub("layer4"), sub("fc")]
     if arch == "densenet121":
-        f = model.features  # type: ignore[assignment]
-        stem = nn.ModuleList([f.conv0, f.norm0])
+        f = _sequential(model, "features").get_submodule
+        stem = nn.ModuleList([f("conv0"), f("norm0")])
         blocks = [
-            nn.ModuleList([f.denseblock1, f.transition1]),
-            nn.ModuleList([f.denseblock2, f.transition2]),
-            nn.ModuleList([f.denseblock3, f.transition3]),
-            nn.ModuleList([f.denseblock4, f.norm5]),
+            nn.ModuleList([f("denseblock1"), f("transition1")]),
+            nn.ModuleList([f("denseblock2"), f("transition2")]),
+            nn.ModuleList([f("denseblock3"), f("transition3")]),
+            nn.ModuleList([f("denseblock4"), f("norm5")]),
         ]
-        return [stem, *blocks, model.classifier]  # type: ignore[list-item]
-    feats = list(model.features)  # type: ignore[arg-type]
+        return [stem, *blocks, sub("classifier")]
+    feats = list(_sequential(model, "features"))
     pools = [i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
     groups: list[nn.Module] = []
     start = 0
     for p in pools:
         groups.append(nn.ModuleList(feats[start : p + 1]))
         start = p + 1
-    groups.append(model.classifier)  # type: ignore[arg-type]
+    groups.append(sub("classifier"))
     return groups
 
 

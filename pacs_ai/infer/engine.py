@@ -125,7 +125,7 @@ class InferenceEngine:
                     f"{path}: ensemble members must share one input specification: "
                     f"{card.input.to_dict()} differs from {first.path}'s {first.card.input.to_dict()}"
                 )
-            model = freeze(model.eval()).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            model = freeze(model.eval()).to(memory_format=torch.channels_last)
             explainer: CamExplainer | MapExplainer
             if card.head == "fracture_map":
                 explainer = MapExplainer(model, card.temperature, autocast_dtype=self._amp)
@@ -192,6 +192,7 @@ class InferenceEngine:
     def _forward_only(self, member: _Member, x: torch.Tensor) -> torch.Tensor:
         try:
             with torch.inference_mode():
+                logits: torch.Tensor
                 if self._amp is not None:
                     with torch.autocast(device_type=self.device.type, dtype=self._amp):
                         logits = member.model(x)

@@ -232,13 +232,13 @@ def apply_lut(values: np.ndarray, first: int, data: np.ndarray) -> np.ndarray:
     idx = np.floor(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
     idx -= first
     np.clip(idx, 0, data.size - 1, out=idx)
-    return data[idx]
+    return np.take(data, idx)
 
 
 def modality_values(arr: np.ndarray, ds: Any) -> np.ndarray:
     """Stored values -> modality output values (PS3.3 C.11.1): the Modality LUT Sequence if present,
     else Rescale Slope/Intercept (pydicom's ``apply_modality_lut``, float64), else the stored values."""
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels.processing import apply_modality_lut
 
     seq = ds.get("ModalityLUTSequence")
     if seq:
@@ -256,7 +256,7 @@ def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
     seq = ds.get("VOILUTSequence")
     if seq:
         first, data, bits = lut_item_to_array(seq[0], ds)
-        out = apply_lut(arr, first, data).astype(np.float32)
+        out: np.ndarray = apply_lut(arr, first, data).astype(np.float32)
         top = float(2**bits - 1)
         top = max(top, float(data.max()))
         return np.clip(out * np.float32(1.0 / top), 0.0, 1.0)
@@ -424,7 +424,7 @@ def read_gray(path: str | Path) -> np.ndarray:
 
 def to_uint8(gray: np.ndarray) -> np.ndarray:
     """float [0, 1] -> uint8 [0, 255] (rounded, clipped; NaN becomes 0)."""
-    g = np.nan_to_num(gray.astype(np.float32, copy=False), nan=0.0)
+    g: np.ndarray = np.nan_to_num(gray.astype(np.float32, copy=False), nan=0.0)
     return np.clip(g * np.float32(255.0) + np.float32(0.5), 0, 255).astype(np.uint8)
 
 
@@ -495,7 +495,7 @@ def cam_to_original(cam: np.ndarray, geometry: Geometry, out_size: tuple[int, in
     grid. The padding is cropped, then the map is resized (bilinear) to the original size, or to
     ``out_size`` = (height, width) when given (e.g. a downscaled picture of the original). float32 out.
     """
-    c = np.asarray(cam, dtype=np.float32)
+    c: np.ndarray = np.asarray(cam, dtype=np.float32)
     if c.ndim != 2:
         raise ValueError(f"expected a 2-D heat map, got shape {c.shape}")
     s = geometry.size

@@ -31,7 +31,7 @@ START_TIMEOUT_S = 15.0
 class AsgiServer:
     """Serve ``app`` (an ASGI callable) on ``host:port`` from a background thread named ``name``."""
 
-    def __init__(self, app: Any, host: str, port: int, *, name: str = "http", graceful_s: float = 3.0) -> None:
+    def __init__(self, app: Any, host: str, port: int, *, name: str = "http", graceful_s: int = 3) -> None:
         self.app = app
         self.host = host
         self.name = name

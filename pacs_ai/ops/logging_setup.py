@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, TextIO
 
 from pacs_ai.config import LoggingConfig
@@ -194,17 +195,18 @@ def _route_uncaught_exceptions() -> None:
     configured format and the PHI filter instead of a raw traceback on stderr."""
     log = logging.getLogger("pacs_ai")
 
-    def excepthook(exc_type, exc, tb):  # type: ignore[no-untyped-def]
+    def excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         if issubclass(exc_type, KeyboardInterrupt):
             sys.__excepthook__(exc_type, exc, tb)
             return
         log.critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
-    def thread_excepthook(args):  # type: ignore[no-untyped-def]
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is SystemExit:
             return
         name = args.thread.name if args.thread is not None else "?"
-        log.error("uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None
+        log.error("uncaught exception in thread %s", name, exc_info=exc_info)
 
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook

@@ -28,6 +28,7 @@ locally or through a reverse proxy: ``/metrics`` and ``/healthz`` have no authen
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping
@@ -68,17 +69,11 @@ class Metrics:
         self.inference_seconds = Histogram(
             "inference_seconds", "Model inference time per job", buckets=_STAGE_BUCKETS, **kw
         )
-        self.gradcam_seconds = Histogram("gradcam_seconds", "Grad-CAM time per job", buckets=_STAGE_BUCKETS, **kw)
-        self.end_to_end_seconds = Histogram(
-            "end_to_end_seconds", "Seconds from receipt of an image to delivery of its results", buckets=_E2E_BUCKETS, **kw
-        )
-        self.deliveries_failed = Counter(
-            "deliveries_failed", "Failed delivery attempts per destination", ["destination"], **kw
-        )
-        self.deliveries_dead = Counter("deliveries_dead", "Deliveries given up per destination", ["destination"], **kw)
-        self.jobs = Gauge("jobs", "Jobs in the job store per state", ["state"], **kw)
-        self.deliveries = Gauge("deliveries", "Deliveries per destination and state", ["destination", "state"], **kw)
-        self.model_info = Info("model", "The model(s) in use", **kw)
+        self.deliveries_failed = counter("deliveries_failed", "Failed delivery attempts per destination", ["destination"])
+        self.deliveries_dead = counter("deliveries_dead", "Deliveries given up per destination", ["destination"])
+        self.jobs = gauge("jobs", "Jobs in the job store per state", ["state"])
+        self.deliveries = gauge("deliveries", "Deliveries per destination and state", ["destination", "state"])
+        self.model_info = Info("model", "The model(s) in use", namespace=NAMESPACE, registry=self.registry)
         self._lock = threading.Lock()
         self._job_states: set[str] = set()
         self._delivery_keys: set[tuple[str, str]] = set()

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pydicom.uid import (
     JPEG2000,
     UID,
+    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -16,14 +19,12 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-)
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
-    Verification,
 )
+
+# pynetdicom makes its sop_class names at import time (sop_class._generate_sop_classes), so no type checker
+# sees them; pydicom.uid has the storage classes above but not Verification.
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 # Single-frame projection radiographs, the input of a bone-fracture classifier. Mammography and
 # intra-oral X-ray are left out on purpose (different anatomy, not what the model was trained on).

@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
 
 from pacs_ai.config import ListenerConfig
 from pacs_ai.errors import ConfigError, JobStoreError, PacsAiError, StorageError
@@ -158,7 +159,7 @@ class Listener:
         with self._lock:
             if self._server is not None:
                 return
-            handlers = [
+            handlers: list[EventHandlerType] = [
                 (evt.EVT_C_STORE, self._on_store),
                 (evt.EVT_C_ECHO, self._on_echo),
                 (evt.EVT_ACCEPTED, self._on_accepted),

@@ -37,7 +37,7 @@ def quantile_edges(values: Sequence[float], n_bins: int = 10) -> list[float]:
     return out
 
 
-def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
+def histogram(values: Sequence[float] | np.ndarray, edges: Sequence[float]) -> list[int]:
     """Counts of ``values`` per bin ``[edges[i], edges[i+1])`` (the last bin includes 1.0)."""
     arr = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
     counts, _ = np.histogram(arr, bins=np.asarray(edges, dtype=np.float64))

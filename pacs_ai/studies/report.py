@@ -210,7 +210,9 @@ def _images(item: Any) -> list[str]:
 def read_study_report(sr: pydicom.Dataset) -> list[GroupFinding]:
     """The study finding (tracking ``STUDY_TRACKING``) then each image's, read with plain pydicom."""
     root = sr.get("ContentSequence") or []
-    study_p, study_refs, study_fx = None, (), None
+    study_p: float | None = None
+    study_refs: tuple[str, ...] = ()
+    study_fx: bool | None = None
     images: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     for container in root:

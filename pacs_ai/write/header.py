@@ -250,16 +250,18 @@ def _check_value(keyword: str, vr: str, value: Any) -> None:
         if "exceeds the maximum" in msg or "length" in msg.lower():
             raise _Invalid(f"longer than {vr} allows") from None
         raise _Invalid(f"not a valid {vr} value") from None
+    if text is None:  # not a text VR: validate_value above was the whole check
+        return
     if vr == "DA":
-        _check_date(text.strip())  # type: ignore[union-attr]
+        _check_date(text.strip())
     elif vr == "TM":
-        _check_time(text.strip())  # type: ignore[union-attr]
+        _check_time(text.strip())
     elif vr == "DT":
-        _check_datetime(text.strip())  # type: ignore[union-attr]
-    elif vr == "PN" and (len(text.split("=")) > 3 or any(len(g.split("^")) > 5 for g in text.split("="))):  # type: ignore[union-attr]
+        _check_datetime(text.strip())
+    elif vr == "PN" and (len(text.split("=")) > 3 or any(len(g.split("^")) > 5 for g in text.split("="))):
         raise _Invalid("more than 3 component groups or 5 components")
     allowed = ENUMERATED.get(keyword)
-    if allowed is not None and text is not None and text.strip() not in allowed:
+    if allowed is not None and text.strip() not in allowed:
         raise _Invalid(f"not one of the enumerated values {', '.join(sorted(allowed))}")
 
 
@@ -497,7 +499,7 @@ _SEVEN_BIT_TERMS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO 2022 IR 87",
 def _high_bytes_allowed(terms: Sequence[str] | None) -> bool:
     """Whether bytes 0x80-0xFF can occur in text under these Specific Character Set values (PS3.5 6.1):
     not in the default repertoire nor in the 7-bit ISO 2022 sets (JIS X 0208/0212 via escapes)."""
-    return bool(terms) and any(t not in _SEVEN_BIT_TERMS for t in terms)  # type: ignore[union-attr]
+    return terms is not None and any(t not in _SEVEN_BIT_TERMS for t in terms)
 
 
 def _python_encodings(terms: Sequence[str] | None) -> list[str]:

@@ -287,6 +287,7 @@ def render_result_image(
     oh, ow = grey.shape
     nh, nw = picture_size(oh, ow, max_side)
     factor = min(1.0, max_side / max(oh, ow))
+    h: np.ndarray
     if heat is None:
         h = np.zeros((nh, nw), np.float32)
     elif heat_scale == "probability":

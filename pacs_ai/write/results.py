@@ -77,7 +77,7 @@ def _heat_on_original(prepared: Any, prediction: Any) -> np.ndarray | None:
         return None
     from pacs_ai.infer.preprocess import cam_to_original
 
-    heat = np.asarray(cam_to_original(np.asarray(cam, dtype=np.float32), prepared.geometry), dtype=np.float32)
+    heat: np.ndarray = np.asarray(cam_to_original(np.asarray(cam, dtype=np.float32), prepared.geometry), dtype=np.float32)
     if heat.shape != prepared.display.shape:
         heat = cv2.resize(heat, (prepared.display.shape[1], prepared.display.shape[0]), interpolation=cv2.INTER_LINEAR)
     return heat

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM
 
 import pacs_ai
 from pacs_ai.errors import DicomWriteError
@@ -40,14 +41,14 @@ DERIVATION = "Grad-CAM heat map of an AI fracture classifier blended over the so
 _BIPED = {"A", "P", "R", "L", "H", "F"}
 
 
-def _orientation(source: pydicom.Dataset) -> list[str] | None:
-    """The source's Patient Orientation when it is two valid biped values, else None."""
+def _orientation(source: pydicom.Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation (row, column) when it is two valid biped values, else None."""
     value = source.get("PatientOrientation")
     if value is None or isinstance(value, str) or len(value) != 2:
         return None
-    values = [str(v) for v in value]
-    if all(v and set(v) <= _BIPED for v in values):
-        return values
+    row, column = (str(v) for v in value)
+    if row and column and set(row) <= _BIPED and set(column) <= _BIPED:
+        return row, column
     return None
 
 
@@ -116,7 +117,7 @@ def build_secondary_capture(
             study_date=None,
             study_time=None,
             referring_physician_name=None,
-            patient_orientation=tuple(orientation) if orientation else ("L", "F"),
+            patient_orientation=orientation if orientation else ("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[contributing_equipment(model, "Grad-CAM heat map overlay")],
             series_description=series_description,
@@ -128,18 +129,19 @@ def build_secondary_capture(
 
     # Every patient/study attribute of the source, not only those highdicom knows.
     copy_patient_study(source, sc, extra=SERIES_ATTRIBUTES, what="Secondary Capture")
-    sc.PatientOrientation = orientation if orientation else None  # Type 2C: empty when unknown
+    # Type 2C: empty when unknown. pydicom writes None as an empty value; its typed attributes omit None.
+    sc.PatientOrientation = list(orientation) if orientation else None  # type: ignore[assignment]
 
     now = datetime.datetime.now(datetime.UTC).astimezone()
-    sc.SeriesDate = now.strftime("%Y%m%d")
-    sc.SeriesTime = now.strftime("%H%M%S")
+    sc.SeriesDate = DA(now.strftime("%Y%m%d"))
+    sc.SeriesTime = TM(now.strftime("%H%M%S"))
     sc.ContentDate = sc.SeriesDate
     sc.ContentTime = sc.SeriesTime
     sc.InstanceCreationDate = sc.SeriesDate
     sc.InstanceCreationTime = sc.SeriesTime
     if sc.get("BodyPartExamined") and "Laterality" not in sc:
         # Laterality is Type 2C (required, possibly empty) for paired body parts.
-        sc.Laterality = None
+        sc.Laterality = None  # type: ignore[assignment]  # empty value, as above
 
     sc.Modality = result_modality(source)
     sc.ImageType = ["DERIVED", "SECONDARY", "OTHER"]

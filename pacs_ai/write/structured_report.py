@@ -55,7 +55,7 @@ unit "1"); used by tests and the end-to-end check.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,7 +198,7 @@ def _measurement_report(
         hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE),
         observer,
         procedure,
-        hd.sr.ImageLibrary(list(library_entry) if isinstance(library_entry, (list, tuple)) else [library_entry]),
+        hd.sr.ImageLibrary([library_entry] if isinstance(library_entry, pydicom.Dataset) else list(library_entry)),
     ]
     if regions:
         items.append(_container(IMAGING_MEASUREMENTS, regions))
@@ -395,7 +395,7 @@ class SrFinding:
 _TRACKING_IDENTIFIER = ("112039", "DCM")
 
 
-def _walk(items: Any, tracking: str | None = None):  # type: ignore[no-untyped-def]
+def _walk(items: Any, tracking: str | None = None) -> Iterator[tuple[Any, str | None]]:
     """(item, tracking identifier text of the measurement group it is in, or None), depth first."""
     items = list(items or [])
     for item in items:
