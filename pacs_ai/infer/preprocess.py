@@ -273,7 +273,8 @@ def _window(arr: np.ndarray, ds: Any) -> np.ndarray | None:
     if func == "SIGMOID":
         if width <= 0:
             return None
-        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+        sigmoid: np.ndarray = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        return sigmoid.astype(np.float32)
     if func == "LINEAR_EXACT":
         if width <= 0:
             return None
@@ -424,8 +425,9 @@ def read_gray(path: str | Path) -> np.ndarray:
 
 def to_uint8(gray: np.ndarray) -> np.ndarray:
     """float [0, 1] -> uint8 [0, 255] (rounded, clipped; NaN becomes 0)."""
-    g: np.ndarray = np.nan_to_num(gray.astype(np.float32, copy=False), nan=0.0)
-    return np.clip(g * np.float32(255.0) + np.float32(0.5), 0, 255).astype(np.uint8)
+    g = np.nan_to_num(gray.astype(np.float32, copy=False), nan=0.0)
+    scaled: np.ndarray = g * np.float32(255.0) + np.float32(0.5)
+    return scaled.clip(0, 255).astype(np.uint8)
 
 
 def letterbox(gray: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:

@@ -180,7 +180,9 @@ class JobStore:
                                 **fields,
                             )
                         )
-                        return EnqueueOutcome(int(result.inserted_primary_key[0]), True, False)
+                        key = result.inserted_primary_key
+                        assert key is not None  # SQLAlchemy sets it for every single-row INSERT
+                        return EnqueueOutcome(int(key[0]), True, False)
                     if row.sha256 == sha256:
                         return EnqueueOutcome(int(row.id), False, False)
                     conn.execute(
@@ -232,7 +234,7 @@ class JobStore:
         with self.db.write() as conn:
             return leases.extend(self.db, conn, JOB_LEASES, job_id, owner, lease_seconds, now)
 
-    def complete(self, job_id: int, owner: str, result: dict, destinations: Sequence[str]) -> None:
+    def complete(self, job_id: int, owner: str, result: dict[str, Any], destinations: Sequence[str]) -> None:
         """Mark a leased job done and create one pending delivery per destination, atomically."""
         now = self.now()
         with self.db.write() as conn:
@@ -256,7 +258,7 @@ class JobStore:
             row = leases.owned(self.db, conn, JOB_LEASES, job_id, owner, "fail")
             return JobState(leases.fail(conn, JOB_LEASES, row, self.job_policy, reason, now, permanent=permanent))
 
-    def skip(self, job_id: int, owner: str, result: dict) -> None:
+    def skip(self, job_id: int, owner: str, result: dict[str, Any]) -> None:
         """End a leased job as SKIPPED (routing excluded it) with ``result``; no delivery is created."""
         now = self.now()
         with self.db.write() as conn:

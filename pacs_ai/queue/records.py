@@ -49,7 +49,7 @@ class Job:
     lease_owner: str | None
     lease_expires_at: datetime | None
     last_error: str | None
-    result: dict | None
+    result: dict[str, Any] | None
     """The stored JSON of a ``pacs_ai.results.JobResult`` (``JobResult.to_json()``; read it with
     ``JobResult.read(job.result)``), None before the job ended done or skipped."""
     received_at: datetime
@@ -70,7 +70,7 @@ class Delivery:
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
-    objects: dict | None = None
+    objects: dict[str, Any] | None = None
     """Per result object (``sc``, ``sr``): ``{"state", "at", "error", "sop_class_uid", ...}``; None before
     anything was recorded for one."""
 
@@ -112,8 +112,8 @@ def clip_error(text: str) -> str:
 
 
 def merge_objects(
-    recorded: dict | None, outcomes: dict[str, dict[str, Any]], now: datetime, *, dead: bool, reason: str = ""
-) -> dict | None:
+    recorded: dict[str, Any] | None, outcomes: dict[str, dict[str, Any]], now: datetime, *, dead: bool, reason: str = ""
+) -> dict[str, Any] | None:
     """Per-object delivery state after an attempt: stored objects ``done`` (with as what they went), the
     others ``failed`` or ``dead`` with their error; an object done earlier stays done. None if nothing."""
     merged = dict(recorded or {})

@@ -23,7 +23,7 @@ class RetryPolicy:
         exponent = max(attempt, 1) - 1
         if exponent > 60:
             return self.backoff_max_s
-        return min(self.backoff_base_s * (2**exponent), self.backoff_max_s)
+        return min(self.backoff_base_s * 2.0**exponent, self.backoff_max_s)
 
     def next_attempt_at(self, attempts: int, now: datetime, *, permanent: bool = False) -> datetime | None:
         """The one retry decision for jobs, deliveries and study deliveries after a failed attempt.

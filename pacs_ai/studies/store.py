@@ -65,7 +65,7 @@ class StudyRecord:
     completed_through: datetime | None
     completed_jobs: int | None
     forced_at: datetime | None
-    result: dict | None
+    result: dict[str, Any] | None
     created_at: datetime
     updated_at: datetime
 
@@ -255,7 +255,7 @@ class StudyStore:
     def record(
         self,
         study_instance_uid: str,
-        result: dict,
+        result: dict[str, Any],
         through: datetime | None,
         finished_jobs: int,
         destinations: Sequence[str],
