@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "head_prefix",
     "layer_groups",
     "load_backbone_weights",
+    "state_dict_mismatch",
 ]
 
 ARCHITECTURES: tuple[str, ...] = ("resnet50", "vgg16", "densenet121")
@@ -199,6 +201,30 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def state_dict_mismatch(
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    *,
+    may_miss: Callable[[str], bool] = lambda key: False,
+    show: int = 5,
+) -> str | None:
+    """How ``state`` (read from a file) fails to fit a model whose state dict is ``own``: the keys it
+    lacks (except those ``may_miss`` accepts), the keys the model does not have, and the tensors whose
+    shapes differ, each counted with the first ``show`` named; None when it fits."""
+    missing = sorted(k for k in own if k not in state and not may_miss(k))
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = [
+        f"{k} (model {tuple(v.shape)}, file {tuple(state[k].shape)})"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    for found, what, sep in ((missing, "missing keys", ", "), (unexpected, "unexpected keys", ", "), (shapes, "shape mismatches", "; ")):
+        if found:
+            parts.append(f"{len(found)} {what}: {sep.join(found[:show])}{sep + '...' if len(found) > show else ''}")
+    return "; ".join(parts) or None
+
+
 def load_backbone_weights(model: nn.Module, arch: str, path: Path) -> list[str]:
     """Load a local (ImageNet) state dict into ``model``, skipping the classification head.
 
@@ -215,18 +241,13 @@ def load_backbone_weights(model: nn.Module, arch: str, path: Path) -> list[str]:
     backbone = {k: v for k, v in state.items() if not k.startswith(prefix)}
     own = model.state_dict()
     # old torchvision files have no BatchNorm num_batches_tracked: those may be missing
-    missing = sorted(k for k in own if not k.startswith(prefix) and k not in backbone and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in backbone if k not in own)
-    bad_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in backbone.items() if k in own and own[k].shape != v.shape]
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-        if bad_shape:
-            parts.append(f"shape mismatch: {'; '.join(bad_shape[:3])}")
-        raise ModelError(f"{path} is not a {arch} backbone: " + "; ".join(parts))
+    problem = state_dict_mismatch(
+        {k: v for k, v in own.items() if not k.startswith(prefix)},
+        backbone,
+        may_miss=lambda k: k.endswith("num_batches_tracked"),
+    )
+    if problem:
+        raise ModelError(f"{path} is not a {arch} backbone: {problem}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in backbone.items()}, strict=False)
     return skipped
 

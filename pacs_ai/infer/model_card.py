@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pacs_ai.errors import ModelError
-from pacs_ai.infer.architectures import ARCHITECTURES, HEADS, build_model
+from pacs_ai.infer.architectures import ARCHITECTURES, HEADS, build_model, state_dict_mismatch
 from pacs_ai.infer.preprocess import InputSpec
 from pacs_ai.store.atomic import write_atomic_with
 
@@ -298,21 +298,6 @@ def load_state_dict_file(folder: str | Path, map_location: str | torch.device = 
     raise ModelError(f"{base}: no weights ({WEIGHTS_FILE} or {PT_FILE})")
 
 
-def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} (card's architecture {tuple(own[k].shape)}, file {tuple(state[k].shape)})" for k in own if k in state and own[k].shape != state[k].shape]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches: {'; '.join(shapes[:5])}{'; ...' if len(shapes) > 5 else ''}")
-    return "; ".join(parts) or None
-
-
 def load_model_folder(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
     """Load a model folder: build the card's architecture, load and check the weights, ``eval()`` mode.
 
@@ -325,7 +310,7 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
     card = load_card(base)
     state = load_state_dict_file(base, map_location=map_location)
     model = build_model(card.architecture, num_classes=len(card.class_names), head=card.head)
-    problem = _mismatch(model, state)
+    problem = state_dict_mismatch(model.state_dict(), state)
     if problem:
         raise ModelError(
             f"{base}: weights do not match the card's architecture {card.architecture} ({card.head} head) "

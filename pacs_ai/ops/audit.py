@@ -23,6 +23,7 @@ from typing import Any
 
 from pacs_ai.config import Config
 from pacs_ai.errors import StorageError
+from pacs_ai.ops.events import NullObserver
 
 __all__ = ["AuditLog", "audit_path"]
 
@@ -34,8 +35,9 @@ def audit_path(config: Config) -> Path:
     return config.logging.audit_file or config.storage.data_dir / "audit.log"
 
 
-class AuditLog:
-    """Appends association and delivery events to ``path`` (JSON lines) and to logger ``pacs_ai.audit``."""
+class AuditLog(NullObserver):
+    """Appends association and delivery events to ``path`` (JSON lines) and to logger ``pacs_ai.audit``;
+    the other Observer events are not audited (NullObserver's)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

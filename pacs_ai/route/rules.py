@@ -21,11 +21,13 @@ part is not known), ``view_position``, ``laterality``, ``calling_aet``, ``series
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pacs_ai.config import RoutingRuleConfig
 from pacs_ai.route.facts import ImageFacts
 
 __all__ = ["ANALYSE", "SKIP", "UNKNOWN", "Check", "Decision", "Router", "RoutingRule", "resolve_sop_class"]
@@ -62,21 +64,10 @@ class Check:
 
 
 @dataclass(frozen=True)
-class RoutingRule:
-    """One rule; empty tuples and None mean "no condition on this attribute"."""
+class RoutingRule(RoutingRuleConfig):
+    """One rule: the conditions of a ``[[routing.rules]]`` entry (``name``, ``action`` analyse or skip, then
+    the attributes it matches; empty tuples and None mean "no condition on this attribute") and its origin."""
 
-    name: str
-    action: str = SKIP
-    modality: tuple[str, ...] = ()
-    sop_class: tuple[str, ...] = ()
-    body_part: tuple[str, ...] = ()
-    view_position: tuple[str, ...] = ()
-    laterality: tuple[str, ...] = ()
-    calling_aet: tuple[str, ...] = ()
-    series_description: tuple[str, ...] = ()
-    protocol_name: tuple[str, ...] = ()
-    min_age_years: float | None = None
-    max_age_years: float | None = None
     origin: str = "config"
     """Where the rule comes from: ``config`` or ``model card``."""
 
@@ -212,24 +203,11 @@ def _rule_text(rule: RoutingRule) -> str:
     return f"{rule.name} [{rule.action}, from {rule.origin}]: " + (" and ".join(parts) or "every image")
 
 
-def rules_from_tables(tables: Sequence[Any]) -> tuple[RoutingRule, ...]:
-    """Config rule entries (``RoutingRuleConfig``) to RoutingRules."""
-    out = []
+def rules_from_tables(tables: Sequence[RoutingRuleConfig]) -> tuple[RoutingRule, ...]:
+    """Config rule entries to RoutingRules (body parts upper-cased, as the matching compares them)."""
+    rules = []
     for t in tables:
-        out.append(
-            RoutingRule(
-                name=t.name,
-                action=t.action,
-                modality=t.modality,
-                sop_class=t.sop_class,
-                body_part=tuple(b.upper() for b in t.body_part),
-                view_position=t.view_position,
-                laterality=t.laterality,
-                calling_aet=t.calling_aet,
-                series_description=t.series_description,
-                protocol_name=t.protocol_name,
-                min_age_years=t.min_age_years,
-                max_age_years=t.max_age_years,
-            )
-        )
-    return tuple(out)
+        fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
+        fields["body_part"] = tuple(b.upper() for b in t.body_part)
+        rules.append(RoutingRule(**fields))
+    return tuple(rules)
