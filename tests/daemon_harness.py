@@ -36,15 +36,15 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import _config, build_context
 from pynetdicom.sop_class import Verification
 
+from pacs_ai.config import Destination
+from pacs_ai.send.sender import ContextsRefused, DestinationUnreachable, c_store, open_association
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 if str(TESTS) not in sys.path:  # benchmarks import this module too: tests/ holds its siblings
     sys.path.insert(0, str(TESTS))
 
 from dest_scp import DestSCP, free_port  # noqa: E402 - found through the sys.path entry above
-
-from pacs_ai.config import Destination
-from pacs_ai.send.sender import ContextsRefused, DestinationUnreachable, c_store, open_association
 
 DAEMON_AE = "PACSAI"
 TEST_AE = "TESTSCU"
@@ -214,11 +214,11 @@ def send_files(
                                  ssl_context=ssl_context)
     except DestinationUnreachable as exc:
         result = AssocResult(accepted=False, rejected="no association" if exc.kind == "unreachable" else exc.kind)
-        result.sent = [Sent(f, ident[1], None, result.rejected) for f, ident in zip(files, idents)]
+        result.sent = [Sent(f, ident[1], None, result.rejected) for f, ident in zip(files, idents, strict=True)]
         return result
     except ContextsRefused:  # the peer aborts an association whose contexts it all rejected
         result = AssocResult(accepted=False, rejected="aborted")
-        result.sent = [Sent(f, ident[1], None, result.rejected) for f, ident in zip(files, idents)]
+        result.sent = [Sent(f, ident[1], None, result.rejected) for f, ident in zip(files, idents, strict=True)]
         return result
     result = AssocResult(accepted=True)
     try:

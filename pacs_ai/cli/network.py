@@ -8,13 +8,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from pynetdicom import _config, build_context
-from pynetdicom.sop_class import Verification
 
 from pacs_ai.cli.common import parse_host_port
 from pacs_ai.config import Destination, TlsConfig
 from pacs_ai.errors import ConfigError, DeliveryError
 from pacs_ai.ops.tls import client_context
-from pacs_ai.receive.contexts import status_name
+from pacs_ai.receive.contexts import VERIFICATION_SOP_CLASS, status_name
 from pacs_ai.send.contexts import OutgoingObject, transfer_syntax_preference
 from pacs_ai.send.sender import MAX_CONTEXTS, open_association, outgoing_object, send_objects
 
@@ -37,7 +36,7 @@ def _cmd_echo(args: argparse.Namespace) -> int:
     where = f"echo {peer.host}:{peer.port} ({peer.ae_title})"
     try:
         assoc = open_association(
-            peer, [build_context(Verification)], calling_ae_title=args.aet, timeout_s=args.timeout,
+            peer, [build_context(VERIFICATION_SOP_CLASS)], calling_ae_title=args.aet, timeout_s=args.timeout,
             ssl_context=_tls_context(args),
         )
     except DeliveryError as exc:
@@ -106,7 +105,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
                 print(f"FAILED   {obj.path}: {exc.detail}")
             failures += len(batch)
             continue
-        for obj, outcome in zip(batch, outcomes):
+        for obj, outcome in zip(batch, outcomes, strict=True):
             code = outcome.status
             if outcome.stored and code is not None:
                 print(f"{'OK' if code == 0 else 'WARNING':<8} {obj.path}: 0x{code:04X} {status_name(code)}")

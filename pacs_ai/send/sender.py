@@ -247,7 +247,7 @@ def open_association(
 
     def on_acse(event: evt.Event) -> None:
         primitive = getattr(event, "primitive", None)
-        if getattr(primitive, "result", None) in (0x01, 0x02):
+        if primitive is not None and getattr(primitive, "result", None) in (0x01, 0x02):
             answer["rejected"] = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
             answer["permanent"] = primitive.result == 0x01
 

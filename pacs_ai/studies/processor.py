@@ -86,14 +86,6 @@ def read_card(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _box(roi: Any) -> tuple[float, float, float, float] | None:
-    """A job result's ``files["roi"]`` (x0, y0, x1, y1, source pixels) as a tuple; None when absent or malformed."""
-    if not isinstance(roi, list) or len(roi) != 4:
-        return None
-    x0, y0, x1, y1 = (float(v) for v in roi)
-    return x0, y0, x1, y1
-
-
 def _folder_name(uid: str) -> str:
     return _SAFE.sub("_", uid)[:64] or "unknown"
 
