@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from model_factory import make_map_model_folder, model_folder
 
+from model_factory import make_map_model_folder, model_folder
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_model_folder
 from pacs_ai.infer.preprocess import prepare, read_gray

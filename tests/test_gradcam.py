@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_factory import TEST_SIZE, calibration_batch, head_linear, make_model
 from pacs_ai.explain.gradcam import CAM_METHODS, CamExplainer, cam_target_layers
 from pacs_ai.infer.architectures import ARCHITECTURES
 from pacs_ai.infer.preprocess import InputSpec

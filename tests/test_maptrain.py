@@ -26,6 +26,7 @@ from pacs_ai.infer.architectures import FractureMapNet
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_model_folder
 from pacs_ai.infer.preprocess import Geometry, cam_to_original, prepare, read_gray
+from synthetic_fractures import REGIONS, write_synthetic_set
 from training.augment import AugmentConfig
 from training.cli import main
 from training.data import list_dataset

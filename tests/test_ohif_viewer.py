@@ -50,7 +50,6 @@ from ohif import (
     orthanc_dicomweb_config,
 )
 from orthanc import OrthancServer, orthanc_available
-
 from pacs_ai.infer.engine import Prediction
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.write.common import ModelInfo

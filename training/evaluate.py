@@ -109,7 +109,7 @@ def engine_predictions(engine: InferenceEngine, data: Path, items: list[Item], w
     for s in starts:
         chunk = items[s : s + n]
         prepared = [prepare(read_gray(Path(data) / it.file), engine.spec) for it in chunk]
-        yield from zip(chunk, prepared, engine.predict(prepared, with_cam=with_cam))
+        yield from zip(chunk, prepared, engine.predict(prepared, with_cam=with_cam), strict=True)
 
 
 def engine_run(model_dir: Path, data: Path, items: list[Item], boxes: dict[str, list[Box]] | None, device: str = "auto", batch_size: int = 8, threads: int = 0, progress: bool = True) -> EngineRun:

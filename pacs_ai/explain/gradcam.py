@@ -63,10 +63,10 @@ def cam_target_layers(model: nn.Module, arch: str) -> list[nn.Module]:
     if arch not in CAM_METHODS:
         raise ModelError(f"unknown architecture {arch!r}; expected one of {', '.join(CAM_METHODS)}")
     if arch == "resnet50":
-        return [model.layer4[-1]]  # type: ignore[index]
+        return [list(model.get_submodule("layer4").children())[-1]]
     if arch == "densenet121":
-        return [model.features[-1]]  # type: ignore[index]
-    feats = list(model.features)  # type: ignore[arg-type]
+        return [list(model.get_submodule("features").children())[-1]]
+    feats = list(model.get_submodule("features").children())
     last_pool = max(i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d))
     for m in reversed(feats[:last_pool]):
         if isinstance(m, (nn.ReLU, nn.Conv2d)):

@@ -14,6 +14,7 @@ study report, model folders (``model.json``, ``model.safetensors``) and training
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -61,10 +62,8 @@ def temp_path(path: Path) -> Path:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
@@ -90,10 +89,8 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
             fsync_dir(path.parent)
     except OSError as exc:
         if fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         _unlink_quietly(tmp)
         raise StorageError(describe_os_error(exc, path)) from exc
 
