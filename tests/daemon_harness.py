@@ -437,18 +437,17 @@ class Daemon:
         self.starts += 1
         if self.log_path not in STARTED_LOGS:
             STARTED_LOGS.append(self.log_path)
-        log = open(self.log_path, "ab")
-        log.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n".encode())
-        log.flush()
-        self.proc = subprocess.Popen(
-            serve_command(self.config_path),
-            cwd=self.root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            log.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                serve_command(self.config_path),
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
         _RUNNING.add(self.proc)
         self._sampler = threading.Thread(target=self._sample_rss, args=(self.proc,), daemon=True)
         self._sampler.start()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import free_port
 
+from conftest import free_port
 from pacs_ai.errors import JobStoreError
 from pacs_ai.queue import migrations
 from pacs_ai.queue.jobstore import JobStore

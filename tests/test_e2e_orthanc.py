@@ -29,11 +29,9 @@ from typing import Any
 import pydicom
 import pytest
 
-from orthanc import OrthancServer, orthanc_available, storescu
-
 from conftest import WG04_SMALL, expected_result_uid, free_port
 from daemon_harness import Daemon
-
+from orthanc import OrthancServer, orthanc_available, storescu
 from pacs_ai.write.structured_report import read_finding
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pynetdicom import build_context, evt
+
 from bad_inputs.corpus import image_dataset, real_pixels, small_images, write
 from daemon_harness import DAEMON_AE, TEST_AE, Daemon, Sent, file_identity, shared_model
 from dest_scp import DestSCP, free_port
-from pynetdicom import build_context, evt
-
 from pacs_ai.config import Destination
 from pacs_ai.send.sender import open_association
 

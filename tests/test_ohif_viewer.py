@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+
 from browser import VIEWPORT, browser, browser_unavailable, page, screenshots  # noqa: F401
 from ohif import (
     WEBVIEWER_PLUGIN,

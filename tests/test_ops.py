@@ -350,7 +350,6 @@ def test_status_against_a_running_daemon(tmp_path, sample_file):
 
     from daemon_harness import Daemon, file_identity, shared_model
     from dest_scp import DestSCP
-
     from pacs_ai.infer.model_card import load_model_folder
 
     model = shared_model()

@@ -133,7 +133,6 @@ def _check_daemon_engine(model_dir: Path, dicom_file: Path) -> None:
     import pydicom
 
     from pacs_ai.infer import engine as engine_mod
-
     from pacs_ai.infer.preprocess import dicom_to_gray, prepare
 
     model, card = load_model_folder(model_dir)

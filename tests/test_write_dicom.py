@@ -20,7 +20,6 @@ import pydicom
 import pytest
 
 from conftest import WG04_SMALL, expected_result_uid
-
 from pacs_ai.errors import DicomWriteError
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.write.overlay import Caption, hottest_region, normalise_heat, render_result_image

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
-from pacs_ai.cli.jobs import open_job_store, parse_duration
+from pacs_ai.cli.jobs import parse_duration
 from pacs_ai.errors import PacsAiError
+from pacs_ai.queue.jobstore import open_job_store
 
 __all__ = ["register"]
 

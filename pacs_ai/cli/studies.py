@@ -7,8 +7,8 @@ import dataclasses
 from typing import Any
 
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
-from pacs_ai.cli.jobs import open_job_store
 from pacs_ai.errors import ResultFormatError
+from pacs_ai.queue.jobstore import open_job_store
 from pacs_ai.results import JobResult, StudyResult
 from pacs_ai.studies.store import StudyRecord, StudyStore, StudySummary
 

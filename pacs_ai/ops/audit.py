@@ -84,19 +84,3 @@ class AuditLog(NullObserver):
         target = " ".join(f"{k}={v}" for k, v in fields.items())
         verdict = "done" if ok else f"refused ({detail})" if detail else "refused"
         self._write("admin", f"dashboard {action} {target} from {peer}: {verdict}".replace("  ", " "), entry)
-
-    # -- the rest of the Observer protocol: not audited --------------------------------------------------
-    def image_received(self, job_id: int, sop_instance_uid: str, size: int, duplicate: bool) -> None:
-        pass
-
-    def image_rejected(self, status: int, reason: str) -> None:
-        pass
-
-    def store_error(self, exception: str) -> None:
-        pass
-
-    def job_finished(self, job_id: int, state: str, inference_s: float, cam_s: float) -> None:
-        pass
-
-    def delivery_failed(self, job_id: int, destination: str, reason: str, dead: bool) -> None:
-        pass

@@ -57,17 +57,19 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        kw = {"namespace": NAMESPACE, "registry": self.registry}
-        self.images_received = Counter("images_received", "DICOM instances stored and queued", **kw)
-        self.images_duplicate = Counter("images_duplicate", "Received instances that were already known", **kw)
-        self.images_rejected = Counter("images_rejected", "C-STORE requests answered with a failure", ["status"], **kw)
-        self.store_errors = Counter(
-            "store_errors", "Unexpected exceptions in the C-STORE handler (answered 0xA700)", ["exception"], **kw
-        )
-        self.associations = Counter("associations", "Association requests", ["result"], **kw)
-        self.jobs_finished = Counter("jobs_finished", "Job attempts ended, by resulting state", ["state"], **kw)
-        self.inference_seconds = Histogram(
-            "inference_seconds", "Model inference time per job", buckets=_STAGE_BUCKETS, **kw
+        counter = functools.partial(Counter, namespace=NAMESPACE, registry=self.registry)
+        histogram = functools.partial(Histogram, namespace=NAMESPACE, registry=self.registry)
+        gauge = functools.partial(Gauge, namespace=NAMESPACE, registry=self.registry)
+        self.images_received = counter("images_received", "DICOM instances stored and queued")
+        self.images_duplicate = counter("images_duplicate", "Received instances that were already known")
+        self.images_rejected = counter("images_rejected", "C-STORE requests answered with a failure", ["status"])
+        self.store_errors = counter("store_errors", "Unexpected exceptions in the C-STORE handler (answered 0xA700)", ["exception"])
+        self.associations = counter("associations", "Association requests", ["result"])
+        self.jobs_finished = counter("jobs_finished", "Job attempts ended, by resulting state", ["state"])
+        self.inference_seconds = histogram("inference_seconds", "Model inference time per job", buckets=_STAGE_BUCKETS)
+        self.gradcam_seconds = histogram("gradcam_seconds", "Grad-CAM time per job", buckets=_STAGE_BUCKETS)
+        self.end_to_end_seconds = histogram(
+            "end_to_end_seconds", "Seconds from receipt of an image to delivery of its results", buckets=_E2E_BUCKETS
         )
         self.deliveries_failed = counter("deliveries_failed", "Failed delivery attempts per destination", ["destination"])
         self.deliveries_dead = counter("deliveries_dead", "Deliveries given up per destination", ["destination"])
