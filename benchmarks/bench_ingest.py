@@ -167,7 +167,7 @@ def run_pacs_ai(files: list[Path], work: Path) -> tuple[float, float]:
 def run_pacs_ai_daemon(files: list[Path], work: Path) -> tuple[float, float]:
     """The whole daemon (``pacs-ai serve``: listener + worker running ResNet-50 inference + deliveries)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from model_factory import make_model_folder
+    from support.model_factory import make_model_folder
 
     root = work / "daemon"
     model = make_model_folder(root / "model", "resnet50", size=224)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end latency: seconds from C-STORE sent to both results (SC and SR) stored at the destination.
 
-Runs the real daemon (``pacs-ai serve`` in a subprocess, via tests/daemon_harness.py) with a pynetdicom
-Storage SCP as its destination PACS (tests/dest_scp.py) and a random-weight model (224 px by default),
+Runs the real daemon (``pacs-ai serve`` in a subprocess, via tests/support/daemon_harness.py) with a pynetdicom
+Storage SCP as its destination PACS (tests/support/dest_scp.py) and a random-weight model (224 px by default),
 then measures, in one run:
 
 1. idle: single images sent one at a time, each waiting for its results (``--idle`` of them);
@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bad_inputs.corpus import reuid_copies
-from daemon_harness import Daemon, Sent, random_model, send_files
-from dest_scp import DestSCP
+from support.bad_inputs.corpus import reuid_copies
+from support.daemon_harness import Daemon, Sent, random_model, send_files
+from support.dest_scp import DestSCP
 
 
 def percentile(values: list[float], q: float) -> float:

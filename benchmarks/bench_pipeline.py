@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from bad_inputs.corpus import reuid_copies
-from daemon_harness import random_model
+from support.bad_inputs.corpus import reuid_copies
+from support.daemon_harness import random_model
 
 
 def bare_forward(folder: Path, batch: int, n: int, device: str, threads: int) -> float:

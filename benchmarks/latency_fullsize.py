@@ -75,7 +75,7 @@ def skip_reason() -> str | None:
         return f"missing in {SHARED_DICOM}: {', '.join(missing)}"
     if shutil.which("storescu") is None:
         return "dcmtk storescu is not installed"
-    from orthanc import orthanc_available
+    from support.orthanc import orthanc_available
 
     if not orthanc_available():
         return "Orthanc is not installed (Debian package orthanc)"
@@ -237,11 +237,11 @@ def run(args: Any) -> int:
         return 0
     from pydicom import dcmread
 
-    from bad_inputs.corpus import reuid_copies
-    from daemon_harness import Daemon, send_files
-    from orthanc import OrthancServer
     from pacs_ai.infer.model_card import load_card
     from pacs_ai.write.uids import derive_uid
+    from support.bad_inputs.corpus import reuid_copies
+    from support.daemon_harness import Daemon, send_files
+    from support.orthanc import OrthancServer
 
     card = load_card(REFERENCE_MODEL)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pacs-ai-bench-fullsize-"))  # bench_latency passes one

@@ -1,57 +1,20 @@
-"""Shared test helpers and fixtures. Keep this generic: test-specific fixtures go in their own test files.
+"""Fixtures shared by every test (helpers live in tests/support: ``from support.common import free_port``).
 
-Helpers importable from any test (``from conftest import free_port, TEST_DATA``):
-- ``free_port()``: a TCP port on 127.0.0.1 free right now.
-- ``REPO_ROOT``, ``TEST_DATA`` (the committed samples), ``SHARED_DATA`` (../shared/data, may be absent).
 Fixtures: ``shared_dicom`` (../shared/data/dicom or skip: only for tests that need the full-size set),
 ``wg04_files`` (the ten committed small WG-04 files: two images in five encodings, tests/data/wg04),
 ``undecodable_files`` (the two committed lossy JPEGs the decoders refuse, tests/data/undecodable),
-``sample_files`` (the committed tests/data/*.dcm), ``sample_file`` (the small MONOCHROME2 CR).
-tests/data/make_samples.py records how the committed samples were made from ../shared.
+``sample_files`` (the committed tests/data/*.dcm), ``sample_file`` (the small MONOCHROME2 CR), ``tmpfs``,
+and an autouse check that no C-STORE handler raised during the test.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TEST_DATA = REPO_ROOT / "tests" / "data"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-SHARED_DICOM = SHARED_DATA / "dicom"
-WG04_SMALL = TEST_DATA / "wg04"
-UNDECODABLE = TEST_DATA / "undecodable"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def expected_result_uid(source_uid: str, model_version: str, kind: str) -> str:
-    """The result UID the README and pacs_ai/write/uids.py document, computed here independently.
-
-    Rule: SHA-256 of ``"pacs-ai/result-uid/v1" US source US model_version US kind`` (US = 0x1F), its first 16
-    bytes made an RFC 4122 version-5 UUID (version nibble 5, variant bits 10), written as ``2.25.<integer>``
-    (PS3.5 B.2). Bit operations by hand, no ``uuid`` module, no product code.
-    """
-    import hashlib
-
-    text = "\x1f".join(["pacs-ai/result-uid/v1", source_uid.strip(), model_version, kind]).encode("utf-8")
-    raw = bytearray(hashlib.sha256(text).digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x50
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    return f"2.25.{int.from_bytes(raw, 'big')}"
-
-
-def have_tool(name: str) -> bool:
-    return shutil.which(name) is not None
+from support.common import SHARED_DICOM, STORE_ERROR_LINE, TEST_DATA, UNDECODABLE, WG04_SMALL
 
 
 @pytest.fixture(scope="session")
@@ -88,10 +51,6 @@ def sample_file() -> Path:
     return TEST_DATA / "cr_hip_mono2_small.dcm"
 
 
-STORE_ERROR_LINE = "C-STORE failed with an unexpected error"
-"""What the listener logs, with the traceback, when its C-STORE handler raises (pacs_ai/receive/listener.py)."""
-
-
 class _StoreErrors(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -105,10 +64,10 @@ class _StoreErrors(logging.Handler):
 @pytest.fixture(autouse=True)
 def _no_store_handler_errors(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Fail every test during which a C-STORE handler raised an unexpected exception: in this process
-    (a listener the test runs) or in a daemon the test started (tests/daemon_harness.py keeps their logs).
+    (a listener the test runs) or in a daemon the test started (tests/support/daemon_harness.py keeps their logs).
     A 0xA700 answer is only right for a resource fault, never for a bug. Tests that provoke one on purpose
     carry ``@pytest.mark.store_errors_expected``."""
-    from daemon_harness import STARTED_LOGS
+    from support.daemon_harness import STARTED_LOGS
 
     handler = _StoreErrors()
     logger = logging.getLogger("pacs_ai.receive")
@@ -175,22 +134,3 @@ def tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     yield make
     for path in mounted:
         subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
-
-
-def copies(source: Path, folder: Path, n: int, *, new_study: bool = False) -> list[Path]:
-    """``n`` copies of ``source`` with their own SOP Instance UIDs (and Study/Series UIDs if ``new_study``)."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(source)
-    out = []
-    for i in range(n):
-        if new_study:
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"copy{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        out.append(path)
-    return out

@@ -1,7 +1,7 @@
 """The bad-input corpus against the real daemon: each case gets its expected outcome, and the daemon keeps serving.
 
 One ``pacs-ai serve`` (tiny random-weight ResNet-50 at 64 px, an allow-list of calling AE titles, no
-destination: results go to the outbox) runs for the whole module. Each case of tests/bad_inputs/corpus.py
+destination: results go to the outbox) runs for the whole module. Each case of tests/support/bad_inputs/corpus.py
 is sent with a pynetdicom SCU, byte for byte as built, and must end as its table says:
 refused at association/negotiation, a given C-STORE status (and no job), a job dead with the named reason
 in ``last_error``, or a job done. After every case the daemon must still be alive, answer C-ECHO and
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bad_inputs.corpus import ALLOWED_AE, CASES, HUGE_ASSOCIATION, Case, good_image
-from daemon_harness import Daemon, file_identity, shared_model
+from support.bad_inputs.corpus import ALLOWED_AE, CASES, HUGE_ASSOCIATION, Case, good_image
+from support.daemon_harness import Daemon, file_identity, shared_model
 
 
 def _content_sha256(path: Path) -> str:

@@ -1,10 +1,10 @@
-"""The shared browser fixture (tests/browser.py): the system Chromium runs, renders, and reports console errors."""
+"""The shared browser fixture (tests/support/browser.py): the system Chromium runs, renders, and reports console errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from browser import ConsoleLog, browser, page  # noqa: F401
+from support.browser import ConsoleLog, browser, page  # noqa: F401
 
 pytestmark = [pytest.mark.browser]
 

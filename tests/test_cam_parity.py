@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from model_factory import make_map_model_folder, model_folder
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_model_folder
 from pacs_ai.infer.preprocess import prepare, read_gray
+from support.model_factory import make_map_model_folder, model_folder
 from training.cli import main
 
 N_IMAGES = 3

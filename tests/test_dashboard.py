@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from conftest import REPO_ROOT, TEST_DATA
 from pacs_ai.config import BUNDLED_MODEL, ConfigError, parse_config
 from pacs_ai.dashboard import dashboard_app
 from pacs_ai.dashboard.app import SESSION_COOKIE, THUMBNAIL_PX
@@ -28,6 +27,7 @@ from pacs_ai.ops.audit import AuditLog
 from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.metrics import Metrics, metrics_app
 from pacs_ai.queue.jobstore import JobStore
+from support.common import REPO_ROOT, TEST_DATA
 
 TOKEN = "s3cret-admin-token-0123456789"
 PATIENT_NAME = "DOE^JANE"

@@ -11,7 +11,7 @@ dashboard on its metrics port. What a person would do and see, checked in the br
 * after signing in with the admin token, "Retry" on the job (its cause removed) brings it back to
   queued and then done, shown by the page's own refresh; "Retry" on the delivery (the destination
   accepting again) delivers it;
-* a screenshot of the page is written to dashboard.png in the ``screenshots`` folder (tests/browser.py:
+* a screenshot of the page is written to dashboard.png in the ``screenshots`` folder (tests/support/browser.py:
   a temporary folder, or ``PACS_AI_SCREENSHOTS=docs/images`` for the picture in the README).
 
 Run: ``.venv/bin/python -m pytest tests/test_dashboard_browser.py -q`` (needs Debian ``chromium`` and
@@ -28,12 +28,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from bad_inputs.corpus import build_multiframe
-from browser import browser, page, screenshots  # noqa: F401
-from conftest import TEST_DATA, copies, free_port
-from daemon_harness import Daemon
-from dest_scp import DestSCP
 from pacs_ai.config import BUNDLED_MODEL
+from support.bad_inputs.corpus import build_multiframe
+from support.browser import browser, page, screenshots  # noqa: F401
+from support.common import TEST_DATA, copies, free_port
+from support.daemon_harness import Daemon
+from support.dest_scp import DestSCP
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import free_port
 from pacs_ai.errors import JobStoreError
 from pacs_ai.queue import migrations
 from pacs_ai.queue.jobstore import JobStore
 from pacs_ai.queue.models import schema_version
+from support.common import free_port
 
 OLD_VERSION = 2
 # What the released steps 3 and 4 describe; written out here, not read from MIGRATIONS.

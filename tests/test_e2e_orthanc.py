@@ -1,8 +1,8 @@
 """End to end with a real PACS: Orthanc -> pacs-ai daemon -> Orthanc.
 
-1. Start Orthanc (tests/orthanc.py: own config, free ports, temporary storage) with the daemon as a
+1. Start Orthanc (tests/support/orthanc.py: own config, free ports, temporary storage) with the daemon as a
    DICOM modality, and the daemon (``pacs-ai serve --config``) with Orthanc as its only destination and
-   a tiny random-weight model (tests/model_factory.py).
+   a tiny random-weight model (tests/support/model_factory.py).
 2. Upload the committed WG-04 samples of ``tests/data/wg04`` (five encodings each of a MONOCHROME2 hip and a
    MONOCHROME1 tibia, 8x smaller than ../shared's originals) to Orthanc with ``storescu``, each in its own transfer syntax, and have Orthanc
    forward each one to the daemon (``POST /modalities/pacsai/store``).
@@ -29,10 +29,10 @@ from typing import Any
 import pydicom
 import pytest
 
-from conftest import WG04_SMALL, expected_result_uid, free_port
-from daemon_harness import Daemon
-from orthanc import OrthancServer, orthanc_available, storescu
 from pacs_ai.write.structured_report import read_finding
+from support.common import WG04_SMALL, expected_result_uid, free_port
+from support.daemon_harness import Daemon
+from support.orthanc import OrthancServer, orthanc_available, storescu
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -61,9 +61,9 @@ def _prerequisites() -> str | None:
     if shutil.which("storescu") is None:
         return "storescu (dcmtk) is not installed"
     try:
-        import model_factory  # noqa: F401
+        from support import model_factory  # noqa: F401
     except ImportError as exc:
-        return f"tests/model_factory.py unavailable: {exc}"
+        return f"tests/support/model_factory.py unavailable: {exc}"
     return None
 
 
@@ -115,7 +115,7 @@ def test_orthanc_round_trip(tmp_path: Path) -> None:
     reason = _prerequisites()
     if reason:
         pytest.skip(reason)
-    from model_factory import make_model_folder
+    from support.model_factory import make_model_folder
 
     originals = sorted(WG04_SMALL.glob("RG2_*.dcm")) + sorted(WG04_SMALL.glob("RG3_*.dcm"))
     assert len(originals) == 10
@@ -125,7 +125,7 @@ def test_orthanc_round_trip(tmp_path: Path) -> None:
     model = make_model_folder(tmp_path / "model", "resnet50", version=MODEL_VERSION, threshold=0.5)
     daemon_port = free_port()
     pacs = OrthancServer(tmp_path / "orthanc", aet="ORTHANC", modalities={"pacsai": ("PACSAI", "127.0.0.1", daemon_port)})
-    # The one harness (tests/daemon_harness.py): its config, the test's model, Orthanc as the only destination.
+    # The one harness (tests/support/daemon_harness.py): its config, the test's model, Orthanc as the only destination.
     daemon = Daemon(
         tmp_path / "daemon", model=model, port=daemon_port,
         destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}],

@@ -10,13 +10,13 @@ import pydicom
 import pytest
 import torch
 
-from model_factory import calibration_batch, make_model_folder, model_folder
 from pacs_ai.errors import ConfigError, ModelError
 from pacs_ai.infer.architectures import ARCHITECTURES
 from pacs_ai.infer.device import autocast_dtype, configure_threads, select_device, thread_count
 from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.model_card import CARD_FILE, load_model_folder
 from pacs_ai.infer.preprocess import Prepared, dicom_to_gray, prepare
+from support.model_factory import calibration_batch, make_model_folder, model_folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -188,7 +188,7 @@ def _inverted_monochrome2(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _mono1_files() -> list[Path]:
-    from conftest import TEST_DATA, WG04_SMALL
+    from support.common import TEST_DATA, WG04_SMALL
 
     return [*sorted(TEST_DATA.glob("*mono1*.dcm")), WG04_SMALL / "RG3_UNC.dcm"]
 
@@ -235,7 +235,7 @@ def test_classify_cli_end_to_end(tmp_path: Path, sample_files: list[Path], capsy
 
     import cv2
 
-    from conftest import REPO_ROOT
+    from support.common import REPO_ROOT
 
     png = tmp_path / "radiograph.png"
     gray = pydicom.dcmread(sample_files[0]).pixel_array.astype(np.float32)

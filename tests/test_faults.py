@@ -6,8 +6,8 @@ burst, in the middle of a C-STORE (a large file being sent in 16 KiB PDUs) and i
 (the destination holds the result in its handler). Duplicates are receptions counted at the pynetdicom
 destination (one SOP Instance UID received twice is a duplicate, whatever a PACS would keep).
 
-Every test runs ``pacs-ai serve`` (tests/daemon_harness.py) with a recording pynetdicom destination
-(tests/dest_scp.py), sends small real-derived radiographs (the committed sample, shrunk and re-UID'd, one
+Every test runs ``pacs-ai serve`` (tests/support/daemon_harness.py) with a recording pynetdicom destination
+(tests/support/dest_scp.py), sends small real-derived radiographs (the committed sample, shrunk and re-UID'd, one
 study per image) and prints its figures:
 
     sent, acknowledged (0x0000 at least once), delivered (SC and SR stored at the destination),
@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 from pynetdicom import build_context, evt
 
-from bad_inputs.corpus import image_dataset, real_pixels, small_images, write
-from daemon_harness import DAEMON_AE, TEST_AE, Daemon, Sent, file_identity, shared_model
-from dest_scp import DestSCP, free_port
 from pacs_ai.config import Destination
 from pacs_ai.send.sender import open_association
+from support.bad_inputs.corpus import image_dataset, real_pixels, small_images, write
+from support.daemon_harness import DAEMON_AE, TEST_AE, Daemon, Sent, file_identity, shared_model
+from support.dest_scp import DestSCP, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

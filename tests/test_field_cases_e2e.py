@@ -17,8 +17,8 @@ import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
-from daemon_harness import Daemon, shared_model
-from dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP
+from support.daemon_harness import Daemon, shared_model
+from support.dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP
 
 FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"

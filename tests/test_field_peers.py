@@ -1,5 +1,5 @@
 """Every destination gets the results (issue 10, points 3 and 6), against real peers configured like
-restrictive PACS: a pynetdicom Storage SCP (tests/dest_scp.py) that accepts only Implicit VR Little
+restrictive PACS: a pynetdicom Storage SCP (tests/support/dest_scp.py) that accepts only Implicit VR Little
 Endian, or no Comprehensive 3D SR, or no SR class at all; dcmtk ``storescp +xi`` (Implicit only); Orthanc
 with ``AcceptedTransferSyntaxes`` = Implicit only.
 
@@ -23,13 +23,6 @@ import pytest
 import sqlalchemy as sa
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dest_scp import (
-    COMPREHENSIVE_3D_SR,
-    SECONDARY_CAPTURE,
-    SR_CLASSES,
-    DestSCP,
-    free_port,
-)
 from pacs_ai.cli.jobs import object_lines
 from pacs_ai.config import Destination
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
@@ -40,7 +33,14 @@ from pacs_ai.send.deliveries import DeliveryProcessor
 from pacs_ai.send.sender import outgoing_object, send_objects
 from pacs_ai.write.results import write_results
 from pacs_ai.write.structured_report import read_finding
-from pacs_ai.write.uids import derive_uid
+from support.common import expected_result_uid
+from support.dest_scp import (
+    COMPREHENSIVE_3D_SR,
+    SECONDARY_CAPTURE,
+    SR_CLASSES,
+    DestSCP,
+    free_port,
+)
 
 FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -134,7 +134,7 @@ def test_peer_without_the_sr_class_gets_an_sr_it_accepts(
         assert scp.wait_for(lambda d: d.total() >= 2, timeout=10)
         classes = [s.sop_class_uid for s in scp.stored()]
         assert classes == [SECONDARY_CAPTURE, expected_class]
-        sr_uid = derive_uid(r.sr_sop_instance_uid, expected_class, "sr-class")
+        sr_uid = expected_result_uid(r.sr_sop_instance_uid, expected_class, "sr-class")
         assert outcomes[1].sop_instance_uid == sr_uid and outcomes[1].sop_class_uid == expected_class
         received = scp.datasets[sr_uid]
         original = pydicom.dcmread(r.sr)
@@ -284,7 +284,7 @@ def test_dcmtk_storescp_implicit_only(results: dict[str, dict[str, Any]], tmp_pa
 
 
 def test_orthanc_implicit_only(results: dict[str, dict[str, Any]], tmp_path: Path) -> None:
-    from orthanc import OrthancServer, orthanc_available
+    from support.orthanc import OrthancServer, orthanc_available
 
     if not orthanc_available():
         pytest.skip("Orthanc not installed")

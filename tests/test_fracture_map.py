@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_factory import calibration_batch, make_map_model_folder
 from pacs_ai.errors import ModelError
 from pacs_ai.infer.architectures import ARCHITECTURES, FractureMapNet, build_model
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import CARD_FILE, ModelCard, load_card, load_model_folder
 from pacs_ai.infer.preprocess import InputSpec, prepare
 from pacs_ai.write.overlay import Caption, render_result_image
+from support.model_factory import calibration_batch, make_map_model_folder
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
 

@@ -34,14 +34,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from bad_inputs.corpus import (
+from support.bad_inputs.corpus import (
     DX_PRESENTATION,
     image_dataset,
     real_pixels,
     rewrite_meta,
     write,
 )
-from daemon_harness import Daemon, file_identity, shared_model
+from support.daemon_harness import Daemon, file_identity, shared_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

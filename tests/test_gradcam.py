@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from model_factory import TEST_SIZE, calibration_batch, head_linear, make_model
 from pacs_ai.explain.gradcam import CAM_METHODS, CamExplainer, cam_target_layers
 from pacs_ai.infer.architectures import ARCHITECTURES
 from pacs_ai.infer.preprocess import InputSpec
+from support.model_factory import TEST_SIZE, calibration_batch, head_linear, make_model
 
 SPEC = InputSpec(size=TEST_SIZE)
 
@@ -167,9 +167,9 @@ def test_no_memory_growth_over_hundreds_of_images() -> None:
     For scale: re-creating the CAM object for every batch (the known leak) grows Python allocations by
     about 250 KiB and RSS by about 21 MiB over the same 40 batches; reusing one grows by < 1 KiB / ~6 MiB.
     """
-    from model_factory import model_folder
     from pacs_ai.infer.engine import InferenceEngine
     from pacs_ai.infer.preprocess import prepare
+    from support.model_factory import model_folder
 
     engine = InferenceEngine([model_folder("resnet50")], device="cpu", batch_size=8, threads=1)
     spec = engine.spec

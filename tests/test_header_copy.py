@@ -23,7 +23,6 @@ import logging
 import shutil
 import struct
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +38,7 @@ from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.write.common import PATIENT_STUDY_KEYWORDS
 from pacs_ai.write.results import write_results
 from pacs_ai.write.secondary_capture import SERIES_ATTRIBUTES
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_write_dicom import _prediction
+from support.predictions import synthetic_prediction
 
 FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 BASE = FIELD_CASES / "c16_study_view1.dcm"
@@ -247,7 +244,7 @@ def test_bad_header_values_never_stop_a_result(bad: Bad, tmp_path: Path, caplog:
     source, planted = _source_with(bad)
     assert planted, "the kind applies to no attribute"
     caplog.set_level(logging.WARNING, logger="pacs_ai.write.header")
-    out = write_results(source, _prepared(source), _prediction("densenet121", True), tmp_path).files
+    out = write_results(source, _prepared(source), synthetic_prediction("densenet121", True), tmp_path).files
     for kind in ("sc", "sr"):
         assert _dciodvfy_errors(getattr(out, kind)) == [], f"{kind}: dciodvfy errors for {bad.name}"
 
@@ -315,7 +312,7 @@ def test_character_sets(charset: list[str], name: bytes, expected: list[str] | N
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     source = pydicom.dcmread(io.BytesIO(buf.getvalue()))
-    out = write_results(source, _prepared(source), _prediction("resnet50", False), tmp_path).files
+    out = write_results(source, _prepared(source), synthetic_prediction("resnet50", False), tmp_path).files
     for kind in ("sc", "sr"):
         assert _dciodvfy_errors(getattr(out, kind)) == [], f"{kind}: dciodvfy errors"
         result = pydicom.dcmread(getattr(out, kind))
@@ -334,7 +331,7 @@ def test_field_cases_keep_charset_and_name_bytes(tmp_path: Path) -> None:
         source = pydicom.dcmread(FIELD_CASES / name)
         raw = _raw_value(source, "PatientName")
         charset = list(source.SpecificCharacterSet)
-        out = write_results(source, _prepared(source), _prediction("vgg16", True), tmp_path / name).files
+        out = write_results(source, _prepared(source), synthetic_prediction("vgg16", True), tmp_path / name).files
         for kind in ("sc", "sr"):
             result = pydicom.dcmread(getattr(out, kind))
             assert list(result.SpecificCharacterSet) == charset
@@ -344,7 +341,7 @@ def test_field_cases_keep_charset_and_name_bytes(tmp_path: Path) -> None:
 def test_sex_u_is_blanked_and_logged_without_the_value(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = pydicom.dcmread(FIELD_CASES / "c01_patient_sex_u.dcm")
     caplog.set_level(logging.WARNING, logger="pacs_ai.write.header")
-    out = write_results(source, _prepared(source), _prediction("resnet50", True), tmp_path).files
+    out = write_results(source, _prepared(source), synthetic_prediction("resnet50", True), tmp_path).files
     for kind in ("sc", "sr"):
         result = pydicom.dcmread(getattr(out, kind))
         assert "PatientSex" in result and result["PatientSex"].is_empty

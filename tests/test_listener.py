@@ -26,12 +26,12 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
-from conftest import REPO_ROOT, STORE_ERROR_LINE, copies, free_port, have_tool
 from pacs_ai.config import ListenerConfig
 from pacs_ai.queue.jobstore import JobState, JobStore
 from pacs_ai.receive import contexts as cx
 from pacs_ai.receive.listener import Listener
 from pacs_ai.store.spool import Spool
+from support.common import REPO_ROOT, STORE_ERROR_LINE, copies, free_port, have_tool
 
 STORESCU_FLAGS = {  # transfer syntax of the file -> storescu option proposing it
     "1.2.840.10008.1.2.1": "-xe",

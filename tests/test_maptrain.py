@@ -20,13 +20,13 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from model_factory import make_map_model_folder
 from pacs_ai.explain.fracture_map import cells_to_heat
 from pacs_ai.infer.architectures import FractureMapNet
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_model_folder
 from pacs_ai.infer.preprocess import Geometry, cam_to_original, prepare, read_gray
-from synthetic_fractures import REGIONS, write_synthetic_set
+from support.model_factory import make_map_model_folder
+from support.synthetic_fractures import REGIONS, write_synthetic_set
 from training.augment import AugmentConfig
 from training.cli import main
 from training.data import list_dataset

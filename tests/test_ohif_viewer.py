@@ -2,7 +2,7 @@
 
 Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) is started on 127.0.0.1 with its own storage; OHIF
 3.13's prebuilt ``dist/`` (``make ohif``) and Orthanc's ``/dicom-web/`` are served behind one origin by
-a small Starlette app (tests/ohif.py); Debian's ``chromium`` is driven by Playwright (tests/browser.py)
+a small Starlette app (tests/support/ohif.py); Debian's ``chromium`` is driven by Playwright (tests/support/browser.py)
 at 1600x1000. Two studies: a radiograph with a suspected fracture (the result writer's real SC and SR,
 with the suspected region), and a landscape one without (negative SR: the region of the strongest
 sub-threshold evidence). For each, the test opens the study in OHIF, then the SC, then the SR, and
@@ -22,7 +22,7 @@ checks what a user sees:
 - Orthanc Explorer lists the result series under their Series Date, and the Orthanc Web Viewer
   (Debian ``orthanc-webviewer``) shows the SC with its overlays clear of the caption.
 
-Screenshots of each step go to the ``screenshots`` folder (tests/browser.py: a temporary folder; the
+Screenshots of each step go to the ``screenshots`` folder (tests/support/browser.py: a temporary folder; the
 committed ones in docs/images/, shown in the README, come from
 ``PACS_AI_SCREENSHOTS=docs/images .venv/bin/python -m pytest tests/test_ohif_viewer.py tests/test_dashboard_browser.py``).
 Run alone with: ``.venv/bin/python -m pytest tests/test_ohif_viewer.py -v``
@@ -42,20 +42,20 @@ import numpy as np
 import pydicom
 import pytest
 
-from browser import VIEWPORT, browser, browser_unavailable, page, screenshots  # noqa: F401
-from ohif import (
+from pacs_ai.infer.engine import Prediction
+from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
+from pacs_ai.write.common import ModelInfo
+from pacs_ai.write.overlay import Caption, caption_box
+from pacs_ai.write.results import write_results
+from support.browser import VIEWPORT, browser, browser_unavailable, page, screenshots  # noqa: F401
+from support.ohif import (
     WEBVIEWER_PLUGIN,
     ServedApp,
     ohif_app,
     ohif_unavailable,
     orthanc_dicomweb_config,
 )
-from orthanc import OrthancServer, orthanc_available
-from pacs_ai.infer.engine import Prediction
-from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
-from pacs_ai.write.common import ModelInfo
-from pacs_ai.write.overlay import Caption, caption_box
-from pacs_ai.write.results import write_results
+from support.orthanc import OrthancServer, orthanc_available
 
 pytestmark = [pytest.mark.browser, pytest.mark.orthanc, pytest.mark.slow]
 

@@ -344,13 +344,13 @@ def test_status_counts_a_rejected_probe_as_up(tmp_path):
 
 def test_status_against_a_running_daemon(tmp_path, sample_file):
     """``pacs-ai status`` (the console command, in its own process) against the real ``pacs-ai serve``
-    started by tests/daemon_harness.py, after it processed and delivered one image."""
+    started by tests/support/daemon_harness.py, after it processed and delivered one image."""
     import subprocess
     import sys
 
-    from daemon_harness import Daemon, file_identity, shared_model
-    from dest_scp import DestSCP
     from pacs_ai.infer.model_card import load_model_folder
+    from support.daemon_harness import Daemon, file_identity, shared_model
+    from support.dest_scp import DestSCP
 
     model = shared_model()
     _model, card = load_model_folder(model)

@@ -1,4 +1,4 @@
-"""Scale-out on a real PostgreSQL server (started by tests/postgres.py in a temporary folder).
+"""Scale-out on a real PostgreSQL server (started by tests/support/postgres.py in a temporary folder).
 
 (a) The job store's claim (``FOR UPDATE SKIP LOCKED``) under a race: 100 jobs, 3 processes x 2 threads
     claiming concurrently, each job claimed exactly once.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from postgres import postgres_server  # noqa: F401 (fixture; tests/ is on sys.path under pytest)
+from support.postgres import postgres_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.postgres
 
@@ -158,10 +158,10 @@ def test_scale_out_two_workers_one_listener(postgres_server, tmp_path):  # noqa:
         pytest.skip(f"`pacs-ai worker` is not available: {reason}")
     import psycopg
 
-    from bad_inputs.corpus import small_images
-    from daemon_harness import Daemon, serve_command
-    from model_factory import model_folder
     from pacs_ai.queue.jobstore import JobStore
+    from support.bad_inputs.corpus import small_images
+    from support.daemon_harness import Daemon, serve_command
+    from support.model_factory import model_folder
 
     url = postgres_server.create_database("scale_out")
     JobStore(url, upgrade=True).close()  # creates the schema, so that the trigger can be installed before any job

@@ -16,11 +16,11 @@ import pydicom
 import pytest
 from pynetdicom import AE, evt
 
-from conftest import free_port
 from pacs_ai.config import ListenerConfig
 from pacs_ai.queue.jobstore import JobStore
 from pacs_ai.receive.listener import Listener
 from pacs_ai.store.spool import Spool
+from support.common import free_port
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "field_cases" / "c16_study_view1.dcm"
 A_ABORT = bytes([0x07, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00])  # PS3.8 9.3.8, source 0 (user)

@@ -7,7 +7,6 @@ Descriptions that name their source and differ; reprocessing keeps the numbers (
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pydicom
@@ -16,9 +15,7 @@ from pydicom.uid import generate_uid
 
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.write.results import write_results
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_write_dicom import _prediction
+from support.predictions import synthetic_prediction
 
 FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 
@@ -26,7 +23,7 @@ FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 def _results(sources: list[pydicom.Dataset], tmp_path: Path) -> list[dict[str, pydicom.Dataset]]:
     out = []
     for i, ds in enumerate(sources):
-        files = write_results(ds, prepare(dicom_to_gray(ds), InputSpec()), _prediction("resnet50", i % 2 == 0), tmp_path / str(i)).files
+        files = write_results(ds, prepare(dicom_to_gray(ds), InputSpec()), synthetic_prediction("resnet50", i % 2 == 0), tmp_path / str(i)).files
         out.append({k: pydicom.dcmread(path) for k, path in files.dicom_files().items()})
     return out
 

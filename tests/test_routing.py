@@ -22,7 +22,7 @@ from pacs_ai.route.build import build_router
 from pacs_ai.route.facts import ImageFacts
 from pacs_ai.route.intended_use import intended_use_rules
 from pacs_ai.route.rules import Router, RoutingRule
-from routing_samples import SAMPLE, chest, variant
+from support.routing_samples import SAMPLE, chest, variant
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "reference"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from daemon_harness import Daemon, shared_model
-from orthanc import OrthancServer, orthanc_available
 from pacs_ai.infer.model_card import load_card, save_card
-from routing_samples import chest, variant
+from support.daemon_harness import Daemon, shared_model
+from support.orthanc import OrthancServer, orthanc_available
+from support.routing_samples import chest, variant
 
 pytestmark = [pytest.mark.orthanc]
 

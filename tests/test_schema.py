@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from pacs_ai.queue import migrations
 from pacs_ai.queue.models import metadata, schema_version
-from postgres import postgres_server  # noqa: F401 (fixture; tests/ is on sys.path under pytest)
+from support.postgres import postgres_server  # noqa: F401 (fixture)
 
 RELEASED_INDEXES = {
     "jobs": {"ix_jobs_state_next", "ix_jobs_state_updated", "ix_jobs_study"},

@@ -1,5 +1,5 @@
 """The C-STORE sender and the delivery processor against real peers: a pynetdicom Storage SCP
-(tests/dest_scp.py), a port nobody listens on, a peer that accepts TCP but never answers, and a real
+(tests/support/dest_scp.py), a port nobody listens on, a peer that accepts TCP but never answers, and a real
 SQLite job store."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP, free_port
 from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
@@ -24,6 +23,7 @@ from pacs_ai.results import JobResult, ResultFiles
 from pacs_ai.send.deliveries import OUTBOX, DeliveryProcessor, destination_names, result_files
 from pacs_ai.send.sender import DestinationUnreachable, is_permanent_status, send_files
 from pacs_ai.write.results import write_results
+from support.dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copies, free_port
-from daemon_harness import Daemon, echo, send_files, shared_model
 from pacs_ai.config import BUNDLED_MODEL
 from pacs_ai.queue.jobstore import JobState, JobStore
+from support.common import copies, free_port
+from support.daemon_harness import Daemon, echo, send_files, shared_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,10 +18,6 @@ import pytest
 import torch
 
 import pacs_ai.daemon.worker as worker_module
-from conftest import copies
-from daemon_harness import Daemon, shared_model
-from model_factory import model_folder
-from orthanc import OrthancServer, orthanc_available
 from pacs_ai.daemon.worker import Worker
 from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import load_card, save_card
@@ -30,6 +26,10 @@ from pacs_ai.queue.jobstore import JobState, JobStore, RetryPolicy
 from pacs_ai.results import JobResult
 from pacs_ai.shadow.drift import histogram, psi, quantile_edges
 from pacs_ai.shadow.scoring import ShadowScorer
+from support.common import copies
+from support.daemon_harness import Daemon, shared_model
+from support.model_factory import model_folder
+from support.orthanc import OrthancServer, orthanc_available
 from test_worker import enqueue, png_writer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,14 +13,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import copies, have_tool
 from pacs_ai.infer.model_card import load_card
 from pacs_ai.queue.jobstore import JobState, JobStore, RetryPolicy
 from pacs_ai.studies.processor import StudyPolicy, StudyProcessor, study_policy
 from pacs_ai.studies.report import read_study_report
 from pacs_ai.studies.rules import aggregate
 from pacs_ai.studies.store import StudyStore
-from pacs_ai.write.uids import derive_uid
+from support.common import copies, expected_result_uid, have_tool
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
@@ -97,7 +96,7 @@ def test_quiet_period_then_one_study_result_then_replaced(jobs: JobStore, clock:
     assert record is not None and record.revision == 1
     assert (record.result["probability"], record.result["fractured"]) == (0.45, True)
     sr = pydicom.dcmread(record.result["files"]["sr"])
-    assert sr.SOPInstanceUID == derive_uid(study_uid, "9.9", "study-sr") and sr.InstanceNumber == 1
+    assert sr.SOPInstanceUID == expected_result_uid(study_uid, "9.9", "study-sr") and sr.InstanceNumber == 1
     source = pydicom.dcmread(SAMPLE, stop_before_pixels=True)
     assert (sr.PatientID, str(sr.PatientName), sr.StudyInstanceUID) == (source.PatientID, str(source.PatientName), study_uid)
     groups = read_study_report(sr)

@@ -17,13 +17,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import copies
-from daemon_harness import Daemon, shared_model
-from orthanc import OrthancServer, orthanc_available
 from pacs_ai.infer.model_card import load_card
 from pacs_ai.studies.report import SERIES_NUMBER, read_study_report
 from pacs_ai.studies.store import StudyStore
-from pacs_ai.write.uids import derive_uid
+from support.common import copies, expected_result_uid
+from support.daemon_harness import Daemon, shared_model
+from support.orthanc import OrthancServer, orthanc_available
 
 pytestmark = [pytest.mark.orthanc]
 
@@ -58,7 +57,7 @@ def test_study_result_after_quiet_period_and_replaced(tmp_path: Path) -> None:
     files = copies(SAMPLE, tmp_path / "in", 4)
     sops = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
     study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-    study_sr_uid = derive_uid(study_uid, version, "study-sr")
+    study_sr_uid = expected_result_uid(study_uid, version, "study-sr")
     with OrthancServer(tmp_path / "orthanc") as orthanc:
         dest = {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
         overrides = {"studies": {"enabled": True, "quiet_period_s": QUIET_S, "poll_interval_s": 0.5}}

@@ -282,8 +282,8 @@ def test_daemon_listener_and_sender_over_mutual_tls(certs, tmp_path, sample_file
     with ``[destinations.tls]``: an image sent with a client certificate is stored and its results reach a
     destination that also requires a client certificate; clients without one, with one from another CA, or
     without TLS are refused and leave no job."""
-    from daemon_harness import Daemon, file_identity, shared_model
-    from dest_scp import DestSCP
+    from support.daemon_harness import Daemon, file_identity, shared_model
+    from support.dest_scp import DestSCP
 
     def files(name: str | None, ca: str | None = "ca") -> dict[str, str]:
         return {k: str(v) for k, v in vars(_tls(certs, name, ca)).items() if v is not None}

@@ -9,10 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import copies
-from daemon_harness import Daemon, send_files, shared_model
-from dest_scp import DestSCP
 from pacs_ai.daemon.wakeup import ENV_VAR, Doorbell, WakeUpObserver
+from support.common import copies
+from support.daemon_harness import Daemon, send_files, shared_model
+from support.dest_scp import DestSCP
 
 
 def test_wait_times_out_without_a_ring_and_returns_at_once_after_one() -> None:

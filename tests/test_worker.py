@@ -13,12 +13,12 @@ import pydicom
 import pytest
 import torch
 
-from model_factory import model_folder
 from pacs_ai.daemon.worker import Worker
 from pacs_ai.infer.engine import InferenceEngine, Prediction
 from pacs_ai.infer.preprocess import Prepared, cam_to_original
 from pacs_ai.queue.jobstore import JobState, JobStore, RetryPolicy
 from pacs_ai.results import ResultFiles, WrittenResults
+from support.model_factory import model_folder
 
 DESTINATIONS = ("pacs", "archive")
 

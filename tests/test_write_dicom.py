@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +18,20 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import WG04_SMALL, expected_result_uid
 from pacs_ai.errors import DicomWriteError
+from pacs_ai.infer.engine import Prediction
 from pacs_ai.infer.preprocess import InputSpec, dicom_to_gray, prepare
 from pacs_ai.write.overlay import Caption, hottest_region, normalise_heat, render_result_image
 from pacs_ai.write.results import write_results
 from pacs_ai.write.structured_report import read_finding
 from pacs_ai.write.uids import derive_uid
+from support.common import WG04_SMALL, expected_result_uid
+from support.predictions import synthetic_prediction
 
 REPO = Path(__file__).resolve().parents[1]
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 ARCHITECTURES = ("resnet50", "vgg16", "densenet121")
-
-try:  # the real Prediction when the engine is there; the writer only reads attributes
-    from pacs_ai.infer.engine import Prediction
-except ImportError:  # pragma: no cover
-
-    @dataclass(frozen=True)
-    class Prediction:  # type: ignore[no-redef]
-        probability: float
-        fractured: bool
-        threshold: float
-        label: str
-        cam: np.ndarray
-        model_name: str
-        model_version: str
-        architecture: str
-        timings: dict[str, float] = field(default_factory=dict)
-
 
 def _sources() -> list[Any]:
     found: list[Any] = []
@@ -59,28 +43,6 @@ def _sources() -> list[Any]:
 
 
 SOURCES = _sources()
-
-
-def _cam(size: int = 224, cx: float = 0.6, cy: float = 0.4) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    main = np.exp(-(((xx - cx) / 0.08) ** 2 + ((yy - cy) / 0.06) ** 2))
-    side = 0.45 * np.exp(-(((xx - 0.25) / 0.12) ** 2 + ((yy - 0.75) / 0.1) ** 2))
-    return (main + side).astype(np.float32)
-
-
-def _prediction(arch: str, fractured: bool, probability: float | None = None) -> Prediction:
-    p = probability if probability is not None else (0.873 if fractured else 0.062)
-    return Prediction(
-        probability=p,
-        fractured=fractured,
-        threshold=0.42,
-        label="fractured" if fractured else "not fractured",
-        cam=_cam(),
-        model_name=f"fracture-{arch}",
-        model_version="1.2.3",
-        architecture=arch,
-        timings={"preprocess": 0.0, "forward": 0.0, "cam": 0.0},
-    )
 
 
 _PREPARED: dict[Path, tuple[pydicom.Dataset, Any]] = {}
@@ -124,7 +86,7 @@ def test_results_are_valid_dicom(source_path: Path, arch: str, tmp_path: Path) -
     # Every source gets both outcomes across the three architectures.
     source_index = [p.values[0] for p in SOURCES].index(source_path)
     fractured = (ARCHITECTURES.index(arch) + source_index) % 2 == 0
-    prediction = _prediction(arch, fractured)
+    prediction = synthetic_prediction(arch, fractured)
     out = write_results(ds, prepared, prediction, tmp_path / "r").files
 
     sc_path, sr_path = Path(out.sc), Path(out.sr)
@@ -207,7 +169,7 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
     ds, prepared = _load(SMALL)
     # Three decimals of a percent: the shown Numeric Value is rounded to one, the exact value kept.
     expected_p = 87.346 if fractured else 6.234
-    out = write_results(ds, prepared, _prediction("resnet50", fractured, expected_p / 100), tmp_path).files
+    out = write_results(ds, prepared, synthetic_prediction("resnet50", fractured, expected_p / 100), tmp_path).files
     sr = hd.sr.srread(out.sr)
     tracking_uid = expected_result_uid(ds.SOPInstanceUID, "1.2.3", "tracking")
     groups = sr.content.get_image_measurement_groups()
@@ -271,8 +233,8 @@ def test_highdicom_reads_the_report_and_its_one_region(fractured: bool, tmp_path
 
 def test_reprocessing_gives_the_same_uids_and_replaces_files(tmp_path: Path) -> None:
     ds, prepared = _load(WG04_SMALL / "RG2_J2KR.dcm")
-    first = write_results(ds, prepared, _prediction("densenet121", True), tmp_path).files
-    second = write_results(ds, prepared, _prediction("densenet121", False, 0.2), tmp_path).files
+    first = write_results(ds, prepared, synthetic_prediction("densenet121", True), tmp_path).files
+    second = write_results(ds, prepared, synthetic_prediction("densenet121", False, 0.2), tmp_path).files
     for key in ("sc_sop_instance_uid", "sr_sop_instance_uid", "sc_series_instance_uid", "sr_series_instance_uid"):
         assert getattr(first, key) == getattr(second, key)
     assert read_finding(pydicom.dcmread(second.sr)).fractured is False
@@ -330,7 +292,7 @@ def test_missing_source_uid_is_a_write_error(tmp_path: Path) -> None:
     display = np.zeros((64, 64), np.uint8)
     prepared = Prepared(tensor=None, display=display, geometry=Geometry.for_image(64, 64, 224))  # type: ignore[arg-type]
     with pytest.raises(DicomWriteError):
-        write_results(ds, prepared, _prediction("resnet50", True), tmp_path)
+        write_results(ds, prepared, synthetic_prediction("resnet50", True), tmp_path)
 
 
 SMALL = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
@@ -340,7 +302,7 @@ SMALL = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
 def test_all_zero_heat_map_gives_no_roi_and_no_tint(tmp_path: Path) -> None:
     """Grad-CAM maps can come out all zero: the writer still writes both objects, without a region."""
     ds, prepared = _load(SMALL)
-    prediction = _prediction("vgg16", True)
+    prediction = synthetic_prediction("vgg16", True)
     prediction = Prediction(**{**{f: getattr(prediction, f) for f in prediction.__dataclass_fields__},
                                "cam": np.zeros((224, 224), np.float32)})
     out = write_results(ds, prepared, prediction, tmp_path).files
@@ -356,7 +318,7 @@ def test_all_zero_heat_map_gives_no_roi_and_no_tint(tmp_path: Path) -> None:
 def test_result_series_have_a_date_and_a_modality_that_viewers_do_not_play_as_cine(tmp_path: Path) -> None:
     """Orthanc Explorer files a series without Series Date under "?"; OHIF plays OT and US as cine."""
     ds, prepared = _load(SMALL)
-    out = write_results(ds, prepared, _prediction("resnet50", True), tmp_path).files
+    out = write_results(ds, prepared, synthetic_prediction("resnet50", True), tmp_path).files
     sc, sr = pydicom.dcmread(out.sc), pydicom.dcmread(out.sr)
     for obj in (sc, sr):
         assert len(obj.SeriesDate) == 8 and obj.SeriesDate == obj.ContentDate

@@ -15,7 +15,6 @@ Used by tests/test_faults.py, tests/test_bad_inputs.py and benchmarks/bench_late
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 import time
@@ -42,6 +41,8 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from support.common import free_port
+
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SR_CLASSES = frozenset(
@@ -67,13 +68,6 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
 ]
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import generate_uid
 
-SAMPLE = Path(__file__).resolve().parent / "data" / "cr_hip_mono2_small.dcm"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "cr_hip_mono2_small.dcm"
 
 
 def variant(folder: Path, name: str, *, study_uid: str | None = None, **attributes: Any) -> Path:

@@ -38,13 +38,9 @@ from pynetdicom.sop_class import Verification
 
 from pacs_ai.config import Destination
 from pacs_ai.send.sender import ContextsRefused, DestinationUnreachable, c_store, open_association
+from support.dest_scp import DestSCP, free_port
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-if str(TESTS) not in sys.path:  # benchmarks import this module too: tests/ holds its siblings
-    sys.path.insert(0, str(TESTS))
-
-from dest_scp import DestSCP, free_port  # noqa: E402 - found through the sys.path entry above
+REPO = Path(__file__).resolve().parents[2]
 
 DAEMON_AE = "PACSAI"
 TEST_AE = "TESTSCU"
@@ -59,13 +55,13 @@ TERMINAL = ("done", "dead", "skipped")
 def random_model(folder: Path, arch: str = "resnet50", size: int = 64, version: str = "test-1") -> Path:
     """Write a model folder (card + random weights) for ``arch`` at input ``size``; reuse it if present.
 
-    Uses tests/model_factory.py (calibrated random heads) when it is there, else plain random weights.
+    Uses tests/support/model_factory.py (calibrated random heads) when it is there, else plain random weights.
     """
     folder = Path(folder)
     if (folder / "model.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     try:
-        from model_factory import make_model_folder
+        from support.model_factory import make_model_folder
     except ImportError:
         make_model_folder = None
     if make_model_folder is not None:
@@ -98,7 +94,7 @@ def shared_model(arch: str = "resnet50", size: int = 64) -> Path:
     with _MODEL_LOCK:
         if key not in _MODEL_CACHE:
             try:
-                from model_factory import model_folder
+                from support.model_factory import model_folder
 
                 _MODEL_CACHE[key] = model_folder(arch, size=size)
             except ImportError:
@@ -301,7 +297,7 @@ def _toml_value(value: Any) -> str:
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]], destinations: Sequence[dict[str, Any]]) -> Path:
     """Write the config; a dict value is a sub-table (``{"listener": {"tls": {...}}}`` is ``[listener.tls]``)."""
-    lines: list[str] = ["# written by tests/daemon_harness.py"]
+    lines: list[str] = ["# written by tests/support/daemon_harness.py"]
 
     def table(header: str, values: dict[str, Any], array: bool = False) -> None:
         lines.append(f"\n[[{header}]]" if array else f"\n[{header}]")

@@ -41,7 +41,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLES_DIR = REPO / "tests" / "data"
 UNDECODABLE_DIR = REPO / "tests" / "data" / "undecodable"  # committed copies of WG-04 RG2/RG3_JPLY
 

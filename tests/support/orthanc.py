@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.common import free_port
 
 __all__ = ["ORTHANC_BINARY", "OrthancError", "OrthancServer", "orthanc_available", "orthanc_server", "storescu"]
 
@@ -44,12 +45,6 @@ class OrthancError(RuntimeError):
 
 def orthanc_available() -> bool:
     return ORTHANC_BINARY is not None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OrthancServer:
@@ -68,8 +63,8 @@ class OrthancServer:
         self.folder = Path(folder)
         self.aet = aet
         self.modalities = dict(modalities or {})
-        self.dicom_port = dicom_port or _free_port()
-        self.http_port = http_port or _free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
         self.extra_config = dict(extra_config or {})
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.folder / "orthanc.log"

@@ -13,7 +13,7 @@ so tests should use it sparingly.
 
 Usage::
 
-    from model_factory import model_folder   # tests/ is on sys.path under pytest
+    from support.model_factory import model_folder
     folder = model_folder("densenet121")             # 64 px, seed 0
     engine = InferenceEngine([folder], device="cpu")
 """

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from support.common import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 OHIF_VERSION = "3.13.2"
 OHIF_DIST = REPO / ".cache" / f"ohif-{OHIF_VERSION}" / "dist"
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
@@ -163,19 +164,13 @@ def ohif_app(orthanc_url: str, dist: Path = OHIF_DIST) -> Any:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServedApp:
     """An ASGI app served by uvicorn in a daemon thread on 127.0.0.1 (context manager)."""
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         import uvicorn
 
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
         )

@@ -40,7 +40,7 @@ __all__ = [
     "screenshots",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS_ENV = "PACS_AI_SCREENSHOTS"
 """Environment variable naming where browser tests write their screenshots (e.g. docs/images)."""
 

@@ -17,7 +17,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from support.common import free_port
 
 __all__ = ["PostgresServer", "find_bindir", "postgres_server"]
 
@@ -45,12 +46,6 @@ def find_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
@@ -58,7 +53,7 @@ class PostgresServer:
         self.data = self.root / "data"
         self.sockets = self.root / "run"
         self.log = self.root / "postgres.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "postgres"  # the database superuser name (initdb -U)
         self._as: list[str] = []
         if os.geteuid() == 0:
