@@ -142,13 +142,14 @@ class ResultFiles:
         m = _mapping(doc, "files")
         series = _mapping(m.get("series_instance_uids") or {}, "files.series_instance_uids")
 
-        def box(key: str) -> tuple[int, ...] | None:
+        def box(key: str) -> tuple[int, int, int, int] | None:
             value = m.get(key)
             if value is None:
                 return None
             if not isinstance(value, (list, tuple)) or len(value) != 4:
                 raise ResultFormatError(f"job result field 'files.{key}': expected [x0, y0, x1, y1], got {value!r}")
-            return tuple(int(_float(v, f"files.{key}")) for v in value)
+            x0, y0, x1, y1 = (int(_float(v, f"files.{key}")) for v in value)
+            return x0, y0, x1, y1
 
         roi = box("roi")
         region = box("region") if "region" in m else roi  # earlier rows: their SR reported the roi
@@ -165,8 +166,8 @@ class ResultFiles:
             sr_sop_instance_uid=_opt_str(m.get("sr_sop_instance_uid"), "files.sr_sop_instance_uid"),
             sc_series_instance_uid=_opt_str(series.get("sc"), "files.series_instance_uids.sc"),
             sr_series_instance_uid=_opt_str(series.get("sr"), "files.series_instance_uids.sr"),
-            roi=roi,  # type: ignore[arg-type]
-            region=region,  # type: ignore[arg-type]
+            roi=roi,
+            region=region,
         )
 
 

@@ -15,7 +15,7 @@ from pacs_ai.queue import migrations
 from pacs_ai.queue.jobstore import open_job_store
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     db = subparsers.add_parser("db", help="the job database: upgrade its schema")
     commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     upgrade = commands.add_parser(
