@@ -28,6 +28,7 @@ from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.metrics import Metrics, metrics_app
 from pacs_ai.queue.jobstore import JobStore
 from support.common import REPO_ROOT, TEST_DATA
+from support.job_results import job_result
 
 TOKEN = "s3cret-admin-token-0123456789"
 PATIENT_NAME = "DOE^JANE"
@@ -97,9 +98,9 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
     claimed = store.claim(OWNER, limit=4)
     assert [j.id for j in claimed] == ids
     routing = {"action": "skip", "rule": "intended_use", "reason": "body part CHEST is not in the model's intended use"}
-    store.skip(ids[3], OWNER, {"routing": routing})
-    store.complete(ids[0], OWNER, _result(0.86), ["pacs"])
-    store.complete(ids[1], OWNER, _result(0.07), ["pacs"])
+    store.skip(ids[3], OWNER, job_result({"routing": routing}))
+    store.complete(ids[0], OWNER, job_result(_result(0.86)), ["pacs"])
+    store.complete(ids[1], OWNER, job_result(_result(0.07)), ["pacs"])
     dead_reason = f"undecodable_pixel_data: PatientName={PATIENT_NAME} in {files[2][1].SOPInstanceUID}.dcm"
     store.fail(ids[2], OWNER, dead_reason, permanent=True)
     (delivery,) = store.claim_deliveries(OWNER, limit=1)

@@ -41,6 +41,7 @@ from support.dest_scp import (
     DestSCP,
     free_port,
 )
+from support.job_results import job_result
 
 FIELD_CASES = Path(__file__).resolve().parent / "data" / "field_cases"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -158,7 +159,7 @@ def _store_with_job(tmp_path: Path, r: dict[str, Any], destinations: list[str]) 
         sha256="0" * 64, size=1,
     )
     [job] = store.claim("worker", limit=1)
-    store.complete(job.id, "worker", {"files": {"sc": str(r.sc), "sr": str(r.sr)}}, destinations)
+    store.complete(job.id, "worker", job_result({"files": {"sc": str(r.sc), "sr": str(r.sr)}}), destinations)
     return store, outcome.job_id
 
 

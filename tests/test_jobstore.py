@@ -16,6 +16,7 @@ from pacs_ai.errors import JobStoreError, LeaseLostError
 from pacs_ai.queue import migrations
 from pacs_ai.queue.jobstore import DeliveryState, JobState, JobStore, RetryPolicy
 from pacs_ai.queue.models import jobs as jobs_table
+from support.job_results import job_result
 
 
 class Clock:
@@ -80,7 +81,7 @@ def test_enqueue_duplicate_and_changed_content(store: JobStore, clock: Clock) ->
     assert job.received_at == clock.now
     # The worker that held the old content lost its lease.
     with pytest.raises(LeaseLostError):
-        store.complete(first.job_id, "w1", {"p": 1}, ["pacs"])
+        store.complete(first.job_id, "w1", job_result(), ["pacs"])
     assert len(store.list_jobs()) == 1
 
 
@@ -116,7 +117,7 @@ def test_claim_is_atomic_across_threads(db_url: str) -> None:
                 with lock:
                     claimed.extend(j.id for j in jobs)
                 for job in jobs:
-                    store.complete(job.id, name, {"ok": True}, [])
+                    store.complete(job.id, name, job_result(), [])
         except BaseException as exc:  # reported below
             errors.append(exc)
         finally:
@@ -144,10 +145,10 @@ def test_expired_lease_is_claimed_again(store: JobStore, clock: Clock) -> None:
     (job,) = store.claim("w2", lease_seconds=60)
     assert (job.id, job.lease_owner, job.attempts) == (job_id, "w2", 2)
     with pytest.raises(LeaseLostError):
-        store.complete(job_id, "crashed", {}, [])
+        store.complete(job_id, "crashed", job_result(), [])
     with pytest.raises(LeaseLostError):
         store.fail(job_id, "crashed", "boom")
-    store.complete(job_id, "w2", {"p": 0.5}, [])
+    store.complete(job_id, "w2", job_result(), [])
     assert store.get(job_id).state is JobState.DONE
 
 
@@ -222,9 +223,11 @@ def test_complete_creates_deliveries_and_they_flow(store: JobStore, clock: Clock
     other = enqueue(store, 2).job_id
     store.claim("w", limit=2)
     assert store.claim_deliveries("d") == []
-    store.complete(job_id, "w", {"probability": 0.91}, ["pacs", "archive", "pacs"])
+    store.complete(job_id, "w", job_result({"probability": 0.91}), ["pacs", "archive", "pacs"])
     job = store.get(job_id)
-    assert job.state is JobState.DONE and job.result == {"probability": 0.91} and job.finished_at == clock.now
+    stored = job.job_result()
+    assert job.state is JobState.DONE and stored is not None and stored.classification is not None
+    assert stored.classification.probability == 0.91 and job.finished_at == clock.now
     assert [(d.destination, d.state) for d in store.list_deliveries(job_id)] == [
         ("pacs", DeliveryState.PENDING),
         ("archive", DeliveryState.PENDING),
@@ -252,7 +255,7 @@ def test_complete_is_one_transaction(store: JobStore) -> None:
     job_id = enqueue(store, 1).job_id
     store.claim("w")
     with pytest.raises(JobStoreError):
-        store.complete(job_id, "w", {"p": 1}, ["pacs", None])  # type: ignore[list-item]
+        store.complete(job_id, "w", job_result(), ["pacs", None])  # type: ignore[list-item]
     job = store.get(job_id)
     assert (job.state, job.lease_owner) == (JobState.RUNNING, "w")
     assert store.list_deliveries(job_id) == []
@@ -261,13 +264,13 @@ def test_complete_is_one_transaction(store: JobStore) -> None:
 def test_recompleting_a_changed_instance_resets_its_deliveries(store: JobStore) -> None:
     job_id = enqueue(store, 1).job_id
     store.claim("w")
-    store.complete(job_id, "w", {"v": 1}, ["pacs"])
+    store.complete(job_id, "w", job_result(), ["pacs"])
     (d,) = store.claim_deliveries("d")
     store.complete_delivery(d.id, "d")
     enqueue(store, 1, sha="changed")
     assert store.claim_deliveries("d") == []
     store.claim("w")
-    store.complete(job_id, "w", {"v": 2}, ["pacs"])
+    store.complete(job_id, "w", job_result(), ["pacs"])
     (d2,) = store.list_deliveries(job_id)
     assert (d2.id, d2.state, d2.attempts, d2.delivered_at) == (d.id, DeliveryState.PENDING, 0, None)
 
@@ -275,14 +278,14 @@ def test_recompleting_a_changed_instance_resets_its_deliveries(store: JobStore) 
 def test_purge(store: JobStore, clock: Clock) -> None:
     old_done, old_dead, old_undelivered, queued, new_done = (enqueue(store, n).job_id for n in range(5))
     store.claim("w", limit=5)
-    store.complete(old_done, "w", {}, ["pacs"])
+    store.complete(old_done, "w", job_result(), ["pacs"])
     (d,) = store.claim_deliveries("d")
     store.complete_delivery(d.id, "d")
     store.fail(old_dead, "w", "x", permanent=True)
-    store.complete(old_undelivered, "w", {}, ["pacs"])
+    store.complete(old_undelivered, "w", job_result(), ["pacs"])
     store.release(queued, "w")
     clock.advance(40 * 86400)
-    store.complete(new_done, "w", {}, [])
+    store.complete(new_done, "w", job_result(), [])
     purged = store.purge(timedelta(days=30))
     assert sorted(j.id for j in purged) == [old_done, old_dead]
     assert {j.spool_path for j in purged} == {"/spool/1.2.3.0.dcm", "/spool/1.2.3.1.dcm"}
@@ -400,7 +403,7 @@ def test_jobs_cli_list_show_retry_purge(tmp_path: Path, capsys: pytest.CaptureFi
         )
     done, dead, queued = ids
     store.claim("w", limit=2)
-    store.complete(done, "w", {"probability": 0.2}, ["pacs"])
+    store.complete(done, "w", job_result({"probability": 0.2}), ["pacs"])
     store.fail(dead, "w", "undecodable_pixel_data: misplaced marker")
     (d,) = store.claim_deliveries("d")
     store.fail_delivery(d.id, "d", "refused", permanent=True)
@@ -416,7 +419,7 @@ def test_jobs_cli_list_show_retry_purge(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert run_cli("jobs", "show", str(done), "--config", str(cfg), "--json") == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["result"] == {"probability": 0.2}
+    assert shown["result"]["probability"] == 0.2
     assert [(x["destination"], x["state"]) for x in shown["deliveries"]] == [("pacs", "dead")]
     assert run_cli("jobs", "show", str(done), "--config", str(cfg)) == 0
     assert "pacs: dead" in capsys.readouterr().out
@@ -446,7 +449,7 @@ def test_skipped_job_has_its_rule_and_no_delivery(store: JobStore) -> None:
     job_id = enqueue(store, 1).job_id
     store.claim("w")
     routing = {"action": "skip", "rule": "intended_use.body_part", "reason": "body part CHEST"}
-    store.skip(job_id, "w", {"routing": routing})
+    store.skip(job_id, "w", job_result({"routing": routing}))
     job = store.get(job_id)
     assert (job.state, job.result, job.lease_owner) == (JobState.SKIPPED, {"routing": routing}, None)
     assert job.finished_at is not None

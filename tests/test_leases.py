@@ -15,6 +15,7 @@ import pytest
 from pacs_ai.errors import JobStoreError, LeaseLostError
 from pacs_ai.queue.jobstore import DeliveryState, JobState, JobStore, RetryPolicy
 from pacs_ai.studies.store import StudyStore
+from support.job_results import job_result
 
 
 class Clock:
@@ -47,7 +48,7 @@ def _done_job(store: JobStore, n: int, destinations: list[str]) -> int:
         sha256=f"{n:064d}", size=1,
     ).job_id
     [job] = store.claim("w", lease_seconds=60)
-    store.complete(job.id, "w", {"probability": 0.5}, destinations)
+    store.complete(job.id, "w", job_result({"probability": 0.5}), destinations)
     return job_id
 
 

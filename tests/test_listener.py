@@ -32,6 +32,7 @@ from pacs_ai.receive import contexts as cx
 from pacs_ai.receive.listener import Listener
 from pacs_ai.store.spool import Spool
 from support.common import REPO_ROOT, STORE_ERROR_LINE, copies, free_port, have_tool
+from support.job_results import job_result
 
 STORESCU_FLAGS = {  # transfer syntax of the file -> storescu option proposing it
     "1.2.840.10008.1.2.1": "-xe",
@@ -272,7 +273,7 @@ def test_resend_with_other_sender_and_trailing_padding_is_a_duplicate(serve, chu
     first = server.jobs.find_by_sop_uid(uid)
     assert first is not None
     (claimed,) = server.jobs.claim("worker")
-    server.jobs.complete(claimed.id, "worker", {"probability": 0.1}, [])
+    server.jobs.complete(claimed.id, "worker", job_result({"probability": 0.1}), [])
     assert 0xFFFCFFFC in pydicom.dcmread(sample_file)  # the WG-04 sample carries trailing padding
     unpadded = craft(tmp_path, sample_file, "unpadded.dcm", lambda ds: ds.__delitem__(0xFFFCFFFC))  # as dcmtk sends it
     padded = craft(tmp_path, sample_file, "padded.dcm", lambda ds: setattr(ds, "DataSetTrailingPadding", b"\xfc\xff" * 64))

@@ -19,6 +19,7 @@ from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.logging_setup import REDACTED, configure_logging
 from pacs_ai.ops.metrics import Metrics, MetricsServer
 from pacs_ai.ops.notify import SystemdNotifier
+from support.job_results import job_result
 
 PHI = ("Doe^John", "PID-4711", "19700101")
 
@@ -288,7 +289,7 @@ def test_status_reports_listener_queue_model_and_device(tmp_path):
                       sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_aet="X", spool_path=f"/s/{i}",
                       sha256=str(i), size=1)
     (job,) = store.claim("w", 1)
-    store.complete(job.id, "w", {}, ["pacs"])
+    store.complete(job.id, "w", job_result(), ["pacs"])
     store.close()
 
     scp = AE(ae_title="PACSAI")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from support.job_results import job_result
 from support.postgres import postgres_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.postgres
@@ -56,7 +57,7 @@ def _claimer(url: str, owner: str, start: threading.Barrier | None, out: list[in
                 return
             for job in jobs:
                 out.append(job.id)
-                store.complete(job.id, owner, {"claimed_by": owner}, [])
+                store.complete(job.id, owner, job_result({"routing": {"action": "analyse", "rule": owner, "reason": "claimed"}}), [])
     finally:
         store.close()
 
@@ -95,7 +96,7 @@ def test_claim_race_claims_each_job_once(postgres_server):  # noqa: F811
         assert store.counts()["done"] == JOBS
         jobs = store.list_jobs(limit=JOBS * 2)
         assert all(job.attempts == 1 for job in jobs)
-        assert all(job.result["claimed_by"] in claims and job.id in claims[job.result["claimed_by"]] for job in jobs)
+        assert all(job.result["routing"]["rule"] in claims and job.id in claims[job.result["routing"]["rule"]] for job in jobs)
         assert sum(1 for v in claims.values() if v) >= 2  # the race really had several winners
     finally:
         store.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pacs_ai.queue.jobstore import JobState, JobStore, RetryPolicy
 from pacs_ai.queue.retention import purge_old_jobs
+from support.job_results import job_result
 
 
 def _job(store: JobStore, n: int, spool_path: Path) -> int:
@@ -29,9 +30,9 @@ def test_purge_removes_old_jobs_files_only_under_the_configured_folders(tmp_path
         queued = _job(store, 3, spool / "a" / "1.2.3.3.dcm")
         claimed = {j.id for j in store.claim("w", limit=3)}
         assert claimed == {inside, outside, pending}
-        store.complete(inside, "w", {"routing": {"action": "skip", "rule": "r", "reason": "x"}}, [])
+        store.complete(inside, "w", job_result({"routing": {"action": "skip", "rule": "r", "reason": "x"}}), [])
         store.fail(outside, "w", "unreadable_dicom: no", permanent=True)
-        store.complete(pending, "w", {}, ["pacs"])
+        store.complete(pending, "w", job_result(), ["pacs"])
         for job_id in (inside, outside, pending):
             (results / str(job_id)).mkdir(parents=True)
             (results / str(job_id) / "sc.dcm").write_bytes(b"r")

@@ -24,6 +24,7 @@ from pacs_ai.send.deliveries import OUTBOX, DeliveryProcessor, destination_names
 from pacs_ai.send.sender import DestinationUnreachable, is_permanent_status, send_files
 from pacs_ai.write.results import write_results
 from support.dest_scp import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, DestSCP, free_port
+from support.job_results import job_result
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
@@ -169,7 +170,7 @@ def _finish_jobs(store: JobStore, results: list[dict[str, Any]], destinations: l
     for job in claimed:
         r = by_id[job.id]
         files = {k: r[k] for k in ("sc", "sr", "overlay")}
-        store.complete(job.id, "worker", {"files": files, "probability": 0.5}, destinations)
+        store.complete(job.id, "worker", job_result({"files": files, "probability": 0.5}), destinations)
     return ids
 
 

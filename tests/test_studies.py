@@ -20,6 +20,7 @@ from pacs_ai.studies.report import read_study_report
 from pacs_ai.studies.rules import aggregate
 from pacs_ai.studies.store import StudyStore
 from support.common import copies, expected_result_uid, have_tool
+from support.job_results import job_result
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
@@ -70,7 +71,7 @@ def finish(jobs: JobStore, job_id: int, probability: float, threshold: float = 0
         "probability": probability, "fractured": probability >= threshold, "threshold": threshold,
         "model_name": "test-model", "model_version": "9.9", "architecture": "resnet50",
     }
-    jobs.complete(job_id, "w", result, ["pacs"])
+    jobs.complete(job_id, "w", job_result(result), ["pacs"])
     for other in claimed:
         if other.id != job_id:
             jobs.release(other.id, "w")
@@ -153,7 +154,7 @@ def test_study_of_skipped_images_gets_no_result(jobs: JobStore, clock: Clock, tm
     (path,) = copies(SAMPLE, tmp_path / "in", 1)
     job_id = receive(jobs, path)
     jobs.claim("w")
-    jobs.skip(job_id, "w", {"routing": {"action": "skip", "rule": "intended_use.body_part", "reason": "CHEST"}})
+    jobs.skip(job_id, "w", job_result({"routing": {"action": "skip", "rule": "intended_use.body_part", "reason": "CHEST"}}))
     clock.advance(QUIET + 1)
     assert StudyStore(jobs).due(QUIET) == []
     (summary,) = StudyStore(jobs).summaries()

@@ -12,7 +12,7 @@ from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
 from pacs_ai.errors import ResultFormatError
 from pacs_ai.queue.jobstore import DeliveryState, Job, JobState, open_job_store
 from pacs_ai.queue.retention import purge_old_jobs
-from pacs_ai.results import JobResult, RoutingOutcome
+from pacs_ai.results import RoutingOutcome
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -38,7 +38,7 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 def _routing(job: Job) -> RoutingOutcome | None:
     """The routing outcome stored with ``job`` (None when none, or its result is unreadable)."""
     try:
-        result = JobResult.read(job.result)
+        result = job.job_result()
     except ResultFormatError:
         return None
     return result.routing if result is not None else None

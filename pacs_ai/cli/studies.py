@@ -9,7 +9,7 @@ from typing import Any
 from pacs_ai.cli.common import add_config_argument, config_from_args, print_json
 from pacs_ai.errors import ResultFormatError
 from pacs_ai.queue.jobstore import open_job_store
-from pacs_ai.results import JobResult, StudyResult
+from pacs_ai.results import StudyResult
 from pacs_ai.studies.store import StudyRecord, StudyStore, StudySummary
 
 __all__ = ["register"]
@@ -109,7 +109,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print("images:")
     for job in jobs:
         try:
-            r = JobResult.read(job.result)
+            r = job.job_result()
         except ResultFormatError as exc:
             r, unreadable = None, str(exc)
         else:

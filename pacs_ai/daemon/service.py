@@ -36,9 +36,8 @@ from pacs_ai.ops.health import HealthCheck
 from pacs_ai.ops.metrics import Metrics, MetricsServer
 from pacs_ai.ops.notify import SystemdNotifier
 from pacs_ai.ops.tls import client_context, server_context
-from pacs_ai.queue.jobstore import JobStore, open_job_store
+from pacs_ai.queue.jobstore import Job, JobStore, open_job_store
 from pacs_ai.queue.retention import purge_old_jobs
-from pacs_ai.results import JobResult
 
 if TYPE_CHECKING:  # built lazily: a role that is off never imports its module (torch for the worker)
     from starlette.applications import Starlette
@@ -279,7 +278,7 @@ class Service:
     def _observe_finished_jobs(self) -> None:
         """Feed the metrics with jobs that other processes (the worker child) finished."""
         for job in self.jobs.finished_since(self._finished_watermark):
-            timings = _stored_timings(job.result) if job.state == "done" else {}
+            timings = _stored_timings(job) if job.state == "done" else {}
             self.metrics.job_finished(job.id, str(job.state), timings.get("forward", 0.0), timings.get("cam", 0.0))
             if job.finished_at is not None:
                 self._finished_watermark = max(self._finished_watermark, job.finished_at)
@@ -533,10 +532,10 @@ class Service:
         return 0
 
 
-def _stored_timings(stored: object) -> Mapping[str, float]:
+def _stored_timings(job: Job) -> Mapping[str, float]:
     """Seconds per step of a done job's stored result (empty when it has none or cannot be read)."""
     try:
-        result = JobResult.read(stored)
+        result = job.job_result()
     except ResultFormatError:
         return {}
     return result.timings if result is not None else {}

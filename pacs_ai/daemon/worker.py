@@ -287,7 +287,7 @@ class Worker:
             self._fail(job, f"writing results failed: {type(exc).__name__}: {exc}", permanent=False)
             return
         try:
-            self.jobs.complete(job.id, self.owner, result.to_json(), self.destinations)
+            self.jobs.complete(job.id, self.owner, result, self.destinations)
         except LeaseLostError as exc:
             log.warning("job %s: result not stored: %s", job.id, exc)
             return
@@ -313,7 +313,7 @@ class Worker:
 
     def _skip(self, job: Job, decision: Decision) -> None:
         try:
-            self.jobs.skip(job.id, self.owner, JobResult.skipped(routing_outcome(decision)).to_json())
+            self.jobs.skip(job.id, self.owner, JobResult.skipped(routing_outcome(decision)))
         except LeaseLostError as exc:
             log.warning("job %s: skip not recorded: %s", job.id, exc)
             return

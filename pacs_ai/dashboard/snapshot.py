@@ -196,7 +196,7 @@ def _skip_reason(result: JobResult | None, uids: Sequence[str], show_phi: bool) 
 
 def _job_row(job: Job, config: Config, show_phi: bool) -> JobRow:
     try:
-        result = JobResult.read(job.result)
+        result = job.job_result()
     except ResultFormatError:
         result = None
     c = result.classification if result is not None else None

@@ -36,6 +36,7 @@ from pacs_ai.queue.records import (
     merge_objects,
 )
 from pacs_ai.queue.retry import RetryPolicy
+from pacs_ai.results import JobResult
 
 if TYPE_CHECKING:
     from pacs_ai.config import Config
@@ -234,12 +235,13 @@ class JobStore:
         with self.db.write() as conn:
             return leases.extend(self.db, conn, JOB_LEASES, job_id, owner, lease_seconds, now)
 
-    def complete(self, job_id: int, owner: str, result: dict[str, Any], destinations: Sequence[str]) -> None:
-        """Mark a leased job done and create one pending delivery per destination, atomically."""
+    def complete(self, job_id: int, owner: str, result: JobResult, destinations: Sequence[str]) -> None:
+        """Mark a leased job done with ``result`` (stored as ``result.to_json()``) and create one pending
+        delivery per destination, atomically. Raises LeaseLostError when ``owner`` no longer holds it."""
         now = self.now()
         with self.db.write() as conn:
             leases.owned(self.db, conn, JOB_LEASES, job_id, owner, "complete")
-            leases.complete(conn, JOB_LEASES, job_id, now, result=result)
+            leases.complete(conn, JOB_LEASES, job_id, now, result=result.to_json())
             existing = {
                 r.destination: r.id
                 for r in conn.execute(sa.select(D.c.id, D.c.destination).where(D.c.job_id == job_id))
@@ -258,12 +260,13 @@ class JobStore:
             row = leases.owned(self.db, conn, JOB_LEASES, job_id, owner, "fail")
             return JobState(leases.fail(conn, JOB_LEASES, row, self.job_policy, reason, now, permanent=permanent))
 
-    def skip(self, job_id: int, owner: str, result: dict[str, Any]) -> None:
-        """End a leased job as SKIPPED (routing excluded it) with ``result``; no delivery is created."""
+    def skip(self, job_id: int, owner: str, result: JobResult) -> None:
+        """End a leased job as SKIPPED (routing excluded it) with ``result`` (its ``routing``, stored as
+        ``result.to_json()``); no delivery is created. Raises LeaseLostError when ``owner`` no longer holds it."""
         now = self.now()
         with self.db.write() as conn:
             leases.owned(self.db, conn, JOB_LEASES, job_id, owner, "skip")
-            leases.complete(conn, JOB_LEASES, job_id, now, state=JobState.SKIPPED.value, result=result)
+            leases.complete(conn, JOB_LEASES, job_id, now, state=JobState.SKIPPED.value, result=result.to_json())
 
     def release(self, job_id: int, owner: str) -> None:
         """Give a leased job back to the queue without counting the attempt (orderly shutdown)."""

@@ -11,6 +11,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from pacs_ai.results import JobResult
+
 MAX_ERROR_CHARS = 2000
 
 
@@ -50,12 +52,19 @@ class Job:
     lease_expires_at: datetime | None
     last_error: str | None
     result: dict[str, Any] | None
-    """The stored JSON of a ``pacs_ai.results.JobResult`` (``JobResult.to_json()``; read it with
-    ``JobResult.read(job.result)``), None before the job ended done or skipped."""
+    """The stored JSON of a ``pacs_ai.results.JobResult`` (``JobResult.to_json()``; read it typed with
+    :meth:`job_result`), None before the job ended done or skipped."""
     received_at: datetime
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+    def job_result(self) -> JobResult | None:
+        """The stored result as a :class:`pacs_ai.results.JobResult`, None when the job has none yet.
+
+        Raises ResultFormatError when the stored document does not read as one.
+        """
+        return JobResult.read(self.result)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from pydicom.filereader import read_file_meta_info
 from pacs_ai.config import Destination
 from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError, ResultFormatError
 from pacs_ai.ops.events import NullObserver, Observer
+from pacs_ai.queue.records import Delivery, Job
 from pacs_ai.results import JobResult, StudyResult
 from pacs_ai.send.sender import DestinationUnreachable, ObjectOutcome, outgoing_object, send_files, send_objects
 from pacs_ai.store.atomic import write_atomic
@@ -242,7 +243,7 @@ class DeliveryProcessor:
                 job = self.jobs.get(delivery.job_id)
 
                 def record(
-                    objects: dict[str, dict[str, Any]] | None = None, delivery: Any = delivery, job: Any = job
+                    objects: dict[str, dict[str, Any]] | None = None, delivery: Delivery = delivery, job: Job = job
                 ) -> None:
                     nonlocal recorded
                     self._succeeded(delivery, job, objects)
@@ -321,14 +322,18 @@ class DeliveryProcessor:
     # -- one job -----------------------------------------------------------------------------------
 
     def _deliver_job(
-        self, name: str, job: Any, on_stored: Callable[..., None] | None = None, delivery: Any = None
+        self,
+        name: str,
+        job: Job,
+        on_stored: Callable[..., None] | None = None,
+        delivery: Delivery | None = None,
     ) -> None:
         """Send the job's result objects that ``delivery`` has not delivered yet (all without a delivery).
 
         Raises ObjectsNotDelivered (some objects stored, some not) or DeliveryError.
         """
         try:
-            files = result_file_map(JobResult.read(job.result))
+            files = result_file_map(job.job_result())
         except DeliveryError as exc:
             raise DeliveryError(name, f"job {job.id}: {exc.detail}", permanent=True) from exc
         except ResultFormatError as exc:
@@ -337,7 +342,7 @@ class DeliveryProcessor:
         if destination is None:
             self._to_outbox(job, list(files.values()))
             return
-        done = delivery.delivered_objects() if delivery is not None and hasattr(delivery, "delivered_objects") else set()
+        done = delivery.delivered_objects() if delivery is not None else set()
         missing = {key: path for key, path in files.items() if key not in done}
         if done:
             log.info("job %d to %s: %s already delivered, sending %s", job.id, name, ", ".join(sorted(done)), ", ".join(missing) or "nothing")
@@ -370,7 +375,7 @@ class DeliveryProcessor:
         if not all(o.stored for o in outcomes):
             raise ObjectsNotDelivered(name, outcomes)
 
-    def _to_outbox(self, job: Any, paths: Sequence[Path]) -> None:
+    def _to_outbox(self, job: Job | _StudyRef, paths: Sequence[Path]) -> None:
         folder = self.outbox_dir / _safe_name(str(job.study_instance_uid or "unknown-study"))
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -394,7 +399,7 @@ class DeliveryProcessor:
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def _succeeded(self, delivery: Any, job: Any, objects: dict[str, dict[str, Any]] | None = None) -> None:
+    def _succeeded(self, delivery: Delivery, job: Job, objects: dict[str, dict[str, Any]] | None = None) -> None:
         try:
             if objects:
                 self.jobs.complete_delivery(delivery.id, self.owner, objects)
@@ -404,11 +409,11 @@ class DeliveryProcessor:
             log.warning("delivery %d to %s was stored but: %s", delivery.id, delivery.destination, exc)
             return
         now = self.jobs.now() if hasattr(self.jobs, "now") else datetime.now(UTC)
-        seconds = _seconds_since(now, getattr(job, "received_at", None))
+        seconds = _seconds_since(now, job.received_at)
         log.info("job %d delivered to %s (%.1f s after receipt)", job.id, delivery.destination, seconds)
         self.observer.delivered(job.id, delivery.destination, seconds)
 
-    def _failed(self, delivery: Any, exc: DeliveryError) -> None:
+    def _failed(self, delivery: Delivery, exc: DeliveryError) -> None:
         try:
             if isinstance(exc, ObjectsNotDelivered):
                 state = self.jobs.fail_delivery(

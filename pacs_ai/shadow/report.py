@@ -27,7 +27,6 @@ import numpy as np
 
 from pacs_ai.errors import ResultFormatError
 from pacs_ai.queue.jobstore import Job, JobState
-from pacs_ai.results import JobResult
 from pacs_ai.shadow.drift import histogram, psi, psi_reading
 
 log = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def build_report(jobs: Sequence[Job], references: Mapping[tuple[str, str], Mappi
         if job.state != JobState.DONE:
             continue
         try:
-            r = JobResult.read(job.result)
+            r = job.job_result()
         except ResultFormatError as exc:
             log.warning("job %s: result left out of the shadow report: %s", job.id, exc)
             continue

@@ -27,7 +27,7 @@ import pydicom
 
 from pacs_ai.errors import ModelError, PacsAiError, ResultFormatError, StorageError
 from pacs_ai.queue.jobstore import JobState
-from pacs_ai.results import JobResult, StudyImage, StudyLeftOut, StudyResult
+from pacs_ai.results import StudyImage, StudyLeftOut, StudyResult
 from pacs_ai.store.atomic import describe_os_error, write_atomic
 from pacs_ai.studies.report import ImageFinding, StudyFinding, build_study_report
 from pacs_ai.studies.rules import RULES, aggregate
@@ -133,7 +133,7 @@ class StudyProcessor:
         model: ModelInfo | None = None
         for job in jobs:
             try:
-                job_result = JobResult.read(job.result)
+                job_result = job.job_result()
             except ResultFormatError as exc:
                 left_out.append(StudyLeftOut(job.id, job.sop_instance_uid, "unreadable", str(exc)))
                 continue
