@@ -29,28 +29,20 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
-from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_ai.errors import DicomWriteError
 from pacs_ai.write.common import (
-    MANUFACTURER,
     ModelInfo,
-    contributing_equipment,
-    copy_patient_study,
     source_header,
 )
 from pacs_ai.write.structured_report import (
-    ABSENT,
     FRACTURE,
     FRACTURE_PROBABILITY,
     PERCENT,
     PRESENT,
     PROBABILITY,
-    THRESHOLD,
-    _library_entry,
-    _measurement_report,
-    coding_scheme_identification,
+    algorithm_identification,
+    fracture_report,
     image_finding_groups,
 )
 from pacs_ai.write.uids import derive_uid
@@ -90,15 +82,6 @@ class StudyFinding:
     rule: str
 
 
-def _algorithm(model: ModelInfo, threshold: float, rule: str | None = None) -> hd.sr.AlgorithmIdentification:
-    params = [f"threshold={threshold:.6g}"] + ([f"study_rule={rule}"] if rule else [])
-    if model.architecture:
-        params.append(f"architecture={model.architecture}")
-    return hd.sr.AlgorithmIdentification(
-        name=model.name[:64], version=model.version[:64], parameters=params, manufacturer=MANUFACTURER
-    )
-
-
 def build_study_report(
     images: Sequence[ImageFinding],
     study: StudyFinding,
@@ -114,67 +97,37 @@ def build_study_report(
     if any(str(h.StudyInstanceUID) != study_uid for h in headers):
         raise DicomWriteError("the images of a study report must share one Study Instance UID")
     try:
-        observer = hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=derive_uid(model.name, model.version, "device"),
-                name=MANUFACTURER,
-                manufacturer_name=MANUFACTURER,
-                model_name=model.model_name_lo,
-            ),
-        )
         regions: list[Any] = []
         for image, header in zip(images, headers, strict=True):
             regions += image_finding_groups(
                 header,
                 model,
-                _algorithm(model, image.threshold),
+                algorithm_identification(model, image.threshold),
                 probability=image.probability,
                 threshold=image.threshold,
                 fractured=image.fractured,
                 roi=image.roi,
             )
-        study_algorithm = _algorithm(model, study.threshold, study.rule)
-        references = [hd.sr.SourceImageForMeasurement.from_source_image(h) for h in headers]
-        derived = [
-            hd.sr.Measurement(
-                name=name, value=100.0 * float(value), unit=PERCENT, algorithm_id=study_algorithm,
-                referenced_images=references,
-            )
-            for name, value in ((PROBABILITY, study.probability), (THRESHOLD, study.threshold))
-        ]
-        report = _measurement_report(
-            observer=hd.sr.ObservationContext(observer_device_context=observer),
-            library_entry=[_library_entry(h) for h in headers],
-            derived=derived,
-            evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, PRESENT if study.fractured else ABSENT)],
-            regions=regions,
-        )
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=headers,
-            content=report,
-            series_instance_uid=derive_uid(study_uid, model.version, "study-sr-series"),
-            series_number=SERIES_NUMBER,
-            sop_instance_uid=derive_uid(study_uid, model.version, "study-sr"),
-            instance_number=int(revision),
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            is_final=False,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            contributing_equipment=[contributing_equipment(model, "AI fracture classification of a study")],
-            series_description=SERIES_DESCRIPTION,
-            manufacturer_model_name=model.model_name_lo,
-            software_versions=model.software_versions,
-            # the source's character set is copied below with its text (header.py), as in the image SR
-            specific_character_set=None,
-        )
+        study_algorithm = algorithm_identification(model, study.threshold, study.rule)
     except (TypeError, ValueError, AttributeError) as exc:
         raise DicomWriteError(f"cannot build the study Structured Report: {exc}") from exc
-    copy_patient_study(images[0].source, sr, what="study Structured Report")  # headers[] have them blanked
-    sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]  # the groups' local code
-    sr.SeriesDate = sr.ContentDate  # viewers list series by it (as the image SR)
-    sr.SeriesTime = sr.ContentTime
-    return sr
+    return fracture_report(
+        headers,
+        model,
+        study_algorithm,
+        probability=study.probability,
+        threshold=study.threshold,
+        fractured=study.fractured,
+        regions=regions,
+        patient_source=images[0].source,  # headers[] have the patient/study modules blanked
+        series_instance_uid=derive_uid(study_uid, model.version, "study-sr-series"),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=derive_uid(study_uid, model.version, "study-sr"),
+        instance_number=int(revision),
+        series_description=SERIES_DESCRIPTION,
+        purpose="AI fracture classification of a study",
+        what="study Structured Report",
+    )
 
 
 @dataclass(frozen=True)

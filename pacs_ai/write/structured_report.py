@@ -128,12 +128,14 @@ IMAGE_TRACKING = "AI fracture classification: whole image"
 """Tracking identifier when the region reported is the whole image (no fracture, or not localised)."""
 
 
-def _algorithm(model: ModelInfo, threshold: float) -> hd.sr.AlgorithmIdentification:
+def algorithm_identification(model: ModelInfo, threshold: float, rule: str | None = None) -> hd.sr.AlgorithmIdentification:
+    """The model as TID 4019 Algorithm Identification: parameters ``threshold=``, ``study_rule=`` (a study
+    SR's rule, when given) and ``architecture=`` (when known)."""
+    params = [f"threshold={threshold:.6g}"] + ([f"study_rule={rule}"] if rule else [])
+    if model.architecture:
+        params.append(f"architecture={model.architecture}")
     return hd.sr.AlgorithmIdentification(
-        name=model.name[:64],
-        version=model.version[:64],
-        parameters=[f"threshold={threshold:.6g}"] + ([f"architecture={model.architecture}"] if model.architecture else []),
-        manufacturer=MANUFACTURER,
+        name=model.name[:64], version=model.version[:64], parameters=params, manufacturer=MANUFACTURER
     )
 
 
@@ -318,37 +320,85 @@ def build_structured_report(
     instance_number = instance_number if instance_number is not None else numbering.instance_number
     series_description = series_description or numbering.sr_series_description
     try:
-        algorithm = _algorithm(model, threshold)
+        algorithm = algorithm_identification(model, threshold)
+        regions = image_finding_groups(
+            header, model, algorithm, probability=probability, threshold=threshold, fractured=fractured, roi=roi
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DicomWriteError(f"cannot build the Structured Report: {exc}") from exc
+    return fracture_report(
+        [header],
+        model,
+        algorithm,
+        probability=probability,
+        threshold=threshold,
+        fractured=fractured,
+        regions=regions,
+        patient_source=source,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        series_description=series_description,
+        purpose="AI fracture classification",
+        what="Structured Report",
+    )
+
+
+def fracture_report(
+    headers: Sequence[pydicom.Dataset],
+    model: ModelInfo,
+    algorithm: hd.sr.AlgorithmIdentification,
+    *,
+    probability: float,
+    threshold: float,
+    fractured: bool,
+    regions: Sequence[Any],
+    patient_source: pydicom.Dataset,
+    series_instance_uid: str,
+    series_number: int,
+    sop_instance_uid: str,
+    instance_number: int,
+    series_description: str,
+    purpose: str,
+    what: str,
+) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR both the image SR and the study SR are (layout in the module docstring).
+
+    ``headers``: the source images as returned by ``source_header`` (the evidence and the image library,
+    in order); ``regions``: the row-6 groups (``image_finding_groups`` of each image); ``probability`` and
+    ``threshold`` (0-1) go to row 10 in percent, referencing every header, ``fractured`` to row 12;
+    ``patient_source``: the dataset whose Patient/Study modules (and character set) are copied;
+    ``purpose``: the Contributing Equipment's purpose; ``what`` names the object in errors.
+    Raises DicomWriteError when highdicom refuses the inputs.
+    """
+    try:
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=derive_uid(f"{model.name}", model.version, "device"),
+                uid=derive_uid(model.name, model.version, "device"),
                 name=MANUFACTURER,
                 manufacturer_name=MANUFACTURER,
                 model_name=model.model_name_lo,
             ),
         )
-        finding = PRESENT if fractured else ABSENT
-        source_ref = hd.sr.SourceImageForMeasurement.from_source_image(header)
-        image_measurements = [
+        references = [hd.sr.SourceImageForMeasurement.from_source_image(h) for h in headers]
+        derived = [
             hd.sr.Measurement(
                 name=name, value=100.0 * float(value), unit=PERCENT, algorithm_id=algorithm,
-                referenced_images=[source_ref],
+                referenced_images=references,
             )
             for name, value in ((PROBABILITY, probability), (THRESHOLD, threshold))
         ]
-        regions = image_finding_groups(
-            header, model, algorithm, probability=probability, threshold=threshold, fractured=fractured, roi=roi
-        )
         report = _measurement_report(
             observer=hd.sr.ObservationContext(observer_device_context=observer),
-            library_entry=_library_entry(header),
-            derived=image_measurements,
-            evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, finding)],
+            library_entry=[_library_entry(h) for h in headers],
+            derived=derived,
+            evaluations=[hd.sr.QualitativeEvaluation(FRACTURE, PRESENT if fractured else ABSENT)],
             regions=regions,
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[header],
+            evidence=list(headers),
             content=report,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
@@ -358,7 +408,7 @@ def build_structured_report(
             is_complete=True,
             is_final=False,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            contributing_equipment=[contributing_equipment(model, "AI fracture classification")],
+            contributing_equipment=[contributing_equipment(model, purpose)],
             series_description=series_description,
             manufacturer_model_name=model.model_name_lo,
             software_versions=model.software_versions,
@@ -366,9 +416,9 @@ def build_structured_report(
             specific_character_set=None,
         )
     except (TypeError, ValueError, AttributeError) as exc:
-        raise DicomWriteError(f"cannot build the Structured Report: {exc}") from exc
-    copy_patient_study(source, sr, what="Structured Report")
-    sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+        raise DicomWriteError(f"cannot build the {what}: {exc}") from exc
+    copy_patient_study(patient_source, sr, what=what)
+    sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]  # the groups' local code
     # Series Date/Time (Type 3): the report's creation time; viewers list series by it (Orthanc Explorer
     # files a series without one under "?").
     sr.SeriesDate = sr.ContentDate
