@@ -34,7 +34,7 @@ A document that is not an object, or whose fields have the wrong types, raises `
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,10 @@ class Classification:
     model_version: str
     architecture: str
 
+    def to_json(self) -> dict[str, Any]:
+        """Its fields by name (stored at the top level of a job result)."""
+        return asdict(self)
+
     @classmethod
     def of(cls, prediction: Any) -> Classification:
         """From an engine ``Prediction`` (or anything with the same attributes)."""
@@ -244,18 +248,10 @@ class ShadowScore:
         return self.error is None and self.probability is not None and self.fractured is not None
 
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"model_name": self.model_name, "model_version": self.model_version}
+        """A score: every field but ``error``; a failure: ``model_name``, ``model_version`` and ``error``."""
         if self.error is not None:
-            doc["error"] = self.error
-            return doc
-        doc.update(
-            architecture=self.architecture,
-            probability=self.probability,
-            fractured=self.fractured,
-            threshold=self.threshold,
-            seconds=self.seconds,
-        )
-        return doc
+            return {"model_name": self.model_name, "model_version": self.model_version, "error": self.error}
+        return {k: v for k, v in asdict(self).items() if k != "error"}
 
     @classmethod
     def from_json(cls, doc: Any) -> ShadowScore:
@@ -299,16 +295,7 @@ class JobResult:
         doc: dict[str, Any] = {}
         c = self.classification
         if c is not None:
-            doc.update(
-                probability=c.probability,
-                fractured=c.fractured,
-                label=c.label,
-                threshold=c.threshold,
-                model_name=c.model_name,
-                model_version=c.model_version,
-                architecture=c.architecture,
-                timings={k: round(float(v), 6) for k, v in self.timings.items()},
-            )
+            doc.update(c.to_json(), timings={k: round(float(v), 6) for k, v in self.timings.items()})
         elif self.timings:
             doc["timings"] = {k: round(float(v), 6) for k, v in self.timings.items()}
         if self.files is not None:
