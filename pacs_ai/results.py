@@ -6,8 +6,8 @@ Who makes and who reads them:
   returns it to the worker (``pacs_ai.daemon.worker.ResultWriter``).
 - ``JobResult``: the worker stores it with a done job (``Classification`` + ``ResultFiles`` + timings,
   the routing ``RoutingOutcome`` and the ``ShadowScore`` of each shadow model) or a skipped one (only
-  ``routing``). Deliveries, studies, the shadow report, the dashboard and the CLI read it back with
-  ``JobResult.from_json(job.result)``.
+  ``routing``), passing it to ``JobStore.complete``/``skip``. Deliveries, studies, the shadow report, the
+  dashboard and the CLI read it back with ``job.job_result()`` (``JobResult.read`` of the stored JSON).
 
 The job store keeps the result as one JSON document. ``to_json`` writes ONE shape (below); ``from_json``
 reads that shape, and also the shapes written by earlier versions (see ``_upgrade``), so rows stored before
