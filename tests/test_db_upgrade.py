@@ -127,6 +127,35 @@ def test_db_upgrade_creates_a_new_database(tmp_path: Path, config: Path) -> None
     assert _versions(tmp_path / "data" / "pacs-ai.db") == [1, 2, 3, 4]
 
 
+def test_db_upgrade_names_a_file_that_is_not_a_database(tmp_path: Path, config: Path) -> None:
+    """A corrupt or foreign file where the database should be: one error line, no traceback, file untouched."""
+    db = tmp_path / "data" / "pacs-ai.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"hello, not SQLite\n")
+    code, out, err = _cli("db", "upgrade", "--config", str(config))
+    assert code == 1 and out == ""
+    assert err.startswith("pacs-ai: error: cannot open the job database") and "not a database" in err
+    assert err.count("\n") == 1
+    assert db.read_bytes() == b"hello, not SQLite\n"
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, config: Path) -> None:
+    """``pacs-ai db upgrade | head -0``: the reader is gone before the command writes; no BrokenPipeError trace."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacs_ai", "db", "upgrade", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away at once, as `head -0` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert _versions(tmp_path / "data" / "pacs-ai.db") == [1, 2, 3, 4]  # the work itself was done
+
+
 def test_opening_without_upgrade_writes_nothing(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "pacs-ai.db"
     with pytest.raises(JobStoreError, match="pacs-ai db upgrade"):

@@ -54,14 +54,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     finally:
         store.close()
     report = build_report(jobs, _references([*config.model.path, *config.model.shadow]), args.since)
-    png = render_png(report, args.png)
+    png = render_png(report, args.png) if args.png is not None else None
     if args.json:
         data = dataclasses.asdict(report)
-        data["png"] = str(png)
+        data["png"] = str(png) if png is not None else None
         print_json(data)
         return 0
     print(render_text(report), end="")
-    print(f"\nplot: {png}")
+    if png is not None:
+        print(f"\nplot: {png}")
     return 0
 
 
@@ -74,10 +75,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="agreement, probability distributions and drift (PSI) of the live and shadow models",
         description="Compare the live model with the shadow models ([model] shadow) on the images analysed "
         "since --since: agreement of decisions, Cohen's kappa, probability quantiles, and the population "
-        "stability index against each model card's validation distribution. Writes a PNG plot too.",
+        "stability index against each model card's validation distribution; with --png, a plot too.",
     )
     add_config_argument(p)
     p.add_argument("--since", type=_since, default=_since("7d"), metavar="AGE|DATE", help="e.g. 7d, 12h, 2026-11-30 (default 7d)")
-    p.add_argument("--png", type=Path, default=Path("shadow-report.png"), metavar="FILE", help="default: ./shadow-report.png")
+    p.add_argument("--png", type=Path, default=None, metavar="FILE", help="also write the plot to FILE (default: no plot)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_report)

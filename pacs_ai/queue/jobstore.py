@@ -12,6 +12,7 @@ so an image that crashes the worker every time cannot loop forever.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -130,7 +131,9 @@ class JobStore:
         except JobStoreError:
             self.db.close()
             raise
-        except (sa.exc.SQLAlchemyError, OSError, ImportError) as exc:
+        except (sa.exc.SQLAlchemyError, sqlite3.Error, OSError, ImportError) as exc:
+            # sqlite3.Error: the driver's own error escapes SQLAlchemy when the connect hook's PRAGMA meets a
+            # file that is not an SQLite database.
             self.db.close()
             raise JobStoreError(f"cannot open the job database {self.db.parsed!r}: {short_error(exc)}") from exc
 
