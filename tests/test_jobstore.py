@@ -416,6 +416,14 @@ def test_jobs_cli_list_show_retry_purge(tmp_path: Path, capsys: pytest.CaptureFi
     assert run_cli("jobs", "list", "--config", str(cfg), "--state", "dead") == 0
     out = capsys.readouterr().out
     assert "1.2.3.1" in out and "misplaced marker" in out and "1.2.3.0" not in out
+    assert run_cli("jobs", "list", "--config", str(cfg), "--limit", "2") == 0
+    out = capsys.readouterr().out
+    assert "1.2.3.2" in out and "1.2.3.1" in out and "1.2.3.0" not in out  # the newest two of three
+    assert "newest 2 shown; there may be more" in out
+    assert run_cli("jobs", "list", "--config", str(cfg), "--limit", "3") == 0
+    assert "there may be more" in capsys.readouterr().out  # as many as the limit: it cannot know
+    assert run_cli("jobs", "list", "--config", str(cfg), "--limit", "4") == 0
+    assert "there may be more" not in capsys.readouterr().out
 
     assert run_cli("jobs", "show", str(done), "--config", str(cfg), "--json") == 0
     shown = json.loads(capsys.readouterr().out)

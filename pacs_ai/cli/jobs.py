@@ -76,6 +76,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         routing = _routing(j)
         if j.state == JobState.SKIPPED and routing is not None:
             print(f"{'':>6}  skipped by rule {routing.rule}: {routing.reason[:150]}")
+    if not args.study and len(jobs) == args.limit:
+        print(f"(the newest {args.limit} shown; there may be more: --limit N, or --state STATE)")
     return 0
 
 
