@@ -31,20 +31,32 @@ def test_serve_with_embedded_defaults_starts_and_stops_on_sigterm(tmp_path: Path
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(raw.decode() for raw in proc.stdout or ()), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 120
         while not echo(port, timeout=2.0):
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "daemon did not answer C-ECHO within 120 s"
             time.sleep(0.3)
         assert (tmp_path / "pacs-ai-data" / "pacs-ai.db").is_file()
         assert (tmp_path / "pacs-ai-data" / "spool").is_dir()
+        deadline = time.monotonic() + 180  # the worker child warms the model and the codecs after the listener is up
+        while not any("worker warmed up" in line for line in list(lines)):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "worker did not warm up within 180 s:\n" + "".join(lines)
+            time.sleep(0.3)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    log = out.decode()
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    log = "".join(lines)
     assert proc.returncode == 0, log
     assert "stopping" in log and "stopped in" in log, log
+    # the warm-up's JPEG 2000 encode logs nothing of the codec's own (pylibjpeg-openjpeg logs each tile at INFO)
+    assert "openjpeg" not in log, log
     assert "reference" in log or str(BUNDLED_MODEL.name) in log
 
 

@@ -177,8 +177,10 @@ def configure_logging(config: LoggingConfig, *, stream: TextIO | None = None) ->
     # when a poll is skipped because the previous one still runs (max_instances=1 is deliberate);
     # highdicom logs several INFO lines per object built; pydicom logs an ERROR with a traceback for
     # every decoder it tries on undecodable pixel data, which the worker reports as one clear reason;
-    # uvicorn (the metrics/dashboard server) announces its start and stop, which pacs-ai logs itself.
+    # uvicorn (the metrics/dashboard server) announces its start and stop, which pacs-ai logs itself;
+    # pylibjpeg-openjpeg logs an INFO line per tile it encodes (the warm-up encodes one at every start).
     quiet_levels = (
+        ("openjpeg", logging.WARNING),
         ("apscheduler", logging.ERROR),
         ("highdicom", logging.WARNING),
         ("pydicom", logging.CRITICAL),
