@@ -285,6 +285,29 @@ def test_resend_with_other_sender_and_trailing_padding_is_a_duplicate(serve, chu
     assert [r[3] for r in server.observer.of("image_received")] == [False, True, True]  # plain duplicates
 
 
+@needs_storescu
+@pytest.mark.parametrize("name", ["RG2_J2KR.dcm", "RG3_JLSL.dcm"])
+def test_same_file_from_storescu_and_pynetdicom_is_a_duplicate(serve, chunked_send, wg04_files, name: str) -> None:  # type: ignore[no-untyped-def]
+    """dcmtk rewrites undefined-length sequences as defined-length ones: the wire bytes differ, the instance does not."""
+    (original,) = [f for f in wg04_files if f.name == name]
+    server = serve()
+    uid = str(meta(original).MediaStorageSOPInstanceUID)
+    result = storescu(server.port, [original], STORESCU_FLAGS[str(meta(original).TransferSyntaxUID)], aet="DCMTK")
+    assert result.returncode == 0, result.stderr
+    first = server.jobs.find_by_sop_uid(uid)
+    assert first is not None
+    from_dcmtk = dataset_bytes(server.spool.path_for(uid))
+    assert from_dcmtk != dataset_bytes(original)  # independent fact: storescu re-encoded the data set
+    assert same_dataset(server.spool.path_for(uid), original)  # ... with the same elements and values
+    (claimed,) = server.jobs.claim("worker")
+    server.jobs.complete(claimed.id, "worker", job_result({"probability": 0.1}), [])
+    assert send(server.port, [original], aet="PYNETDICOM") == [0]  # the file's own bytes
+    job = server.jobs.find_by_sop_uid(uid)
+    assert job is not None and job.id == first.id and job.state is JobState.DONE  # not re-queued
+    assert job.sha256 == first.sha256 and len(server.jobs.list_jobs()) == 1
+    assert [r[3] for r in server.observer.of("image_received")] == [False, True]  # a plain duplicate
+
+
 def test_sop_classes_we_do_not_take_are_not_negotiated(serve) -> None:  # type: ignore[no-untyped-def]
     from pynetdicom.sop_class import ComputedRadiographyImageStorage, MRImageStorage
 
