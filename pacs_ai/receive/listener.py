@@ -350,7 +350,7 @@ class Listener:
                 sop_class_uid=uids.sop_class_uid,
                 calling_aet=calling[:16],
                 spool_path=str(stored.path),
-                sha256=content,  # resends that differ only in file meta or trailing padding are duplicates
+                sha256=content,  # resends that differ only in file meta, length encoding or padding are duplicates
                 size=stored.size,
             )
         except StorageError as exc:
