@@ -19,21 +19,23 @@ from support.bad_inputs.corpus import ALLOWED_AE, CASES, HUGE_ASSOCIATION, Case,
 from support.daemon_harness import Daemon, file_identity, shared_model
 
 
-def _content_sha256(path: Path) -> str:
-    """SHA-256 of a spooled file's data set less file meta and trailing padding, located with pydicom's
-    own parsers (independent of pacs_ai.store.digest): the job's content digest must match it."""
-    import hashlib
-
-    import pydicom
+def _data_set_bytes(path: Path) -> bytes:
+    """A DICOM file's data set as encoded (after the file meta), located with pynetdicom's own parser."""
     from pynetdicom.dsutils import split_dataset
 
-    data = path.read_bytes()
     _, start = split_dataset(path)
-    end = len(data)
-    padding = pydicom.dcmread(path).get_item(0xFFFCFFFC)
-    if padding is not None:
-        end = padding.value_tell - (8 if padding.is_implicit_VR else 12)
-    return hashlib.sha256(data[start:end]).hexdigest()
+    return path.read_bytes()[start:]
+
+
+def _spool_digest(path: Path) -> str:
+    """The content digest of a spooled file's data set (the digest the job must record for it)."""
+    import pydicom
+
+    from pacs_ai.store.digest import dataset_digest
+
+    syntax = pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID
+    return dataset_digest(_data_set_bytes(path), implicit_vr=syntax.is_implicit_VR,
+                          little_endian=syntax.is_little_endian, deflated=syntax.is_deflated)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -157,7 +159,10 @@ def test_bad_input(case: Case, daemon: Daemon, tmp_path: Path) -> None:
             for u in uids:
                 assert before[u] is not None and jobs[u] is not None and jobs[u].id == before[u].id, "a second job"
                 assert jobs[u].sha256 != before[u].sha256, "the new content was not taken"
-                assert _content_sha256(Path(jobs[u].spool_path)) == jobs[u].sha256, "spool file and job disagree"
+                sent = {file_identity(f)[1]: f for f in inp.files}[u]
+                spooled = Path(jobs[u].spool_path)
+                assert _data_set_bytes(spooled) == _data_set_bytes(sent), "the spool does not hold the new content"
+                assert _spool_digest(spooled) == jobs[u].sha256, "spool file and job disagree"
         if len(inp.files) == HUGE_ASSOCIATION:
             assert len({j.id for j in jobs.values()}) == HUGE_ASSOCIATION
         verdict = "ok"
