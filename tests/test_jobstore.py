@@ -16,18 +16,8 @@ from pacs_ai.errors import JobStoreError, LeaseLostError
 from pacs_ai.queue import migrations
 from pacs_ai.queue.jobstore import DeliveryState, JobState, JobStore, RetryPolicy
 from pacs_ai.queue.models import jobs as jobs_table
+from support.clock import Clock
 from support.job_results import job_result
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -487,7 +477,7 @@ def test_admin_commands_do_not_create_a_database(argv: tuple[str, ...], tmp_path
 
 def test_retry_decision() -> None:
     """One decision for every leased item: backoff base * 2**(n-1) capped, dead when permanent or out of attempts."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     policy = RetryPolicy(3, 10.0, 25.0)
     now = datetime(2026, 1, 1, tzinfo=UTC)

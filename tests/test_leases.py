@@ -15,23 +15,13 @@ import pytest
 from pacs_ai.errors import JobStoreError, LeaseLostError
 from pacs_ai.queue.jobstore import DeliveryState, JobState, JobStore, RetryPolicy
 from pacs_ai.studies.store import StudyStore
+from support.clock import Clock
 from support.job_results import job_result
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(datetime(2026, 3, 1, 8, 0, tzinfo=UTC))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ probabilities are worked out by hand from the rule definitions (max, mean, noisy
 from __future__ import annotations
 
 import subprocess
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -19,23 +18,13 @@ from pacs_ai.studies.processor import StudyPolicy, StudyProcessor, study_policy
 from pacs_ai.studies.report import read_study_report
 from pacs_ai.studies.rules import aggregate
 from pacs_ai.studies.store import StudyStore
+from support.clock import Clock
 from support.common import copies, expected_result_uid, have_tool
 from support.job_results import job_result
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "cr_hip_mono2_small.dcm"
 QUIET = 60.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
