@@ -70,9 +70,9 @@ def test_worker_scores_shadows_on_the_same_decode(engines, tmp_path: Path, monke
     decodes: list[str] = []
     real = worker_module.dicom_to_gray
 
-    def counting(ds):  # type: ignore[no-untyped-def]
+    def counting(ds, **kw):  # type: ignore[no-untyped-def]
         decodes.append(str(ds.SOPInstanceUID))
-        return real(ds)
+        return real(ds, **kw)
 
     monkeypatch.setattr(worker_module, "dicom_to_gray", counting)
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", RetryPolicy(3, 0.0, 0.0), upgrade=True)

@@ -206,6 +206,7 @@ class Service:
         from pacs_ai.infer.device import thread_count
         from pacs_ai.infer.engine import InferenceEngine
         from pacs_ai.send.deliveries import destination_names
+        from pacs_ai.write.overlay import SC_MAX_SIDE
         from pacs_ai.write.results import write_results
 
         model = self.config.model
@@ -243,6 +244,7 @@ class Service:
             observer=self.observer,
             router=router,
             shadow=shadow,
+            display_max_side=SC_MAX_SIDE,
         )
 
     def _build_worker_process(self) -> WorkerProcess:

@@ -2,7 +2,8 @@
 
 The first image after start would otherwise pay for everything that is loaded or initialised lazily:
 the first forward pass (oneDNN primitives, memory pools), the Grad-CAM hooks' first backward, pydicom's
-decoder plugins (pylibjpeg-openjpeg, pylibjpeg-rle), highdicom's SR templates, OpenCV's
+decoder plugins (pylibjpeg-openjpeg, pylibjpeg-rle, Pillow's JPEG 2000 plugin for reduced-resolution
+decoding), highdicom's SR templates, OpenCV's
 colour maps and fonts, PNG encoding. ``warm_up`` runs one small synthetic radiograph through exactly
 the path a job takes (``dicom_to_gray`` for each transfer syntax an encoder is installed for, then
 ``prepare``, ``engine.predict`` and the result writer into a temporary folder that is removed again).
@@ -86,7 +87,10 @@ def warm_up(engine: Any, writer: Any, scratch_dir: Path) -> dict[str, float]:
     t = time.perf_counter()
     for syntax in WARM_SYNTAXES:
         try:
-            gray = dicom_to_gray(_round_trip(source, syntax))
+            encoded = _round_trip(source, syntax)
+            gray = dicom_to_gray(encoded)
+            if syntax == JPEG2000Lossless:  # the reduced-resolution decoder (Pillow's JPEG 2000 plugin)
+                dicom_to_gray(encoded, min_long_side=max(source.Rows, source.Columns) // 2)
         except Exception as exc:  # noqa: BLE001 - no encoder for it here, or a decoder problem
             log.debug("warm-up: %s skipped: %s", getattr(syntax, "name", syntax), exc)
     timings["codecs"] = time.perf_counter() - t

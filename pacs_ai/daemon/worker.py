@@ -113,7 +113,12 @@ class Worker:
         observer: Observer | None = None,
         router: Router | None = None,
         shadow: ShadowScorer | None = None,
+        display_max_side: int | None = None,
     ) -> None:
+        """``display_max_side``: the long side (pixels) of the picture the writer makes
+        (``pacs_ai.write.overlay.SC_MAX_SIDE``); with it, images are decoded and kept only at the
+        resolution needed (a reduced JPEG 2000 level, ``Prepared.display`` at the picture's size). None:
+        decoded and kept at full resolution."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.jobs = jobs
@@ -127,6 +132,13 @@ class Worker:
         self.observer: Observer = observer or NullObserver()
         self.router = router
         self.shadow = shadow
+        self.display_max_side = display_max_side
+        # The decode must keep at least the picture's and every model input's long side.
+        self.min_long_side = (
+            max([display_max_side, engine.spec.size, *(e.spec.size for e in (shadow.engines if shadow else ()))])
+            if display_max_side is not None
+            else None
+        )
         self._stop: threading.Event | None = None
         # Writing results (SC, SR, PNG, fsyncs) of batch n overlaps the forward pass of batch n+1.
         self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
@@ -218,9 +230,14 @@ class Worker:
                     return None
                 routing = routing_outcome(decision)
             t_read = time.perf_counter()
-            gray = dicom_to_gray(ds)
+            gray = dicom_to_gray(ds, min_long_side=self.min_long_side)
             t_gray = time.perf_counter()
-            prepared = prepare(gray, self.engine.spec)
+            prepared = prepare(
+                gray,
+                self.engine.spec,
+                source_size=(int(ds.Rows), int(ds.Columns)),
+                display_max_side=self.display_max_side,
+            )
             shadow_inputs = self.shadow.inputs(gray, self.engine.spec, prepared) if self.shadow is not None else None
             del gray
             _drop_decoded_pixels(ds)
@@ -238,8 +255,8 @@ class Worker:
         prepared.extra["preprocess_s"] = t_end - t0
         prepared.extra["phases"] = {
             "read": t_read - t0,  # dcmread (+ routing decision)
-            "decode": t_gray - t_read,  # pixel data decoding, modality/VOI LUTs, MONOCHROME1
-            "contrast_resize": t_end - t_gray,  # uint8, resize, CLAHE, normalise
+            "decode": t_gray - t_read,  # pixel data decoding (reduced J2K level), modality/VOI LUTs, MONOCHROME1
+            "contrast_resize": t_end - t_gray,  # uint8, resize (model input, SC picture), CLAHE, normalise
         }
         return _Item(job, ds, prepared, routing, shadow_inputs)
 

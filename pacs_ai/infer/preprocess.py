@@ -144,7 +144,9 @@ class Prepared:
     tensor: torch.Tensor
     """(3, size, size) float32, normalised."""
     display: np.ndarray
-    """uint8 (orig_h, orig_w), bone bright, after the VOI LUT/window, without CLAHE: for overlays."""
+    """uint8, bone bright, after the VOI LUT/window, without CLAHE: for overlays. (orig_h, orig_w), or
+    smaller when ``prepare`` was given ``display_max_side`` (the same aspect ratio; ``geometry`` keeps the
+    original size)."""
     geometry: Geometry
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -306,8 +308,14 @@ def displays_inverted(ds: Any, photometric: str | None = None) -> bool:
     return photometric.strip().upper() == "MONOCHROME1" or shape == "INVERSE"
 
 
-def dicom_to_gray(ds: Any) -> np.ndarray:
+def dicom_to_gray(ds: Any, *, min_long_side: int | None = None) -> np.ndarray:
     """Decode a single-frame greyscale DICOM image to float32 (H, W) in [0, 1] with bone bright.
+
+    With ``min_long_side``, a JPEG 2000 image may be decoded at a reduced resolution level whose long side
+    is still at least that many pixels (``pacs_ai.infer.j2k.decode_reduced``: about 1/4 of the decoding
+    work per level skipped); (H, W) is then ``ceil(Rows / 2**r), ceil(Columns / 2**r)``, and the caller
+    keeps the original size for geometry (``prepare(..., source_size=(Rows, Columns))``). Other transfer
+    syntaxes, and JPEG 2000 images that cannot be reduced, are decoded in full.
 
     Applies the Modality LUT (rescale or LUT sequence), then the first VOI LUT or window
     (LINEAR, LINEAR_EXACT, SIGMOID); without one, a robust 0.5-99.5 percentile range is used.
@@ -337,8 +345,15 @@ def dicom_to_gray(ds: Any) -> np.ndarray:
         raise InputError("multi_frame", f"{frames} frames; only single-frame images are supported")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_size(rows, cols)
+    arr = None
+    if min_long_side is not None:
+        from pacs_ai.infer.j2k import decode_reduced
+
+        arr = decode_reduced(ds, int(min_long_side))
+    reduced = arr is not None  # checked against Rows/Columns by decode_reduced
     try:
-        arr = ds.pixel_array
+        if arr is None:
+            arr = ds.pixel_array
     except (KeyboardInterrupt, SystemExit):
         raise
     # Any decoder failure is the same input error. BaseException, because decoders written in Rust
@@ -351,7 +366,8 @@ def dicom_to_gray(ds: Any) -> np.ndarray:
         raise InputError("undecodable_pixel_data", detail[:500]) from exc
     if arr.ndim != 2:
         raise InputError("unsupported_image", f"decoded pixel array has shape {arr.shape}, expected 2-D")
-    _check_size(*arr.shape)
+    if not reduced:
+        _check_size(*arr.shape)
     try:
         values = modality_values(arr, ds)
     except Exception as exc:
@@ -430,7 +446,7 @@ def to_uint8(gray: np.ndarray) -> np.ndarray:
     return scaled.clip(0, 255).astype(np.uint8)
 
 
-def letterbox(gray: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
+def letterbox(gray: np.ndarray, spec: InputSpec, *, source_size: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
     """Grey image (float in [0, 1], or uint8) -> uint8 (size, size) network image before normalisation.
 
     Returns the image and its geometry.
@@ -438,15 +454,18 @@ def letterbox(gray: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Geometry]:
     The image is resized (INTER_AREA when shrinking, INTER_LINEAR when enlarging) so that its long side
     equals ``spec.size``, contrast-enhanced with CLAHE *after* the resize (so CLAHE always works at the
     network's scale whatever the original resolution, and costs almost nothing), then centred on a black
-    square. Aspect ratio is kept; nothing is stretched.
+    square. Aspect ratio is kept; nothing is stretched. ``source_size`` (rows, columns) is the original
+    image's size when ``gray`` is a reduced-resolution decode of it: the geometry then maps onto the
+    original pixels, exactly as for a full decode.
     """
     if gray.ndim != 2:
         raise InputError("unsupported_image", f"expected a 2-D grey image, got shape {gray.shape}")
     h, w = gray.shape
-    geom = Geometry.for_image(h, w, spec.size)
+    oh, ow = source_size if source_size is not None else (h, w)
+    geom = Geometry.for_image(int(oh), int(ow), spec.size)
     small = gray if gray.dtype == np.uint8 else to_uint8(gray)
     if (geom.new_h, geom.new_w) != (h, w):
-        interp = cv2.INTER_AREA if geom.scale < 1 else cv2.INTER_LINEAR
+        interp = cv2.INTER_AREA if max(geom.new_h, geom.new_w) < max(h, w) else cv2.INTER_LINEAR
         small = cv2.resize(small, (geom.new_w, geom.new_h), interpolation=interp)
     if spec.clahe:
         clahe = cv2.createCLAHE(clipLimit=float(spec.clahe_clip), tileGridSize=(spec.clahe_grid, spec.clahe_grid))
@@ -476,17 +495,33 @@ def normalise(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tenso
     return out[0] if single else out
 
 
-def prepare(gray: np.ndarray, spec: InputSpec) -> Prepared:
+def prepare(
+    gray: np.ndarray,
+    spec: InputSpec,
+    *,
+    source_size: tuple[int, int] | None = None,
+    display_max_side: int | None = None,
+) -> Prepared:
     """Grey image in [0, 1] (from ``dicom_to_gray`` or ``image_file_to_gray``; uint8 also accepted) -> input.
 
     About 20-40 ms for a 2140x1760 image on this 2-core machine (one uint8 conversion at full
     resolution, INTER_AREA downscale, CLAHE at network scale).
 
-    ``Prepared.tensor`` is ``normalise(letterbox(gray))``; ``Prepared.display`` is the full-resolution
-    uint8 image for overlays; ``Prepared.geometry`` maps heat maps back (``cam_to_original``).
+    ``Prepared.tensor`` is ``normalise(letterbox(gray))``; ``Prepared.geometry`` maps heat maps back onto
+    the original pixels (``cam_to_original``); ``Prepared.display`` is the uint8 image for overlays: at
+    ``gray``'s resolution, or, with ``display_max_side``, downscaled (INTER_AREA) so that the long side
+    of the *original* is at most that many pixels (the size ``pacs_ai.write.overlay.picture_size`` gives).
+    ``source_size`` (rows, columns): the original's size when ``gray`` is a reduced-resolution decode.
     """
-    display = gray if gray.dtype == np.uint8 else to_uint8(gray)
-    img, geom = letterbox(display, spec)
+    u8 = gray if gray.dtype == np.uint8 else to_uint8(gray)
+    img, geom = letterbox(u8, spec, source_size=source_size)
+    display = u8
+    if display_max_side is not None:
+        factor = min(1.0, display_max_side / max(geom.orig_h, geom.orig_w))
+        dh, dw = max(1, round(geom.orig_h * factor)), max(1, round(geom.orig_w * factor))
+        if (dh, dw) != u8.shape:
+            interp = cv2.INTER_AREA if dh * dw < u8.size else cv2.INTER_LINEAR
+            display = cv2.resize(u8, (dw, dh), interpolation=interp)
     return Prepared(tensor=normalise(img, spec), display=display, geometry=geom)
 
 

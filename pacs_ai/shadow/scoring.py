@@ -46,7 +46,7 @@ class ShadowScorer:
             else:
                 if gray is None:
                     raise ValueError("a shadow with its own input specification needs the decoded image")
-                out.append(prepare(gray, engine.spec))
+                out.append(prepare(gray, engine.spec, source_size=(live.geometry.orig_h, live.geometry.orig_w)))
         return out
 
     def score(self, inputs: Sequence[Sequence[Prepared]]) -> list[list[ShadowScore]]:

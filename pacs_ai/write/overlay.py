@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "DISCLAIMER",
+    "SC_MAX_SIDE",
     "Caption",
     "blend_heatmap",
     "caption_box",
@@ -36,6 +37,15 @@ __all__ = [
 DISCLAIMER = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 COLORMAP = cv2.COLORMAP_TURBO
 MAX_SIDE = 2048
+"""The largest picture ``render_result_image`` makes by default (long side, pixels)."""
+SC_MAX_SIDE = 1024
+"""Long side of the Secondary Capture picture the daemon writes (``pacs_ai.write.results``), pixels.
+
+1024 px shows the whole radiograph with its heat map as a viewer's full-screen image does (a 2140x1760
+CR hip becomes 1024x842: 2.6 MB of RGB instead of 10.3 MB at 2048 px), while the original stays in the
+PACS at full resolution beside it. Smaller pictures cost less at every step after the model: the JPEG 2000
+decode (a reduced resolution level, ``pacs_ai.infer.j2k``), rendering, encoding, writing and fsync, the
+C-STORE and the PACS's own storing (issue 12)."""
 ALPHA_MAX = 0.55
 """Opacity of the colour at the hottest point."""
 ALPHA_FLOOR = 0.15
@@ -267,6 +277,7 @@ def render_result_image(
     roi: Sequence[int] | None = None,
     max_side: int = MAX_SIDE,
     heat_scale: str = "relative",
+    source_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Render the Secondary Capture picture; returns RGB uint8 (h, w, 3) with ``max(h, w) <= max_side``.
 
@@ -275,7 +286,9 @@ def render_result_image(
     non-negative scale, normalised by its maximum, e.g. Grad-CAM; ``"probability"``: per-region fracture
     probability in [0, 1], shown as is so a cold map stays grey; None or all-zero gives no tint), ``roi``
     an ``(x0, y0, x1, y1)`` box in original pixel coordinates to outline. The legend says what the
-    colours are (``LEGENDS``).
+    colours are (``LEGENDS``). ``source_size`` (rows, columns): the original image's size when
+    ``display`` is already a downscaled copy of it (``prepare(..., display_max_side=...)``); ``roi`` is
+    scaled from it.
     """
     if heat_scale not in LEGENDS:
         raise ValueError(f"heat_scale must be one of {', '.join(LEGENDS)}, got {heat_scale!r}")
@@ -286,7 +299,8 @@ def render_result_image(
         grey = np.clip(grey.astype(np.float32), 0, 255).astype(np.uint8)
     oh, ow = grey.shape
     nh, nw = picture_size(oh, ow, max_side)
-    factor = min(1.0, max_side / max(oh, ow))
+    # roi (original pixels) -> picture pixels
+    factor = min(1.0, max_side / max(oh, ow)) if source_size is None else max(nh, nw) / max(source_size)
     h: np.ndarray
     if heat is None:
         h = np.zeros((nh, nw), np.float32)

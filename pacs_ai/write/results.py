@@ -2,9 +2,10 @@
 
 ``write_results(source, prepared, prediction, folder)`` finds the hottest region on the heat map mapped
 back onto the original pixels (only when a fracture is suspected: its coordinates go into the SR),
-renders the overlay once at the picture's size (the heat map is mapped straight onto that grid), builds
+renders the overlay once at the picture's size (long side at most ``SC_MAX_SIDE``, 1024 px; the heat map
+is mapped straight onto that grid; ``prepared.display`` may already be that size), builds
 the Secondary Capture and the Structured Report with deterministic UIDs, and writes ``sc.dcm``,
-``sr.dcm`` and ``overlay.png`` (the SC picture, long side at most 1024 px) into ``folder`` atomically
+``sr.dcm`` and ``overlay.png`` into ``folder`` atomically
 (temporary file, fsync, rename; one folder fsync for the three).
 
 The picture and its PNG (OpenCV, which releases the interpreter lock) are made in a second thread while
@@ -27,7 +28,7 @@ from pacs_ai.errors import DicomWriteError, StorageError
 from pacs_ai.results import ResultFiles, WrittenResults
 from pacs_ai.store.atomic import describe_os_error, fsync_dir, write_atomic
 from pacs_ai.write.common import ModelInfo
-from pacs_ai.write.overlay import Caption, hottest_region, picture_size, render_result_image
+from pacs_ai.write.overlay import SC_MAX_SIDE, Caption, hottest_region, picture_size, render_result_image
 from pacs_ai.write.secondary_capture import build_secondary_capture
 from pacs_ai.write.structured_report import build_structured_report
 from pacs_ai.write.uids import derive_uid
@@ -77,9 +78,9 @@ def _heat_on_original(prepared: Any, prediction: Any) -> np.ndarray | None:
         return None
     from pacs_ai.infer.preprocess import cam_to_original
 
+    # On the original pixel grid (geometry), whatever the size of ``prepared.display``: the SR's
+    # coordinates are source pixels.
     heat: np.ndarray = np.asarray(cam_to_original(np.asarray(cam, dtype=np.float32), prepared.geometry), dtype=np.float32)
-    if heat.shape != prepared.display.shape:
-        heat = cv2.resize(heat, (prepared.display.shape[1], prepared.display.shape[0]), interpolation=cv2.INTER_LINEAR)
     return heat
 
 
@@ -118,7 +119,11 @@ def _picture(
     """The SC picture (RGB) and its PNG preview; the heat map goes straight to the picture's grid."""
     t = time.perf_counter()
     heat = _heat_on_picture(prepared, prediction)
-    rgb = render_result_image(prepared.display, heat, caption, roi=roi, heat_scale=getattr(prediction, "heat_scale", "relative"))
+    geometry = prepared.geometry
+    rgb = render_result_image(
+        prepared.display, heat, caption, roi=roi, heat_scale=getattr(prediction, "heat_scale", "relative"),
+        max_side=SC_MAX_SIDE, source_size=(geometry.orig_h, geometry.orig_w),
+    )
     t_png = time.perf_counter()
     ok, png = cv2.imencode(".png", _preview(rgb), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB image
@@ -132,7 +137,8 @@ def _heat_on_picture(prepared: Any, prediction: Any) -> np.ndarray | None:
         return None
     from pacs_ai.infer.preprocess import cam_to_original
 
-    out_size = picture_size(*prepared.display.shape[:2])
+    rows, columns = prepared.display.shape[:2]
+    out_size = picture_size(rows, columns, SC_MAX_SIDE)
     return np.asarray(cam_to_original(np.asarray(cam, dtype=np.float32), prepared.geometry, out_size), dtype=np.float32)
 
 
