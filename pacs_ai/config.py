@@ -100,6 +100,7 @@ class DeliveryConfig:
     backoff_max_s: float = 3600.0
     timeout_s: float = 30.0
     calling_ae_title: str = ""
+    keep_open_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,7 @@ class Service:
             ssl_contexts=contexts,
             observer=self.observer,
             studies=self.studies.studies if self.studies is not None else None,
+            keep_open_s=delivery.keep_open_s,
         )
 
     def _build_studies(self) -> StudyProcessor | None:
@@ -507,6 +508,8 @@ class Service:
             remaining = max(0.1, timeout_s - (time.monotonic() - started))
             if not lock.acquire(timeout=remaining):
                 log.warning("%s loop did not finish within %.0f s; its leases will expire", name, timeout_s)
+        if self.deliveries:
+            self.deliveries.close(max(0.1, timeout_s - (time.monotonic() - started)))
         if self.worker_process:
             remaining = max(1.0, timeout_s - (time.monotonic() - started))
             self.worker_process.stop(remaining)

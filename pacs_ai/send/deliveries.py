@@ -2,8 +2,9 @@
 
 Each finished job has one delivery record per destination (created by the job store when the job is
 done). ``DeliveryProcessor.run_once()`` gives every destination its own worker thread, which claims
-that destination's due deliveries (up to ``batch_size``), sends each job's SC and SR over one
-association, and records the outcome:
+that destination's due deliveries (up to ``batch_size``), sends each job's SC and SR, and records the
+outcome. The association to a destination is kept open across deliveries while jobs keep coming and
+released after ``keep_open_s`` idle seconds (``pacs_ai.send.link``); a peer that dropped it gets a new one.
 
 - success (every object stored) -> ``jobs.complete_delivery`` with as what each object went (class,
   transfer syntax), recorded before the association is released, and ``observer.delivered`` (seconds
@@ -44,6 +45,7 @@ from pacs_ai.errors import DeliveryError, LeaseLostError, PacsAiError, ResultFor
 from pacs_ai.ops.events import NullObserver, Observer
 from pacs_ai.queue.records import Delivery, Job
 from pacs_ai.results import JobResult, StudyResult
+from pacs_ai.send.link import AssociationLink
 from pacs_ai.send.sender import DestinationUnreachable, ObjectOutcome, outgoing_object, send_files, send_objects
 from pacs_ai.store.atomic import write_atomic
 
@@ -136,7 +138,10 @@ class DeliveryProcessor:
         batch_size: int = 8,
         max_wait_s: float | None = None,
         studies: Any = None,
+        keep_open_s: float = 5.0,
     ) -> None:
+        """``keep_open_s``: how long an association to a destination stays open after its last C-STORE
+        (``pacs_ai.send.link``; 0: one association per job, released at once)."""
         self.jobs = jobs
         self.destinations: dict[str, Destination | None] = {d.name: d for d in destinations}
         if not self.destinations:
@@ -152,6 +157,16 @@ class DeliveryProcessor:
         self.lease_seconds = 60.0 + 4.0 * self.timeout_s * self.batch_size
         self.max_wait_s = float(max_wait_s) if max_wait_s is not None else self.timeout_s + 5.0
         self.studies = studies
+        self.links: dict[str, AssociationLink] = {
+            d.name: AssociationLink(
+                d,
+                calling_ae_title=calling_ae_title,
+                timeout_s=self.timeout_s,
+                ssl_context=self.ssl_contexts.get(d.name),
+                keep_open_s=keep_open_s,
+            )
+            for d in destinations
+        }
         self._lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self._done: list[int] = []
@@ -180,8 +195,10 @@ class DeliveryProcessor:
         """One delivery round; returns the number of deliveries attempted whose outcome was collected.
 
         Starts a thread for every destination that has none running, then waits up to ``max_wait_s`` for
-        the threads; outcomes of threads still running are counted by a later call.
+        the threads; outcomes of threads still running are counted by a later call. First releases the
+        associations that were kept open but not used for ``keep_open_s``.
         """
+        self.release_idle()
         started: list[threading.Thread] = []
         with self._lock:
             for name in self.destinations:
@@ -202,6 +219,16 @@ class DeliveryProcessor:
             handled = sum(self._done)
             self._done.clear()
         return handled
+
+    def release_idle(self) -> int:
+        """Release the associations kept open but idle for ``keep_open_s``; returns how many."""
+        return sum(1 for link in self.links.values() if link.release_idle())
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """At shutdown: wait up to ``timeout_s`` for running deliveries, then release every association."""
+        self.wait_idle(timeout_s)
+        for link in self.links.values():
+            link.close()
 
     def busy(self) -> list[str]:
         """Destinations whose delivery thread is still running."""
@@ -371,6 +398,7 @@ class DeliveryProcessor:
             ssl_context=self.ssl_contexts.get(name),
             on_object_stored=lambda outcome: stored.__setitem__(outcome.key, outcome.to_dict()),
             on_all_stored=all_stored,
+            link=self.links.get(name),
         )
         if not all(o.stored for o in outcomes):
             raise ObjectsNotDelivered(name, outcomes)

@@ -50,6 +50,7 @@ from pacs_ai.send.contexts import (
     sop_class_alternatives,
     transfer_syntax_preference,
 )
+from pacs_ai.send.link import AssociationLink
 
 __all__ = [
     "ContextsRefused",
@@ -165,6 +166,7 @@ def send_objects(
     ssl_context: ssl.SSLContext | None = None,
     on_object_stored: Callable[[ObjectOutcome], None] | None = None,
     on_all_stored: Callable[[], None] | None = None,
+    link: AssociationLink | None = None,
 ) -> list[ObjectOutcome]:
     """C-STORE ``objects`` to ``destination`` over one association; one outcome per object, in order.
 
@@ -172,6 +174,11 @@ def send_objects(
     and before the release: a crash later cannot make it be sent again); ``on_all_stored()`` once every
     object was stored. Raises :class:`DestinationUnreachable` when no association could be established
     (nothing was sent) and DeliveryError (permanent) when more contexts would be needed than allowed.
+
+    With a ``link`` (``pacs_ai.send.link``) the association is the link's: reused when it is still open
+    with the same contexts, and kept open afterwards instead of released. When a reused association turns
+    out to be gone (the peer dropped it while it was idle), the objects not yet stored are sent again on a
+    new one, once.
     """
     name = destination.name
     if not objects:
@@ -180,33 +187,78 @@ def send_objects(
     if len(contexts) > MAX_CONTEXTS:
         raise DeliveryError(name, f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}", permanent=True)
     where = _where(destination)
-    try:
-        assoc = open_association(
-            destination, contexts, calling_ae_title=calling_ae_title, timeout_s=timeout_s, ssl_context=ssl_context
-        )
-    except ContextsRefused:
-        return [_refused_all(obj, where) for obj in objects]
+    if link is None:
+        try:
+            assoc = open_association(
+                destination, contexts, calling_ae_title=calling_ae_title, timeout_s=timeout_s, ssl_context=ssl_context
+            )
+        except ContextsRefused:
+            return [_refused_all(obj, where) for obj in objects]
+        try:
+            outcomes = _send_all(assoc, objects, where, on_object_stored)
+            if on_all_stored is not None and all(o.stored for o in outcomes):
+                on_all_stored()
+            if assoc.is_established:
+                assoc.release()
+        except BaseException:
+            assoc.abort()
+            raise
+        finally:
+            assoc.ae.shutdown()
+        return outcomes
 
+    results: dict[str, ObjectOutcome] = {}
+    pending = list(objects)
+    while pending:
+        try:
+            assoc, reused = link.acquire(contexts)
+        except ContextsRefused:
+            for obj in pending:
+                results[obj.key] = _refused_all(obj, where)
+            break
+        try:
+            outcomes = _send_all(assoc, pending, where, on_object_stored)
+        except BaseException:
+            link.discard(assoc, abort=True)
+            raise
+        lost = reused and not assoc.is_established and any(not o.stored and o.status is None for o in outcomes)
+        for obj, outcome in zip(pending, outcomes, strict=True):
+            results[obj.key] = outcome
+        if lost:
+            # The peer had dropped the association while it was idle: send what it did not store again.
+            link.discard(assoc, abort=True)
+            log.info("the association with %s was closed by the peer; sending again on a new one", where)
+            pending = [obj for obj, o in zip(pending, outcomes, strict=True) if not o.stored and o.status is None]
+            continue
+        try:
+            final = [results[obj.key] for obj in objects]
+            if on_all_stored is not None and all(o.stored for o in final):
+                on_all_stored()
+        except BaseException:
+            link.discard(assoc)
+            raise
+        link.keep(assoc)
+        break
+    return [results[obj.key] for obj in objects]
+
+
+def _send_all(
+    assoc: Association,
+    objects: Sequence[OutgoingObject],
+    where: str,
+    on_object_stored: Callable[[ObjectOutcome], None] | None,
+) -> list[ObjectOutcome]:
+    """C-STORE each object on ``assoc`` in turn; an object after the association ended is not sent."""
+    accepted = accepted_syntaxes(assoc.accepted_contexts)
     outcomes: list[ObjectOutcome] = []
-    try:
-        accepted = accepted_syntaxes(assoc.accepted_contexts)
-        for obj in objects:
-            if not assoc.is_established:
-                outcomes.append(ObjectOutcome(obj.key, False, False, f"not sent: the association with {where} ended"))
-                continue
-            outcome = _send_one(assoc, obj, accepted, where)
-            outcomes.append(outcome)
-            if outcome.stored and on_object_stored is not None:
-                on_object_stored(outcome)
-        if on_all_stored is not None and all(o.stored for o in outcomes):
-            on_all_stored()
-        if assoc.is_established:
-            assoc.release()
-    except BaseException:
-        assoc.abort()
-        raise
-    finally:
-        assoc.ae.shutdown()
+    for obj in objects:
+        if not assoc.is_established:
+            outcomes.append(ObjectOutcome(obj.key, False, False, f"not sent: the association with {where} ended"))
+            continue
+        outcome = _send_one(assoc, obj, accepted, where)
+        outcomes.append(outcome)
+        if outcome.stored and on_object_stored is not None:
+            on_object_stored(outcome)
     return outcomes
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class Received:
     status: int  # what we answered
     referenced_sop_instance_uids: tuple[str, ...] = ()
     transfer_syntax: str = ""  # of the presentation context it came in
+    association: int = 0  # which association it came in: 1 for the first this SCP accepted, 2 ...
 
 
 @dataclass
@@ -142,6 +144,11 @@ class DestSCP:
         self._holds: list[Hold] = []
         self._server = None
         self._ae: AE | None = None
+        self._assoc_numbers: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        self._assoc_count = 0
+        self.associations_ended: list[tuple[int, str]] = []
+        """(association number, "released" or "aborted") in the order they ended."""
+        self._abort_on: list[Callable[[Dataset], bool]] = []
 
     # -- configuration ------------------------------------------------------------------------------
 
@@ -161,6 +168,25 @@ class DestSCP:
         with self._lock:
             self._holds.append(hold)
         return hold
+
+    def abort_on(self, predicate: Callable[[Dataset], bool]) -> None:
+        """Abort the association (A-ABORT, no C-STORE response, nothing stored) when the next dataset
+        ``predicate`` accepts arrives: a PACS that drops the connection in the middle of a transfer."""
+        with self._lock:
+            self._abort_on.append(predicate)
+
+    def drop_associations(self) -> int:
+        """Abort every open association from this side (a PACS closing idle connections); how many."""
+        server = self._server
+        active = list(server.active_associations) if server is not None else []
+        for assoc in active:
+            assoc.abort()
+        return len(active)
+
+    def associations(self) -> int:
+        """How many associations this SCP has accepted so far."""
+        with self._lock:
+            return self._assoc_count
 
     def clear_refusals(self) -> None:
         with self._lock:
@@ -185,7 +211,13 @@ class DestSCP:
         for uid in sorted(contexts - set(self.refuse_sop_classes)):
             ae.add_supported_context(uid, self.transfer_syntaxes or TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, lambda event: self._on_ended(event, "released")),
+            (evt.EVT_ABORTED, lambda event: self._on_ended(event, "aborted")),
+        ]
         deadline = time.monotonic() + 10
         while True:  # the port may linger briefly after a stop
             try:
@@ -213,12 +245,33 @@ class DestSCP:
 
     # -- the handler -------------------------------------------------------------------------------
 
+    def _on_established(self, event) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            if event.assoc not in self._assoc_numbers:
+                self._assoc_count += 1
+                self._assoc_numbers[event.assoc] = self._assoc_count
+            self._lock.notify_all()
+
+    def _on_ended(self, event, how: str) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            number = self._assoc_numbers.get(event.assoc, 0)
+            if number and all(n != number for n, _ in self.associations_ended):
+                self.associations_ended.append((number, how))
+            self._lock.notify_all()
+
     def _on_store(self, event) -> int:  # type: ignore[no-untyped-def]
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
         except Exception:  # noqa: BLE001 - a dataset we cannot parse
             return 0xC210
+        with self._lock:
+            abort = next((p for p in self._abort_on if p(ds)), None)
+            if abort is not None:
+                self._abort_on.remove(abort)
+        if abort is not None:
+            event.assoc.abort()
+            return 0xA700  # never sent: the association is gone
         with self._lock:
             hold = next((h for h in self._holds if not h.entered.is_set() and h.predicate(ds)), None)
             if hold is not None:
@@ -254,6 +307,7 @@ class DestSCP:
             status=status,
             referenced_sop_instance_uids=tuple(dict.fromkeys(r for r in refs if r)),
             transfer_syntax=str(event.context.transfer_syntax),
+            association=self._assoc_numbers.get(event.assoc, 0),
         )
         if status == 0x0000 and self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
