@@ -260,3 +260,112 @@ def test_train_map_command_checkpoints_exports_and_resumes_mid_epoch(synthetic: 
     b = torch.load(cut / "epoch-001.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sized to the machine: DataLoader workers and the wall-clock budget
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_batches_built_by_worker_processes_equal_those_built_in_process(synthetic: tuple[Path, Path]) -> None:
+    from training.maptrain import EpochBatches
+
+    data = synthetic[0]
+    cfg = MapTrainConfig(data=str(data), out="unused", scale=128, crop=64, crops_per_epoch=24, batch_size=8, workers=2)
+    tr = load_data(cfg, list_dataset(data), read_boxes(data / "boxes.csv"), progress=False)
+    plan = plan_epoch(cfg, tr, [], np.random.default_rng(3))
+    batches = [plan[s : s + 8] for s in range(0, len(plan), 8)]
+    source = EpochBatches(cfg, tr, batches, epoch=2, stride=32, first=1)
+    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=2)
+    got = list(loader)
+    assert len(got) == 2
+    for k, batch in enumerate(got):
+        want = make_batch(cfg, tr, batches[1 + k], 32, np.random.default_rng([cfg.seed, 2, 1 + k]), AugmentConfig(**cfg.augment))
+        for key in ("x", "target", "weight", "y", "y_mask"):
+            torch.testing.assert_close(batch[key], want[key], msg=key)
+
+
+def test_progress_driven_one_cycle_follows_torchs_one_cycle_lr() -> None:
+    from training.maptrain import OneCyclePlan
+
+    total, pct = 200, 0.25
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total, pct_start=pct, div_factor=25, final_div_factor=1e3, cycle_momentum=False)
+    plan = OneCyclePlan(pct)
+    for step in range(total):
+        # OneCycleLR's phases end at step pct*total - 1 and total - 1
+        warm_end = pct * total - 1
+        plan.progress = step / warm_end * pct if step <= warm_end else pct + (step - warm_end) / (total - 1 - warm_end) * (1 - pct)
+        assert plan(step) * 1e-3 == pytest.approx(ref.get_last_lr()[0], rel=1e-6, abs=1e-12), step
+        opt.step()
+        ref.step()
+    plan.progress = 2.0
+    assert plan(0) == pytest.approx(1 / 25e3)
+
+
+def test_a_run_with_a_time_budget_stops_when_it_is_spent_and_exports_its_model(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = synthetic[0], tmp_path / "budget"
+    assert main(["train-map", "--data", str(data), "--out", str(run), "--arch", "densenet121", "--scale", "128", "--crop", "64",
+                 "--epochs", "50", "--crops-per-epoch", "24", "--batch-size", "8", "--val-limit", "8", "--hard-pool", "4",
+                 "--max-minutes", "1e-6", "--workers", "1", "--n-boot", "20", "--threads", "1", "--no-progress"]) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    assert history[0]["lr"] == pytest.approx(1e-3 / 25e3)
+    _, card = load_model_folder(run / "model-best")
+    assert card.training["max_minutes"] == 1e-6 and card.head == "fracture_map"
+
+
+def test_evaluate_of_several_models_scores_their_ensemble(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    data = synthetic[1]
+    a = make_map_model_folder(tmp_path / "a", "densenet121", seed=5, temperature=1.5, threshold=0.4)
+    b = make_map_model_folder(tmp_path / "b", "densenet121", seed=9, temperature=1.0, threshold=0.4)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(a), str(b), "--data", str(data), "--json", str(out / "metrics.json"), "--n-boot", "20", "--threads", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    items = list_dataset(data)
+    probs = []
+    for folder, temperature in ((a, 1.5), (b, 1.0)):
+        model, _ = load_model_folder(folder)
+        x = torch.stack([prepare(read_gray(data / it.file), model_card_input(folder)).tensor for it in items])
+        with torch.no_grad():
+            logits, _ = model.forward_map(x)
+        probs.append(torch.sigmoid(logits[:, 1].double() / temperature).numpy())
+    y = np.array([it.label for it in items])
+    assert m["members"] == 2 and "+" in m["model"]
+    assert m["auc"] == pytest.approx(roc_auc_score(y, (probs[0] + probs[1]) / 2), abs=1e-6)
+
+
+def model_card_input(folder: Path):  # type: ignore[no-untyped-def]
+    return load_model_folder(folder)[1].input
+
+
+def test_compare_scores_models_and_their_ensemble_and_reuses_a_matching_evaluation(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    data = synthetic[1]
+    a = make_map_model_folder(tmp_path / "a", "densenet121", seed=5, temperature=1.5, threshold=0.4)
+    b = make_map_model_folder(tmp_path / "b", "densenet121", seed=9, temperature=1.0, threshold=0.4, name="test-map-b")
+    ev = tmp_path / "eval-a" / "metrics.json"
+    assert main(["evaluate", "--model", str(a), "--data", str(data), "--json", str(ev), "--n-boot", "20", "--threads", "1"]) == 0
+    report = tmp_path / "compare"
+    assert main(["compare", "--models", str(a), str(b), "--ensemble", "--evaluations", str(ev), "--data", str(data), "--out", str(report),
+                 "--timing-images", "2", "--n-boot", "20", "--threads", "1"]) == 0
+    rows = json.loads((report / "metrics.json").read_text())
+    assert [r["figures_from"] for r in rows] == [str(ev), "this run", "this run"]
+    assert rows[0]["auc"] == json.loads(ev.read_text())["auc"]
+    items = list_dataset(data)
+    y = np.array([it.label for it in items])
+    probs = []
+    for folder, temperature in ((a, 1.5), (b, 1.0)):
+        model, card = load_model_folder(folder)
+        with torch.no_grad():
+            logits, _ = model.forward_map(torch.stack([prepare(read_gray(data / it.file), card.input).tensor for it in items]))
+        probs.append(torch.sigmoid(logits[:, 1].double() / temperature).numpy())
+    assert rows[1]["auc"] == pytest.approx(roc_auc_score(y, probs[1]), abs=1e-6)
+    assert rows[2]["auc"] == pytest.approx(roc_auc_score(y, (probs[0] + probs[1]) / 2), abs=1e-6)
+    assert rows[2]["ms_per_image_b1"] == pytest.approx(rows[0]["ms_per_image_b1"] + rows[1]["ms_per_image_b1"], abs=0.11)
+    assert rows[2]["n_boxed"] == 16 and 0 <= rows[2]["pointing_game"] <= 1
+    text = (report / "report.md").read_text()
+    assert "| ensemble (densenet121 + densenet121)" in text and "pointing game" in text

@@ -115,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-pool", type=int, default=128, help="normal training images scanned per epoch for hard negatives")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--val-limit", type=int, default=None, help="score only every fractured and a fixed sample of normal validation images after each epoch, N in all (default: all)")
+    p.add_argument("--val-batch", type=int, default=8, help="images per batch in the whole-image validation and hard-negative passes (default: 8)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes building the crops (default: 0, in the training process)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget: the one-cycle schedule ends when the steps or this budget run out, whichever first, and the run stops")
 
     p = sub.add_parser("evaluate", help="metrics with bootstrap 95%% intervals, confusion matrix, ROC curve PNG", description="Evaluate a model folder on labelled images (DICOM, JPEG or PNG). Uses the card's temperature and threshold.")
-    p.add_argument("--model", type=Path, required=True, help="model folder (model.json + weights)")
+    p.add_argument("--model", type=Path, nargs="+", required=True, help="model folder (model.json + weights); several folders: their ensemble, as the daemon runs it (mean calibrated probability and mean heat map; the first model's threshold)")
     _add_eval_data(p)
     p.add_argument("--json", type=Path, default=None, help="write the metrics here")
     p.add_argument("--out", type=Path, default=None, help="folder for roc.png and confusion.png (default: next to --json, else none)")
@@ -131,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000)
     _add_threads(p)
 
-    p = sub.add_parser("compare", help="side-by-side report of several models (Markdown + PNG)", description="Evaluate several model folders on the same images and write report.md with metrics, parameters, ms per image, overlaid ROC curves and confusion matrices.")
+    p = sub.add_parser("compare", help="side-by-side report of several models (Markdown + PNG)", description="Score several model folders (and with --ensemble their ensemble) on the same images through the daemon's engine and write report.md: AUROC, operating points, pointing game, ECE with intervals, parameters, training time, ms per image, confusion matrices.")
     p.add_argument("--models", type=Path, nargs="+", required=True, help="model folders")
     _add_eval_data(p)
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--timing-images", type=int, default=20, help="images timed one by one per model (batch 1)")
+    p.add_argument("--ensemble", action="store_true", help="also score all --models together as the daemon's ensemble")
+    p.add_argument("--evaluations", type=Path, nargs="*", default=None, help="metrics JSON files from `evaluate --json` to reuse for models (or the ensemble) with the same name, version and image count, instead of running them again")
     p.add_argument("--n-boot", type=int, default=1000)
     _add_threads(p)
 
@@ -224,7 +229,8 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
             **_run_fields(args), scale=args.scale, crop=args.crop, crops_per_epoch=args.crops_per_epoch,
             pct_start=args.pct_start, pool_r=args.pool_r, map_weight=args.map_weight, outside_weight=args.outside_weight,
             pos_fraction=args.pos_fraction, hard_fraction=args.hard_fraction, hard_pool=args.hard_pool,
-            checkpoint_minutes=args.checkpoint_minutes, val_limit=args.val_limit,
+            checkpoint_minutes=args.checkpoint_minutes, val_limit=args.val_limit, val_batch=args.val_batch,
+            workers=args.workers, max_minutes=args.max_minutes,
             command="python -m training " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         )
         summary = train_map(cfg, resume=args.resume, log=lambda m: print(m, flush=True), progress=not args.no_progress)

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,11 +148,13 @@ def load_images(
     spec: InputSpec,
     cache_dir: Path | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> np.ndarray:
     """Letterboxed uint8 images (N, size, size) for ``items``, via ``preprocess.letterbox``.
 
     With ``cache_dir`` the array is stored as ``<key>.npy`` (key = dataset path, spec and file list) and
-    memory-mapped on later calls.
+    memory-mapped on later calls. ``workers`` > 1 decodes and letterboxes in that many threads (OpenCV and
+    the image decoders release the GIL); the result does not depend on it.
     """
     cache: Path | None = None
     if cache_dir is not None:
@@ -163,13 +166,19 @@ def load_images(
             if arr.shape == (len(items), spec.size, spec.size):
                 return arr
     out = np.zeros((len(items), spec.size, spec.size), dtype=np.uint8)
-    iterator: Iterable[tuple[int, Item]] = enumerate(items)
-    if progress:
-        from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=len(items), desc=f"preprocess {spec.size}px", unit="img")
-    for i, it in iterator:
-        out[i] = letterbox(read_gray(Path(root) / it.file), spec)[0]
+    def one(i: int) -> int:
+        out[i] = letterbox(read_gray(Path(root) / items[i].file), spec)[0]
+        return i
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        done: Iterable[int] = pool.map(one, range(len(items)))
+        if progress:
+            from tqdm import tqdm
+
+            done = tqdm(done, total=len(items), desc=f"preprocess {spec.size}px", unit="img")
+        for _ in done:
+            pass
     if cache is not None:
         tmp = cache.with_suffix(".tmp.npy")
         np.save(tmp, out)

@@ -91,7 +91,12 @@ class EngineRun:
     prob: np.ndarray
     hits: dict[str, bool]
     card: ModelCard
+    """The (first) model's card: its threshold is the run's."""
     cam_method: str
+    model_name: str = ""
+    """``name`` of the card, or of each ensemble member joined by ``+``; likewise ``architecture`` and ``version``."""
+    architecture: str = ""
+    version: str = ""
 
 
 def engine_predictions(engine: InferenceEngine, data: Path, items: list[Item], with_cam: bool, progress: str | None = None) -> Iterator[tuple[Item, Prepared, Prediction]]:
@@ -112,10 +117,10 @@ def engine_predictions(engine: InferenceEngine, data: Path, items: list[Item], w
         yield from zip(chunk, prepared, engine.predict(prepared, with_cam=with_cam), strict=True)
 
 
-def engine_run(model_dir: Path, data: Path, items: list[Item], boxes: dict[str, list[Box]] | None, device: str = "auto", batch_size: int = 8, threads: int = 0, progress: bool = True) -> EngineRun:
+def engine_run(model_dir: Path | list[Path], data: Path, items: list[Item], boxes: dict[str, list[Box]] | None, device: str = "auto", batch_size: int = 8, threads: int = 0, progress: bool = True) -> EngineRun:
     """Run ``items`` through :func:`engine_predictions`; for boxed fractured images, whether the heat
     map's peak on the original pixels (``cam_to_original``) lies in a box. Heat maps are computed only
-    when ``boxes`` are given."""
+    when ``boxes`` are given. Several model folders: their ensemble (``InferenceEngine``'s rule)."""
     from pacs_ai.infer.engine import InferenceEngine
 
     engine = InferenceEngine(model_dir, device=device, batch_size=batch_size, threads=threads or 0)
@@ -127,10 +132,11 @@ def engine_run(model_dir: Path, data: Path, items: list[Item], boxes: dict[str, 
             if boxes is not None and it.label == 1 and boxes.get(it.file):
                 hits[it.file] = peak_hit(cam_to_original(pred.cam, prep.geometry), boxes[it.file])
         card = engine.cards[0]
+        names = (engine.model_name, engine.architecture, engine.model_version)
         method = engine.describe()["cam_method"]
     finally:
         engine.close()
-    return EngineRun(items, np.array([it.label for it in items]), np.asarray(probs, dtype=np.float64), hits, card, method)
+    return EngineRun(items, np.array([it.label for it in items]), np.asarray(probs, dtype=np.float64), hits, card, method, *names)
 
 
 def read_regions(data: Path) -> dict[str, dict[str, bool]]:
@@ -184,18 +190,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
     run = engine_run(args.model, args.data, items, boxes, args.device, min(args.batch_size, 8), args.threads or 0)
     card = run.card
     metrics = full_metrics(run, card.threshold, read_regions(args.data), n_boot=args.n_boot)
-    metrics.update({"model": card.name, "architecture": card.architecture, "head": card.head, "version": card.version, "temperature": card.temperature})
+    name = run.model_name or card.name
+    metrics.update({"model": name, "architecture": run.architecture or card.architecture, "head": card.head, "version": run.version or card.version,
+                    "temperature": card.temperature, "members": len(args.model)})
     out = args.out or (args.json.parent if args.json else None)
     if out is not None:
-        roc_png({card.name: (run.y, run.prob)}, Path(out) / "roc.png", f"ROC: {card.name} on {len(run.y)} images")
-        confusion_png({card.name: {**metrics["confusion_matrix"], "threshold": card.threshold}}, Path(out) / "confusion.png")
-        reliability_png(metrics["reliability"], Path(out) / "reliability.png", f"{card.name} on {len(run.y)} images")
+        roc_png({name: (run.y, run.prob)}, Path(out) / "roc.png", f"ROC: {name} on {len(run.y)} images")
+        confusion_png({name: {**metrics["confusion_matrix"], "threshold": card.threshold}}, Path(out) / "confusion.png")
+        reliability_png(metrics["reliability"], Path(out) / "reliability.png", f"{name} on {len(run.y)} images")
     text = json.dumps(metrics, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
     ci = metrics.get("ci95", {})
-    print(f"{card.name} ({card.architecture}, {card.head}) on {metrics['n']} images ({metrics['n_fractured']} fractured), threshold {card.threshold:.4f}")
+    print(f"{name} ({metrics['architecture']}, {card.head}) on {metrics['n']} images ({metrics['n_fractured']} fractured), threshold {card.threshold:.4f}")
     for k in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "sensitivity_at_specificity_90", "specificity_at_sensitivity_90"):
         lo_hi = ci.get(k) or [None, None]
         v = metrics.get(k)

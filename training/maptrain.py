@@ -16,7 +16,12 @@ fracture boxes (``boxes.csv``, fractions of width and height):
   (0 = ignored); partly covered cells are ignored;
 - loss = image BCE on the pooled logit (crops of a fractured image that lost their box are left out)
   + ``map_weight`` x class-balanced cell BCE;
-- AdamW with a one-cycle schedule over ``epochs * crops_per_epoch / batch_size`` steps.
+- AdamW with a one-cycle schedule over ``epochs * crops_per_epoch / batch_size`` steps, or, with
+  ``max_minutes``, over whichever of those steps and that wall-clock budget runs out first (the run then
+  ends when the budget is spent, after validating the epoch it cut short: a run sized to the machine it is
+  on, at the price of a step count that depends on that machine);
+- ``workers`` > 0 builds batches in that many DataLoader worker processes (each batch depends only on the
+  seed, the epoch and its index, so the crops do not depend on the number of workers).
 
 Validation after every epoch runs the whole letterboxed validation images (``scale`` px, as served)
 through the model: AUROC of the pooled probability and the pointing game of the model's own map
@@ -81,6 +86,8 @@ class MapTrainConfig(RunConfig):
     checkpoint_minutes: float = 10.0
     val_batch: int = 8
     val_limit: int | None = None
+    workers: int = 0
+    max_minutes: float | None = None
     command: str = ""
 
     def spec(self) -> InputSpec:
@@ -158,7 +165,7 @@ class TrainData:
 def load_data(cfg: MapTrainConfig, items: list[Item], boxes: dict[str, list[Box]], progress: bool = True) -> TrainData:
     spec = cfg.spec()
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    images = load_images(Path(cfg.data), items, spec, cache, progress=progress)
+    images = load_images(Path(cfg.data), items, spec, cache, progress=progress, workers=max(1, cfg.workers))
     geoms = item_geometries(Path(cfg.data), items, spec.size)
     raw = [boxes.get(it.file, []) if it.label == 1 else [] for it in items]
     return TrainData(items, images, geoms, [boxes_on_grid(b, g) for b, g in zip(raw, geoms, strict=True)], raw)
@@ -315,13 +322,44 @@ def monitor_subset(items: list[Item], limit: int | None, seed: int) -> list[Item
     return [it for it in items if it.file in keep_pos or it.file in keep_neg]
 
 
+class OneCyclePlan:
+    """Learning-rate factor of a one-cycle schedule driven by a progress value in [0, 1]: cosine from
+    1/``div_factor`` up to 1 over ``pct_start``, then cosine down to 1/(``div_factor`` x ``final_div_factor``);
+    the shape of ``torch.optim.lr_scheduler.OneCycleLR`` (Smith & Topin 2019) without its momentum cycle.
+
+    Progress is set by the loop as ``max(step / total_steps, seconds / budget)`` (``max_minutes``), so the
+    schedule ends when the steps or the time run out, whichever comes first. Used through ``LambdaLR``,
+    whose ``state_dict`` keeps ``progress`` for ``--resume``.
+    """
+
+    def __init__(self, pct_start: float, div_factor: float = 25.0, final_div_factor: float = 1e3) -> None:
+        self.pct_start = min(max(pct_start, 1e-6), 1.0)
+        self.div_factor = div_factor
+        self.final_div_factor = final_div_factor
+        self.progress = 0.0
+
+    def __call__(self, _step: int) -> float:
+        p = min(max(self.progress, 0.0), 1.0)
+        lo, floor = 1.0 / self.div_factor, 1.0 / (self.div_factor * self.final_div_factor)
+        if p < self.pct_start:
+            return lo + (1.0 - lo) * 0.5 * (1.0 - math.cos(math.pi * p / self.pct_start))
+        q = (p - self.pct_start) / max(1e-9, 1.0 - self.pct_start)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * q))
+
+
 @dataclass
 class MapParts:
-    """The fracture-map model and what updates it."""
+    """The fracture-map model and what updates it (``plan``: the progress-driven schedule of a run with
+    ``max_minutes``, else None and ``scheduler`` is a step-driven ``OneCycleLR``)."""
 
     model: FractureMapNet
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: OneCyclePlan | None = None
+
+    def budget_spent(self) -> bool:
+        """True when a ``max_minutes`` run's schedule has reached its end."""
+        return self.plan is not None and self.plan.progress >= 1.0
 
 
 @dataclass
@@ -353,11 +391,38 @@ def build_map_parts(cfg: MapTrainConfig, device: torch.device) -> MapParts:
         model.pool_r.fill_(cfg.pool_r)
     model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(cfg.crops_per_epoch / cfg.batch_size)
+    if cfg.max_minutes:
+        plan = OneCyclePlan(cfg.pct_start)
+        return MapParts(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, plan), plan)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.pct_start, div_factor=25, final_div_factor=1e3
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch(cfg), pct_start=cfg.pct_start, div_factor=25, final_div_factor=1e3
     )
     return MapParts(model, opt, sched)
+
+
+def steps_per_epoch(cfg: MapTrainConfig) -> int:
+    """Optimizer steps in one epoch (``crops_per_epoch`` / ``batch_size``, rounded up)."""
+    return math.ceil(cfg.crops_per_epoch / cfg.batch_size)
+
+
+class EpochBatches(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Batch ``b`` of an epoch's crop plan, built by :func:`make_batch` with the generator seeded by
+    (seed, epoch, b): what a DataLoader worker computes does not depend on which worker it is."""
+
+    def __init__(self, cfg: MapTrainConfig, data: TrainData, batches: list[list[tuple[int, int, int, int]]], epoch: int, stride: int, first: int) -> None:
+        self.cfg, self.data, self.batches, self.epoch, self.stride, self.first = cfg, data, batches, epoch, stride, first
+        self.aug = AugmentConfig(**cfg.augment)
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.first
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        b = self.first + k
+        return make_batch(self.cfg, self.data, self.batches[b], self.stride, np.random.default_rng([self.cfg.seed, self.epoch, b]), self.aug)
+
+
+def _worker_init(_worker_id: int) -> None:
+    cv2.setNumThreads(1)
 
 
 def map_checkpoint(parts: MapParts, st: MapRunState, cfg: MapTrainConfig, epoch: int, batch_done: int) -> dict[str, Any]:
@@ -390,21 +455,28 @@ def map_train_one_epoch(parts: MapParts, cfg: MapTrainConfig, tr: TrainData, st:
     losses, ``seen`` crops and ``train_s``."""
     t_epoch = time.time()
     model, opt, sched = parts.model, parts.optimizer, parts.scheduler
-    epoch, aug = st.epoch, AugmentConfig(**cfg.augment)
+    epoch = st.epoch
     plan = plan_epoch(cfg, tr, st.hard, np.random.default_rng([cfg.seed, epoch, 1_000_003]))
     batches = [plan[s : s + cfg.batch_size] for s in range(0, len(plan), cfg.batch_size)]
+    source = EpochBatches(cfg, tr, batches, epoch, model.stride, st.batch_done)
+    loader = torch.utils.data.DataLoader(
+        source, batch_size=None, shuffle=False, num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+    )
+    total_steps, budget_s = cfg.epochs * len(batches), (cfg.max_minutes * 60 if cfg.max_minutes else None)
     model.train()
     sums = {"loss": 0.0, "image_loss": 0.0, "map_loss": 0.0}
     seen, last_ck, t_log = 0, time.time(), time.time()
-    for b in range(st.batch_done, len(batches)):
-        batch = make_batch(cfg, tr, batches[b], model.stride, np.random.default_rng([cfg.seed, epoch, b]), aug)
-        x = batch["x"].to(device).contiguous(memory_format=torch.channels_last)
+    for b, batch in enumerate(loader, start=st.batch_done):
+        x = batch["x"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits, cells = model.forward_map(x)
         loss, losses = map_loss(logits, cells, batch, cfg.map_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if parts.plan is not None:
+            parts.plan.progress = max((epoch * len(batches) + b + 1) / total_steps, st.seconds() / budget_s if budget_s else 0.0)
         sched.step()
         n = len(batches[b])
         seen += n
@@ -416,6 +488,9 @@ def map_train_one_epoch(parts: MapParts, cfg: MapTrainConfig, tr: TrainData, st:
             log(f"  epoch {epoch + 1} batch {b + 1}/{len(batches)} loss {sums['loss'] / seen:.4f} "
                 f"(image {sums['image_loss'] / seen:.4f}, map {sums['map_loss'] / seen:.4f}) "
                 f"{seen / (time.time() - t_epoch):.2f} crops/s lr {sched.get_last_lr()[0]:.2e}")
+        if parts.budget_spent():
+            log(f"  epoch {epoch + 1}: time budget of {cfg.max_minutes} min spent after batch {b + 1}/{len(batches)}")
+            break
         if cfg.checkpoint_minutes and time.time() - last_ck > cfg.checkpoint_minutes * 60 and b + 1 < len(batches):
             save_checkpoint(map_checkpoint(parts, st, cfg, epoch, b + 1), out / "last.pt")
             last_ck = time.time()
@@ -443,6 +518,8 @@ def train_map(cfg: MapTrainConfig, resume: bool = False, log: Any = print, progr
     t_start = time.time()
     out, device = start_run(cfg.out, cfg.threads, cfg.device, cfg.seed)
     cv2.setNumThreads(1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     split = load_split(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, cfg.limit)
     if not (out / "split.csv").is_file():
@@ -469,7 +546,7 @@ def train_map(cfg: MapTrainConfig, resume: bool = False, log: Any = print, progr
     write_config(out, cfg)
     st.session_start = time.time()
 
-    while st.epoch < cfg.epochs:
+    while st.epoch < cfg.epochs and not parts.budget_spent():
         t_epoch = time.time()
         tr_figures = map_train_one_epoch(parts, cfg, tr, st, device, out, log)
         t_val = time.time()
@@ -530,6 +607,7 @@ def map_training_info(cfg: MapTrainConfig, tr: TrainData, va: TrainData, epoch: 
         ),
         "epoch": epoch,
         "epochs_planned": cfg.epochs,
+        "max_minutes": cfg.max_minutes,
         "crops_per_epoch": cfg.crops_per_epoch,
         "input_size": cfg.scale,
         "batch_size": cfg.batch_size,

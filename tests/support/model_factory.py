@@ -120,11 +120,12 @@ def make_map_model_folder(
     threshold: float = 0.5,
     temperature: float = 1.0,
     half: bool = True,
+    name: str | None = None,
 ) -> Path:
     """Write a random-weight fracture-map model folder (card ``head: fracture_map``); returns the folder."""
     spec = InputSpec(size=size)
     card = ModelCard(
-        name=f"test-map-{arch}", architecture=arch, head="fracture_map", version="2.0.0-test", input=spec,
+        name=name or f"test-map-{arch}", architecture=arch, head="fracture_map", version="2.0.0-test", input=spec,
         threshold=threshold, temperature=temperature, description="random weights, for tests only",
     )
     return save_model_folder(folder, make_map_model(arch, spec, seed=seed), card, half=half)
