@@ -48,7 +48,7 @@ WORKER_PHASES = [
     ("contrast_resize", "resize + CLAHE + normalise"),
     ("forward", "forward"),
     ("cam", "Grad-CAM"),
-    ("roi", "ROI on the full-size heat map"),
+    ("roi", "heat map on the picture grid + ROI"),
     ("sr_build", "SR build + encode"),
     ("overlay", "overlay rendering (2nd thread)"),
     ("png", "PNG preview (2nd thread)"),

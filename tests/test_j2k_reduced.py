@@ -125,3 +125,39 @@ def test_other_syntaxes_and_damaged_codestreams_fall_back_to_the_full_decode() -
     with pytest.raises(InputError) as err:
         dicom_to_gray(damaged, min_long_side=60)
     assert err.value.reason == "undecodable_pixel_data"
+
+
+def test_sc_picture_and_sr_region_of_a_large_image_from_a_small_display(tmp_path: Path) -> None:
+    """A 2140x1760 source kept as a 1024 px display: the SC is the 1024 px picture, and the SR's region
+    (found on the picture's grid) is the analytic 0.5-level box of a Gaussian heat map, in source pixels."""
+    from dataclasses import replace
+
+    from pacs_ai.infer.preprocess import Geometry, Prepared
+    from pacs_ai.write.overlay import SC_MAX_SIDE
+    from pacs_ai.write.results import write_results
+    from pacs_ai.write.structured_report import read_finding
+    from support.predictions import synthetic_prediction
+
+    rows, cols, size = 1760, 2140, 192
+    src = pydicom.dcmread(SAMPLES / "RG2_UNC.dcm")
+    src.Rows, src.Columns = rows, cols
+    geometry = Geometry.for_image(rows, cols, size)
+    display = np.full((round(rows * SC_MAX_SIDE / cols), SC_MAX_SIDE), 90, np.uint8)
+    prepared = Prepared(tensor=None, display=display, geometry=geometry)  # type: ignore[arg-type]
+    cx, cy, sigma = 120.0, 80.0, 10.0  # network-grid pixels
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cam = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)).astype(np.float32)
+    prediction = replace(synthetic_prediction("densenet121", True), cam=cam)
+    out = write_results(src, prepared, prediction, tmp_path).files
+    sc = pydicom.dcmread(out.sc)
+    assert (sc.Rows, sc.Columns) == display.shape
+    # Heat >= 0.5 of the peak: a disc of radius sigma * sqrt(2 ln 2) around the centre, in network pixels.
+    half = sigma * np.sqrt(2 * np.log(2))
+    expected = [
+        (cx - half - geometry.pad_left) / geometry.scale, (cy - half - geometry.pad_top) / geometry.scale,
+        (cx + half - geometry.pad_left) / geometry.scale, (cy + half - geometry.pad_top) / geometry.scale,
+    ]
+    tolerance = 1 / geometry.scale  # resampling the map (pixel centres): within one network pixel
+    assert out.roi is not None and all(abs(a - b) <= tolerance for a, b in zip(out.roi, expected, strict=True)), (out.roi, expected)
+    finding = read_finding(pydicom.dcmread(out.sr))
+    assert finding.roi == pytest.approx(tuple(out.roi))

@@ -1,7 +1,8 @@
 """The worker's ResultWriter: one classified image in, the SC, the SR and a PNG preview on disk.
 
-``write_results(source, prepared, prediction, folder)`` finds the hottest region on the heat map mapped
-back onto the original pixels (only when a fracture is suspected: its coordinates go into the SR),
+``write_results(source, prepared, prediction, folder)`` finds the hottest region on the heat map (on the
+picture's grid, scaled to original pixels: its coordinates go into the SR, and it is boxed on the picture
+when a fracture is suspected),
 renders the overlay once at the picture's size (long side at most ``SC_MAX_SIDE``, 1024 px; the heat map
 is mapped straight onto that grid; ``prepared.display`` may already be that size), builds
 the Secondary Capture and the Structured Report with deterministic UIDs, and writes ``sc.dcm``,
@@ -72,16 +73,18 @@ def _preview(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
-def _heat_on_original(prepared: Any, prediction: Any) -> np.ndarray | None:
-    cam = getattr(prediction, "cam", None)
-    if cam is None:
+def _region_on_source(heat: np.ndarray, geometry: Any) -> tuple[int, int, int, int] | None:
+    """The hottest region of ``heat`` (a heat map on the picture's grid) in source pixel coordinates
+    (end exclusive), widened to whole source pixels; the same box as on a full-size map, within the
+    picture's pixel size (about 2 source pixels for a 2140 px image in a 1024 px picture)."""
+    box = hottest_region(heat, ROI_REL_THRESHOLD)
+    if box is None:
         return None
-    from pacs_ai.infer.preprocess import cam_to_original
-
-    # On the original pixel grid (geometry), whatever the size of ``prepared.display``: the SR's
-    # coordinates are source pixels.
-    heat: np.ndarray = np.asarray(cam_to_original(np.asarray(cam, dtype=np.float32), prepared.geometry), dtype=np.float32)
-    return heat
+    ph, pw = heat.shape
+    sx, sy = geometry.orig_w / pw, geometry.orig_h / ph
+    x0, y0 = int(np.floor(box[0] * sx)), int(np.floor(box[1] * sy))
+    x1, y1 = min(geometry.orig_w, int(np.ceil(box[2] * sx))), min(geometry.orig_h, int(np.ceil(box[3] * sy)))
+    return x0, y0, x1, y1
 
 
 def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folder: Path) -> WrittenResults:
@@ -114,11 +117,10 @@ def write_results(source: pydicom.Dataset, prepared: Any, prediction: Any, folde
 
 
 def _picture(
-    prepared: Any, prediction: Any, caption: Caption, roi: tuple[int, int, int, int] | None
+    prepared: Any, prediction: Any, caption: Caption, roi: tuple[int, int, int, int] | None, heat: np.ndarray | None
 ) -> tuple[np.ndarray, bytes, dict[str, float]]:
-    """The SC picture (RGB) and its PNG preview; the heat map goes straight to the picture's grid."""
+    """The SC picture (RGB) and its PNG preview; ``heat`` is already on the picture's grid."""
     t = time.perf_counter()
-    heat = _heat_on_picture(prepared, prediction)
     geometry = prepared.geometry
     rgb = render_result_image(
         prepared.display, heat, caption, roi=roi, heat_scale=getattr(prediction, "heat_scale", "relative"),
@@ -159,17 +161,17 @@ def _build_and_write(
     timings: dict[str, float] = {}
     fractured = bool(prediction.fractured)
     t = time.perf_counter()
-    # The region goes into the SR in source pixels: found on the heat map at the original size. It is the
+    # The region goes into the SR in source pixels: found on the heat map on the picture's grid (the same
+    # map the picture shows) and scaled to source pixels. It is the
     # suspected region when a fracture is suspected (also boxed on the SC), else the strongest
     # sub-threshold evidence (SR only: a box on a negative SC would read as a finding).
-    heat = _heat_on_original(prepared, prediction)
-    region = hottest_region(heat, ROI_REL_THRESHOLD) if heat is not None else None
-    del heat
+    heat = _heat_on_picture(prepared, prediction)
+    region = _region_on_source(heat, prepared.geometry) if heat is not None else None
     roi = region if fractured else None
     timings["roi"] = time.perf_counter() - t
     # The picture (overlay + PNG) is rendered on another core while this thread builds the SR.
     picture = _PICTURES.submit(
-        _picture, prepared, prediction, Caption(fractured, probability, threshold, model.display), roi
+        _picture, prepared, prediction, Caption(fractured, probability, threshold, model.display), roi, heat
     )
     uids = {kind: derive_uid(src_uid, model.version, kind) for kind in ("sc-series", "sc", "sr-series", "sr")}
     try:
