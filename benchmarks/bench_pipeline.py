@@ -110,8 +110,10 @@ def pipeline(engine, folder: Path, files: list[Path], work: Path, batch: int) ->
             sha256=stored.sha256,
             size=stored.size,
         )
+    from pacs_ai.write.overlay import SC_MAX_SIDE
+
     worker = Worker(jobs, engine, write_results, work / "results", destination_names(()), owner="bench:worker",
-                    batch_size=batch, lease_seconds=600.0)
+                    batch_size=batch, lease_seconds=600.0, display_max_side=SC_MAX_SIDE)  # as the daemon's
     t0 = time.perf_counter()
     worker.drain(threading.Event())
     elapsed = time.perf_counter() - t0
