@@ -20,7 +20,7 @@ from pacs_ai.infer.engine import InferenceEngine
 from pacs_ai.infer.model_card import CARD_FILE, ModelCard, load_card, load_model_folder
 from pacs_ai.infer.preprocess import InputSpec, prepare
 from pacs_ai.write.overlay import Caption, render_result_image
-from support.model_factory import calibration_batch, make_map_model_folder
+from support.model_factory import calibration_batch, make_map_model_folder, make_model_folder
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
 
@@ -106,15 +106,24 @@ def test_engine_probability_and_heat_map_come_from_the_models_own_map(tmp_path: 
     assert json.loads(json.dumps(preds[0].to_dict()))["heat_scale"] == "probability"
 
 
-def test_format_1_reference_model_still_loads_and_explains_with_gradcam() -> None:
-    card = load_card(REFERENCE)
+def test_format_1_classifier_folders_still_load_and_explain_with_gradcam(tmp_path: Path) -> None:
+    # the bundled model was a format-1 classifier up to 2.x; such folders (no "head" in the card) still serve
+    folder = make_model_folder(tmp_path / "v1", "densenet121", seed=3)
+    assert "head" not in json.loads((folder / CARD_FILE).read_text())
+    card = load_card(folder)
     assert card.head == "classifier"
-    engine = InferenceEngine([REFERENCE], device="cpu", threads=1)
+    engine = InferenceEngine([folder], device="cpu", threads=1)
     x = calibration_batch(engine.spec, n=1)
     gray = (x[0, 0].numpy() * engine.spec.std[0] + engine.spec.mean[0]).clip(0, 1)
     pred = engine.predict([prepare(np.float32(gray), engine.spec)])[0]
     assert pred.heat_scale == "relative" and engine.describe()["cam_method"] == "GradCAM"
     assert 0.0 <= pred.probability <= 1.0 and pred.cam.max() in (0.0, pytest.approx(1.0))
+
+
+def test_bundled_reference_model_is_a_fracture_map_model_at_512_px() -> None:
+    card = load_card(REFERENCE)
+    assert card.head == "fracture_map" and card.input.size == 512 and card.version.split(".")[0] == "3"
+    assert card.intended_use.get("body_parts") and card.training["n_val"] == 643
 
 
 def test_probability_heat_is_shown_as_is_and_relative_heat_is_stretched() -> None:

@@ -350,10 +350,13 @@ def test_compare_scores_models_and_their_ensemble_and_reuses_a_matching_evaluati
     ev = tmp_path / "eval-a" / "metrics.json"
     assert main(["evaluate", "--model", str(a), "--data", str(data), "--json", str(ev), "--n-boot", "20", "--threads", "1"]) == 0
     report = tmp_path / "compare"
-    assert main(["compare", "--models", str(a), str(b), "--ensemble", "--evaluations", str(ev), "--data", str(data), "--out", str(report),
-                 "--timing-images", "2", "--n-boot", "20", "--threads", "1"]) == 0
+    baseline = make_map_model_folder(tmp_path / "c", "densenet121", seed=11, name="test-map-baseline")
+    assert main(["compare", "--models", str(a), str(b), "--ensemble", "--evaluations", str(ev), "--extra-models", str(baseline), "--data", str(data),
+                 "--out", str(report), "--timing-images", "2", "--n-boot", "20", "--threads", "1"]) == 0
     rows = json.loads((report / "metrics.json").read_text())
-    assert [r["figures_from"] for r in rows] == [str(ev), "this run", "this run"]
+    assert [r["name"] for r in rows] == ["test-map-baseline", "test-map-densenet121", "test-map-b", "test-map-densenet121+test-map-b"]
+    assert [r["figures_from"] for r in rows] == ["this run", str(ev), "this run", "this run"]
+    rows = rows[1:]  # the ensemble is of --models only
     assert rows[0]["auc"] == json.loads(ev.read_text())["auc"]
     items = list_dataset(data)
     y = np.array([it.label for it in items])

@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--timing-images", type=int, default=20, help="images timed one by one per model (batch 1)")
     p.add_argument("--ensemble", action="store_true", help="also score all --models together as the daemon's ensemble")
+    p.add_argument("--extra-models", type=Path, nargs="*", default=None, help="more model folders reported first, outside the ensemble (baselines)")
     p.add_argument("--evaluations", type=Path, nargs="*", default=None, help="metrics JSON files from `evaluate --json` to reuse for models (or the ensemble) with the same name, version and image count, instead of running them again")
     p.add_argument("--n-boot", type=int, default=1000)
     _add_threads(p)

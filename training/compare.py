@@ -50,7 +50,7 @@ def _fmt(v: float | None, ci: list[float | None] | None = None) -> str:
 def _card_row(folder: Path, model: torch.nn.Module, card: Any, ms: float) -> dict[str, Any]:
     size_mb = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file()) / 1e6
     return {
-        "label": f"{card.architecture} ({Path(folder).name})",
+        "label": f"{card.architecture}: {card.name} {card.version}",
         "folder": str(folder),
         "name": card.name,
         "version": card.version,
@@ -104,7 +104,8 @@ def compare_command(args: argparse.Namespace) -> int:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
-    for folder in args.models:
+    extra = list(getattr(args, "extra_models", None) or [])
+    for folder in [*extra, *args.models]:
         model, card = load_model_folder(folder, map_location=device)
         model.to(memory_format=torch.channels_last)
         timing_imgs = load_images(args.data, items[: max(2, args.timing_images)], card.input, None, progress=False)
@@ -114,15 +115,16 @@ def compare_command(args: argparse.Namespace) -> int:
         rows.append(row)
         print(f"{row['label']}: AUROC {_fmt(row['auc'], row['ci95'].get('auc'))}, pointing game {_fmt(row.get('pointing_game'))}, "
               f"{row['ms_per_image_b1']:.1f} ms/img", flush=True)
-    if args.ensemble and len(rows) > 1:
-        name, version = "+".join(r["name"] for r in rows), "+".join(r["version"] for r in rows)
+    members = rows[len(extra) :]
+    if args.ensemble and len(members) > 1:
+        name, version = "+".join(r["name"] for r in members), "+".join(r["version"] for r in members)
         ens = {
-            "label": "ensemble (" + " + ".join(r["architecture"] for r in rows) + ")",
-            "folder": " ".join(r["folder"] for r in rows), "name": name, "version": version, "architecture": "+".join(r["architecture"] for r in rows),
-            "head": rows[0]["head"], "input_size": rows[0]["input_size"], "epochs": None, "weights": rows[0]["weights"],
-            "training_seconds": sum(r["training_seconds"] or 0 for r in rows), "training_machine": rows[0]["training_machine"],
-            "parameters": sum(r["parameters"] for r in rows), "folder_mb": round(sum(r["folder_mb"] for r in rows), 1),
-            "ms_per_image_b1": round(sum(r["ms_per_image_b1"] for r in rows), 1), "threshold": rows[0]["threshold"],
+            "label": "ensemble (" + " + ".join(r["architecture"] for r in members) + ")",
+            "folder": " ".join(r["folder"] for r in members), "name": name, "version": version, "architecture": "+".join(r["architecture"] for r in members),
+            "head": members[0]["head"], "input_size": members[0]["input_size"], "epochs": None, "weights": members[0]["weights"],
+            "training_seconds": sum(r["training_seconds"] or 0 for r in members), "training_machine": members[0]["training_machine"],
+            "parameters": sum(r["parameters"] for r in members), "folder_mb": round(sum(r["folder_mb"] for r in members), 1),
+            "ms_per_image_b1": round(sum(r["ms_per_image_b1"] for r in members), 1), "threshold": members[0]["threshold"],
         }
         ens.update(_quality(list(args.models), args, items, name, version))
         rows.append(ens)
