@@ -3,7 +3,9 @@ names, and .gpu/split.csv (the split of models/reference with .png names) as DST
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import cv2
+
 src, dst = Path(".gpu/fa512"), Path(sys.argv[1])
 files = sorted(src.rglob("*.webp"))
 def one(f):
