@@ -74,17 +74,19 @@ QUALITY = ("n", "n_fractured", "auc", "sensitivity", "specificity", "precision",
 """The figures a comparison row takes from an evaluation (``evaluate``'s JSON or a run here)."""
 
 
-def _reused(evaluations: list[Path], name: str, version: str, n: int) -> dict[str, Any] | None:
-    """The figures of an ``evaluate --json`` file made for model ``name`` ``version`` on ``n`` images, if one is given."""
+def _reused(evaluations: list[Path], name: str, version: str, n: int, temperature: float | None) -> dict[str, Any] | None:
+    """The figures of an ``evaluate --json`` file made for model ``name`` ``version`` (and, for a single model,
+    the card's ``temperature``: a recalibrated copy is another model) on ``n`` images, if one is given."""
     for path in evaluations:
         m = json.loads(Path(path).read_text())
-        if m.get("model") == name and m.get("version") == version and m.get("n") == n:
+        same_t = temperature is None or m.get("temperature") is None or abs(float(m["temperature"]) - temperature) < 1e-9
+        if m.get("model") == name and m.get("version") == version and m.get("n") == n and same_t:
             return {k: m[k] for k in QUALITY if k in m} | {"figures_from": str(path)}
     return None
 
 
-def _quality(folders: list[Path], args: argparse.Namespace, items: list[Any], name: str, version: str) -> dict[str, Any]:
-    got = _reused(list(args.evaluations or []), name, version, len(items))
+def _quality(folders: list[Path], args: argparse.Namespace, items: list[Any], name: str, version: str, temperature: float | None) -> dict[str, Any]:
+    got = _reused(list(args.evaluations or []), name, version, len(items), temperature)
     if got is not None:
         return got
     boxes_path = Path(args.data) / "boxes.csv"
@@ -111,7 +113,7 @@ def compare_command(args: argparse.Namespace) -> int:
         timing_imgs = load_images(args.data, items[: max(2, args.timing_images)], card.input, None, progress=False)
         row = _card_row(folder, model, card, ms_per_image(model, timing_imgs, card.input, device))
         del model
-        row.update(_quality([folder], args, items, card.name, card.version))
+        row.update(_quality([folder], args, items, card.name, card.version, card.temperature))
         rows.append(row)
         print(f"{row['label']}: AUROC {_fmt(row['auc'], row['ci95'].get('auc'))}, pointing game {_fmt(row.get('pointing_game'))}, "
               f"{row['ms_per_image_b1']:.1f} ms/img", flush=True)
@@ -126,7 +128,7 @@ def compare_command(args: argparse.Namespace) -> int:
             "parameters": sum(r["parameters"] for r in members), "folder_mb": round(sum(r["folder_mb"] for r in members), 1),
             "ms_per_image_b1": round(sum(r["ms_per_image_b1"] for r in members), 1), "threshold": members[0]["threshold"],
         }
-        ens.update(_quality(list(args.models), args, items, name, version))
+        ens.update(_quality(list(args.models), args, items, name, version, None))
         rows.append(ens)
         print(f"{ens['label']}: AUROC {_fmt(ens['auc'], ens['ci95'].get('auc'))}, pointing game {_fmt(ens.get('pointing_game'))}", flush=True)
     out = Path(args.out)
