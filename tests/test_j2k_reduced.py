@@ -161,3 +161,28 @@ def test_sc_picture_and_sr_region_of_a_large_image_from_a_small_display(tmp_path
     assert out.roi is not None and all(abs(a - b) <= tolerance for a, b in zip(out.roi, expected, strict=True)), (out.roi, expected)
     finding = read_finding(pydicom.dcmread(out.sr))
     assert finding.roi == pytest.approx(tuple(out.roi))
+
+
+@pytest.mark.parametrize(("bits", "allocated"), [(8, 8), (12, 16), (16, 16)])
+def test_reduced_decode_gives_stored_values_at_every_bit_depth(bits: int, allocated: int) -> None:
+    """Pillow scales samples to its mode's depth; the values handed back are the stored values again."""
+    import io
+
+    from pydicom.uid import JPEG2000Lossless
+
+    from pacs_ai.daemon.warmup import synthetic_radiograph
+
+    ds = synthetic_radiograph(300, 260)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, bits, bits - 1
+    y, x = np.mgrid[0:300, 0:260]
+    pixels = (np.sin(x / 17.0) * np.cos(y / 23.0) + 1) / 2 * (2**bits - 1)
+    ds.PixelData = pixels.astype(np.uint8 if allocated == 8 else np.uint16).tobytes()
+    ds.compress(JPEG2000Lossless)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    reduced = decode_reduced(ds, 100)
+    assert reduced is not None and reduced.shape == (150, 130) and reduced.dtype == ds.pixel_array.dtype
+    reference = _area_reference(ds, reduced.shape)
+    assert np.abs(reference - reduced).mean() / float(np.ptp(ds.pixel_array)) < 0.02
+    assert reduced.max() <= 2**bits - 1 and reduced.max() > 0.9 * (2**bits - 1)
