@@ -231,3 +231,46 @@ def test_worker_with_the_real_result_writer(store, engine, tmp_path, sample_file
     for key in ("sc", "sr"):
         assert Path(files[key]).is_file()
         assert pydicom.dcmread(files[key]).StudyInstanceUID == pydicom.dcmread(sample_files[0]).StudyInstanceUID
+
+
+def test_drain_loads_the_next_batch_while_the_model_runs(store, engine, tmp_path, sample_files) -> None:
+    """A burst: the batch after the first is claimed and decoded in the loader thread, and every job ends done."""
+    ids = [enqueue(store, sample_files[i % len(sample_files)]) for i in range(7)]
+    worker = make_worker(store, engine, tmp_path, batch_size=2)
+    loaded_in: dict[int, str] = {}
+    real_load = worker._load
+
+    def recording_load(job):  # type: ignore[no-untyped-def]
+        loaded_in[job.id] = threading.current_thread().name
+        return real_load(job)
+
+    worker._load = recording_load  # type: ignore[method-assign]
+    assert worker.drain(threading.Event()) == 7
+    assert [store.get(i).state for i in ids] == [JobState.DONE] * 7
+    assert all(loaded_in[i] == threading.main_thread().name for i in ids[:2])  # the first batch: at once
+    assert all(loaded_in[i].startswith("image-loader") for i in ids[2:])  # the rest: while the model ran
+
+
+def test_a_prefetched_batch_goes_back_to_the_queue_when_stop_is_set(store, engine, tmp_path, sample_files) -> None:
+    stop = threading.Event()
+    claims = {"n": 0}
+
+    class StopOnSecondClaim:
+        """Sets ``stop`` right after the second claim (the prefetch): a shutdown in the middle of a burst."""
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(store, name)
+
+        def claim(self, *a, **k):  # type: ignore[no-untyped-def]
+            jobs = store.claim(*a, **k)
+            claims["n"] += 1
+            if claims["n"] == 2:
+                stop.set()
+            return jobs
+
+    ids = [enqueue(store, sample_files[0]) for _ in range(4)]
+    worker = Worker(StopOnSecondClaim(), engine, png_writer, tmp_path / "r", DESTINATIONS, owner="w1", batch_size=2)  # type: ignore[arg-type]
+    assert worker.drain(stop) == 4
+    for job_id in ids:
+        job = store.get(job_id)
+        assert job.state == JobState.QUEUED and job.attempts == 0 and job.lease_owner is None

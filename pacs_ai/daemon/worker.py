@@ -142,21 +142,41 @@ class Worker:
         self._stop: threading.Event | None = None
         # Writing results (SC, SR, PNG, fsyncs) of batch n overlaps the forward pass of batch n+1.
         self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
+        # Reading and decoding the next batch overlaps the forward pass of this one (drain).
+        self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader")
         self._writing: list[Future[None]] = []
 
     # -- loop ---------------------------------------------------------------------------------------
 
     def drain(self, stop: threading.Event | None = None) -> int:
-        """``run_once`` until nothing is claimable or ``stop`` is set; returns the number of jobs claimed."""
+        """``run_once`` until nothing is claimable or ``stop`` is set; returns the number of jobs claimed.
+
+        The next batch is claimed and read + decoded in a second thread while the current one goes
+        through the model (decoders and torch release the interpreter lock), and each batch's results
+        are written in a third while the next is processed, so a burst keeps both cores busy.
+        """
         total = 0
         self._stop = stop
+        prefetched: Future[list[_Item]] | None = None
         try:
             while not (stop is not None and stop.is_set()):
-                n = self.run_once(wait=False)
-                total += n
-                if n == 0:
-                    break
+                if prefetched is not None:
+                    items, prefetched = prefetched.result(), None
+                else:
+                    claimed = self.jobs.claim(self.owner, self.batch_size, self.lease_seconds)
+                    if not claimed:
+                        break
+                    total += len(claimed)
+                    items = self._load_all(claimed)
+                following = self.jobs.claim(self.owner, self.batch_size, self.lease_seconds)
+                if following:
+                    total += len(following)
+                    prefetched = self._loader_pool.submit(self._load_all, following)
+                self._run_items(items)
         finally:
+            if prefetched is not None:  # stopped with a batch loaded but not run: back to the queue
+                for item in prefetched.result():
+                    self._release(item.job)
             self._wait_for_writes()
             self._stop = None
         return total
@@ -184,11 +204,19 @@ class Worker:
         return len(claimed)
 
     def _process(self, claimed: list[Job]) -> None:
+        self._run_items(self._load_all(claimed))
+
+    def _load_all(self, claimed: list[Job]) -> list[_Item]:
+        """Read and preprocess each claimed job's image (failed or skipped jobs are recorded, not returned)."""
         items: list[_Item] = []
         for job in claimed:
             item = self._load(job)
             if item is not None:
                 items.append(item)
+        return items
+
+    def _run_items(self, items: list[_Item]) -> None:
+        """Model (and shadows) on loaded items, then their results written in the background."""
         if items and self._stop is not None and self._stop.is_set():
             for item in items:
                 self._release(item.job)
