@@ -83,21 +83,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_copies(source: Path, folder: Path, count: int) -> list[Path]:
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    ds = pydicom.dcmread(source)
-    files = []
-    for i in range(count):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"img{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
-
-
 def storescu(port: int, files: list[Path], called: str) -> float:
     # -xe + -R: propose only Explicit VR Little Endian, the files' own transfer syntax; PDU 131072
     # (storescu's largest offer, also what storescp gets).
@@ -220,7 +205,10 @@ def main() -> int:
     try:
         images = work / "images"
         images.mkdir()
-        files = make_copies(source, images, args.count)
+        sys.path.insert(0, str(REPO / "tests"))
+        from support.common import copies
+
+        files = copies(source, images, args.count, prefix="img")
         total_mb = sum(f.stat().st_size for f in files) / 1e6
         load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
         results = []

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from support.bad_inputs.corpus import reuid_copies
+from support.common import copies
 from support.daemon_harness import Daemon, Sent, random_model, send_files
 from support.dest_scp import DestSCP
 
@@ -105,10 +105,10 @@ def _run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     model = random_model(work / f"model-{args.arch}-{args.size}", args.arch, args.size, version="bench-1")
-    idle_files = reuid_copies(args.image, args.idle, work / "in", prefix="idle")
-    burst_files = reuid_copies(args.image, args.burst, work / "in", prefix="burst")
+    idle_files = copies(args.image, work / "in", args.idle, new_study=True, prefix="idle-")
+    burst_files = copies(args.image, work / "in", args.burst, new_study=True, prefix="burst-")
     n_probes = 40
-    probe_files = reuid_copies(args.image, n_probes, work / "in", prefix="probe")
+    probe_files = copies(args.image, work / "in", n_probes, new_study=True, prefix="probe-")
     studies = {p: study_of(p) for p in idle_files + burst_files + probe_files}
     print(f"prepared {len(studies)} images and the model in {time.monotonic() - t0:.0f} s", flush=True)
 

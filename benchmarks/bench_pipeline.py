@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from support.bad_inputs.corpus import reuid_copies
+from support.common import copies
 from support.daemon_harness import random_model
 
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from pacs_ai.infer.engine import InferenceEngine
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="pacs-ai-bench-pipeline-"))
-    files = reuid_copies(args.image, args.images, work / "in", prefix="job")
+    files = copies(args.image, work / "in", args.images, new_study=True, prefix="job-")
     rows = []
     for arch in archs:
         t = time.perf_counter()

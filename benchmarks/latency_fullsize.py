@@ -239,7 +239,7 @@ def run(args: Any) -> int:
 
     from pacs_ai.infer.model_card import load_card
     from pacs_ai.write.uids import derive_uid
-    from support.bad_inputs.corpus import reuid_copies
+    from support.common import copies
     from support.daemon_harness import Daemon, send_files
     from support.orthanc import OrthancServer
 
@@ -259,10 +259,10 @@ def run(args: Any) -> int:
     t0 = time.monotonic()
     singles: dict[str, list[Path]] = {}
     for enc, rel in ENCODINGS.items():
-        singles[enc] = reuid_copies(SHARED_DICOM / rel, args.idle, work / "in", prefix=f"idle-{enc[:3]}")
-    first = reuid_copies(SHARED_DICOM / ENCODINGS["J2K lossless"], 1, work / "in", prefix="first")[0]
+        singles[enc] = copies(SHARED_DICOM / rel, work / "in", args.idle, new_study=True, prefix=f"idle-{enc[:3]}-")
+    first = copies(SHARED_DICOM / ENCODINGS["J2K lossless"], work / "in", 1, new_study=True, prefix="first-")[0]
     per_enc = max(1, -(-args.burst_full // len(ENCODINGS)))
-    pools = [reuid_copies(SHARED_DICOM / rel, per_enc, work / "in", prefix=f"burst-{enc[:3]}")
+    pools = [copies(SHARED_DICOM / rel, work / "in", per_enc, new_study=True, prefix=f"burst-{enc[:3]}-")
              for enc, rel in ENCODINGS.items()]
     burst = [pools[i % len(pools)][i // len(pools)] for i in range(args.burst_full)]
     sop_of = {p: str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in [first, *burst]

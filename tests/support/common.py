@@ -51,8 +51,9 @@ def expected_result_uid(source_uid: str, model_version: str, kind: str) -> str:
     return f"2.25.{int.from_bytes(raw, 'big')}"
 
 
-def copies(source: Path, folder: Path, n: int, *, new_study: bool = False) -> list[Path]:
-    """``n`` copies of ``source`` with their own SOP Instance UIDs (and Study/Series UIDs if ``new_study``)."""
+def copies(source: Path, folder: Path, n: int, *, new_study: bool = False, prefix: str = "copy") -> list[Path]:
+    """``n`` copies of ``source`` with their own SOP Instance UIDs (and Study/Series UIDs if ``new_study``),
+    written as ``folder/<prefix>NNNN.dcm`` (pixels as they are)."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -64,7 +65,7 @@ def copies(source: Path, folder: Path, n: int, *, new_study: bool = False) -> li
             ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"copy{i:04d}.dcm"
+        path = folder / f"{prefix}{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         out.append(path)
     return out

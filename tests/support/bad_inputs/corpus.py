@@ -294,21 +294,6 @@ def small_images(folder: Path, n: int, *, max_side: int = 96, prefix: str = "img
     return out
 
 
-def reuid_copies(source: Path, n: int, folder: Path, *, prefix: str = "copy") -> list[Path]:
-    """``n`` copies of a real file, each with its own Study, Series and SOP Instance UIDs (pixels as they are)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    base = dcmread(source)
-    out = []
-    for i in range(n):
-        base.StudyInstanceUID, base.SeriesInstanceUID = generate_uid(), generate_uid()
-        base.SOPInstanceUID = generate_uid()
-        base.file_meta.MediaStorageSOPInstanceUID = base.SOPInstanceUID
-        path = folder / f"{prefix}-{i:04d}.dcm"
-        base.save_as(path, enforce_file_format=True)
-        out.append(path)
-    return out
-
-
 def _compressed(ds: Dataset, ts: UID) -> bytes:
     ds.compress(ts)
     return get_frame(ds.PixelData, 0, number_of_frames=1)
