@@ -106,7 +106,7 @@ def compare_command(args: argparse.Namespace) -> int:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
-    extra = list(getattr(args, "extra_models", None) or [])
+    extra = list(args.extra_models or [])
     for folder in [*extra, *args.models]:
         model, card = load_model_folder(folder, map_location=device)
         model.to(memory_format=torch.channels_last)

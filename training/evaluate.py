@@ -93,10 +93,10 @@ class EngineRun:
     card: ModelCard
     """The (first) model's card: its threshold is the run's."""
     cam_method: str
-    model_name: str = ""
+    model_name: str
     """``name`` of the card, or of each ensemble member joined by ``+``; likewise ``architecture`` and ``version``."""
-    architecture: str = ""
-    version: str = ""
+    architecture: str
+    version: str
 
 
 def engine_predictions(engine: InferenceEngine, data: Path, items: list[Item], with_cam: bool, progress: str | None = None) -> Iterator[tuple[Item, Prepared, Prediction]]:
@@ -190,8 +190,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     run = engine_run(args.model, args.data, items, boxes, args.device, min(args.batch_size, 8), args.threads or 0)
     card = run.card
     metrics = full_metrics(run, card.threshold, read_regions(args.data), n_boot=args.n_boot)
-    name = run.model_name or card.name
-    metrics.update({"model": name, "architecture": run.architecture or card.architecture, "head": card.head, "version": run.version or card.version,
+    name = run.model_name
+    metrics.update({"model": name, "architecture": run.architecture, "head": card.head, "version": run.version,
                     "temperature": card.temperature, "members": len(args.model)})
     out = args.out or (args.json.parent if args.json else None)
     if out is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "restore_rng_state",
     "rng_state",
     "save_checkpoint",
+    "schedule_progress",
     "start_run",
     "write_config",
 ]
@@ -102,6 +103,13 @@ def load_split(data: str | Path, split: str | Path | None, val_fraction: float, 
         if not rows.get(k):
             raise ValueError(f"split has no {k!r} items")
     return {"train": limit_items(rows["train"], limit, seed), "val": limit_items(rows["val"], limit, seed + 1)}
+
+
+def schedule_progress(step: int, total_steps: int, seconds: float, budget_s: float | None) -> float:
+    """Where a progress-driven learning-rate schedule stands (``train``'s cosine plan, ``train-map``'s
+    one-cycle plan): ``max(step / total_steps, seconds / budget_s)``, so that with a wall-clock budget the
+    schedule ends when the steps or the time run out, whichever comes first; 1.0 or more means ended."""
+    return max(step / max(1, total_steps), seconds / budget_s if budget_s else 0.0)
 
 
 def save_checkpoint(obj: dict[str, Any], path: Path) -> None:

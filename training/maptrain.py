@@ -55,7 +55,7 @@ from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, Geometry, Inpu
 from training.augment import AugmentConfig, augment_with_mask
 from training.data import Item, load_images, write_split
 from training.export import export_model, machine_description
-from training.loop import RunConfig, dataset_description, load_checkpoint, load_split, save_checkpoint, start_run, write_config
+from training.loop import RunConfig, dataset_description, load_checkpoint, load_split, save_checkpoint, schedule_progress, start_run, write_config
 from training.metrics import binary_metrics
 from training.pointing import Box, boxes_on_grid, peak_hit, pointing_game, read_boxes
 
@@ -327,7 +327,7 @@ class OneCyclePlan:
     1/``div_factor`` up to 1 over ``pct_start``, then cosine down to 1/(``div_factor`` x ``final_div_factor``);
     the shape of ``torch.optim.lr_scheduler.OneCycleLR`` (Smith & Topin 2019) without its momentum cycle.
 
-    Progress is set by the loop as ``max(step / total_steps, seconds / budget)`` (``max_minutes``), so the
+    Progress is set by the loop with :func:`training.loop.schedule_progress` (``max_minutes``), so the
     schedule ends when the steps or the time run out, whichever comes first. Used through ``LambdaLR``,
     whose ``state_dict`` keeps ``progress`` for ``--resume``.
     """
@@ -476,7 +476,7 @@ def map_train_one_epoch(parts: MapParts, cfg: MapTrainConfig, tr: TrainData, st:
         loss.backward()
         opt.step()
         if parts.plan is not None:
-            parts.plan.progress = max((epoch * len(batches) + b + 1) / total_steps, st.seconds() / budget_s if budget_s else 0.0)
+            parts.plan.progress = schedule_progress(epoch * len(batches) + b + 1, total_steps, st.seconds(), budget_s)
         sched.step()
         n = len(batches[b])
         seen += n

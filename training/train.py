@@ -31,7 +31,17 @@ from pacs_ai.infer.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, nor
 from training.augment import AugmentConfig, augment_batch
 from training.data import Item, load_images
 from training.export import export_model, machine_description
-from training.loop import RunConfig, dataset_description, load_checkpoint, restore_rng_state, rng_state, save_checkpoint, start_run, write_config
+from training.loop import (
+    RunConfig,
+    dataset_description,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    schedule_progress,
+    start_run,
+    write_config,
+)
 from training.loop import load_split as _load_split
 from training.metrics import binary_metrics, softmax_positive
 from training.predict import predict_letterboxed
@@ -234,7 +244,7 @@ def train_one_epoch(
         scaler.update()
         state.step += 1
         if parts.plan is not None:
-            parts.plan.progress = max(state.step / total_steps, (state.elapsed + time.time() - t0) / budget_s if budget_s else 0.0)
+            parts.plan.progress = schedule_progress(state.step, total_steps, state.elapsed + time.time() - t0, budget_s)
         sched.step()
         run_loss += float(loss.detach()) * len(idx)
         seen += len(idx)
