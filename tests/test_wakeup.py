@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -148,3 +149,28 @@ def test_the_serve_process_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_each_command_is_built_from_its_own_module_alone() -> None:
+    """``pacs-ai serve`` imports only its own module before starting the worker child (no pynetdicom,
+    SQLAlchemy or pydicom yet), and every command still parses when only its module is registered."""
+    from pacs_ai.cli import COMMANDS, build_parser
+
+    def commands(parser: argparse.ArgumentParser) -> set[str]:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return set(sub.choices)
+
+    assert commands(build_parser()) == set(COMMANDS)
+    for command, module in COMMANDS.items():
+        assert command in commands(build_parser((module,))), (command, module)
+    code = (
+        "import sys\n"
+        "from pacs_ai.cli import build_parser, COMMANDS\n"
+        "build_parser((COMMANDS['serve'],))\n"
+        "print(sorted(m for m in ('pynetdicom', 'sqlalchemy', 'pydicom', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    shown = subprocess.run([sys.executable, "-m", "pacs_ai", "echo", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "usage: pacs-ai echo" in shown.stdout, shown.stderr

