@@ -149,6 +149,25 @@ def test_one_thread_rule() -> None:
     assert thread_count(0, reserve=cores + 5) == 1
 
 
+def test_a_batch_of_one_image_runs_on_its_own_thread_count() -> None:
+    """``single_image_threads`` applies to a batch of one image, ``threads`` to larger batches, the same
+    probabilities either way; 0 means ``threads``."""
+    base = engine_for("resnet50")
+    engine = InferenceEngine([model_folder("resnet50")], device="cpu", threads=1, single_image_threads=2)
+    try:
+        images = prepared_images(engine, 2)
+        one = engine.predict(images[:1])
+        assert torch.get_num_threads() == 2
+        two = engine.predict(images)
+        assert torch.get_num_threads() == 1
+        assert one[0].probability == pytest.approx(two[0].probability, rel=1e-5)
+        assert engine.describe()["single_image_threads"] == 2
+        assert base.single_image_threads == base.threads == 1
+    finally:
+        engine.close()
+        torch.set_num_threads(1)
+
+
 # -- real images -----------------------------------------------------------------------------------
 
 

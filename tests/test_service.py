@@ -145,3 +145,23 @@ def test_refuses_to_start_without_a_loadable_model(command: str, tmp_path: Path)
     assert done.returncode == 1, done.stderr
     assert "model.path[0]" in done.stderr and str(missing) in done.stderr
     assert not data.exists()  # refused before the spool or the job store were created
+
+
+def test_worker_threads_keep_a_core_for_the_listener_except_for_a_lone_image() -> None:
+    """Automatic threads: all cores less one wherever a listener runs beside the worker (in this process
+    or, for `serve`'s worker child, in the parent), all cores for a single image; a configured count wins."""
+    import dataclasses
+
+    from pacs_ai.config import load_config
+    from pacs_ai.daemon.service import Roles, torch_threads
+
+    cores = len(os.sched_getaffinity(0))
+    auto = load_config(None)
+    assert auto.model.threads == 0
+    for roles in (Roles(), Roles(listener=False, beside_listener=True)):
+        assert torch_threads(auto, roles) == max(1, cores - 1)
+        assert torch_threads(auto, roles, single_image=True) == cores
+    alone = Roles(listener=False, worker=True)  # `pacs-ai worker` on its own machine
+    assert torch_threads(auto, alone) == torch_threads(auto, alone, single_image=True) == cores
+    fixed = dataclasses.replace(auto, model=dataclasses.replace(auto.model, threads=3))
+    assert torch_threads(fixed, Roles(), single_image=True) == torch_threads(fixed, Roles()) == 3

@@ -75,15 +75,9 @@ def run_worker(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     require_model_folders(config)
     if args.child:  # the parent `serve` serves the metrics, talks to systemd and needs a core to listen
-        from pacs_ai.infer.device import thread_count
-
-        threads = thread_count(config.model.threads, reserve=1)
-        config = dataclasses.replace(
-            config,
-            metrics=dataclasses.replace(config.metrics, enabled=False),
-            model=dataclasses.replace(config.model, threads=threads),
-        )
+        config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, enabled=False))
     configure_logging(config.logging)
     from pacs_ai.daemon.service import Roles, Service
 
-    return Service(config, Roles(listener=False, worker=True, deliveries=args.deliver)).run_forever()
+    roles = Roles(listener=False, worker=True, deliveries=args.deliver, beside_listener=bool(args.child))
+    return Service(config, roles).run_forever()

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -60,6 +61,7 @@ class Roles:
     worker: bool = True
     deliveries: bool = True
     worker_process: bool = False  # supervise a `pacs-ai worker` child instead of a worker thread
+    beside_listener: bool = False  # the worker child of `serve`: a core stays free for the listener's process
 
 
 def process_owner(role: str) -> str:
@@ -114,12 +116,14 @@ def model_labels(folder: Path) -> dict[str, str]:
         raise ModelError(f"{path}: cannot read the model card: {exc}") from exc
 
 
-def torch_threads(config: Config, roles: Roles) -> int:
+def torch_threads(config: Config, roles: Roles, *, single_image: bool = False) -> int:
     """CPU threads for inference: as configured, else all cores less one kept for the listener
-    (``pacs_ai.infer.device.thread_count``)."""
+    (``pacs_ai.infer.device.thread_count``); for a batch of one image (``single_image``) all cores
+    unless configured: the listener has received it and is idle."""
     from pacs_ai.infer.device import thread_count
 
-    return thread_count(config.model.threads, reserve=1 if roles.listener else 0)
+    beside = (roles.listener or roles.beside_listener) and not single_image
+    return thread_count(config.model.threads, reserve=1 if beside else 0)
 
 
 class Service:
@@ -202,7 +206,7 @@ class Service:
         return listener
 
     def _build_worker(self) -> Worker:
-        from pacs_ai.daemon.worker import Worker
+        from pacs_ai.daemon.worker import GIL_SWITCH_INTERVAL_S, Worker
         from pacs_ai.infer.device import thread_count
         from pacs_ai.infer.engine import InferenceEngine
         from pacs_ai.send.deliveries import destination_names
@@ -210,6 +214,8 @@ class Service:
         from pacs_ai.write.results import write_results
 
         model = self.config.model
+        # Process-wide: the forward pass gives the lock back to the loader and writer threads quickly.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # JPEG 2000 (pylibjpeg-openjpeg's OpenJPEG) decodes a full-size radiograph's code-blocks on every
         # core when told so; an administrator's own setting wins.
         os.environ.setdefault("OPJ_NUM_THREADS", str(thread_count()))
@@ -218,6 +224,7 @@ class Service:
             device=model.device,
             batch_size=model.batch_size,
             threads=torch_threads(self.config, self.roles),
+            single_image_threads=torch_threads(self.config, self.roles, single_image=True),
         )
         info = engine.describe()
         self.metrics.set_model_info({k: str(v) for k, v in info.items()})
