@@ -274,3 +274,29 @@ def test_a_prefetched_batch_goes_back_to_the_queue_when_stop_is_set(store, engin
     for job_id in ids:
         job = store.get(job_id)
         assert job.state == JobState.QUEUED and job.attempts == 0 and job.lease_owner is None
+
+
+def test_warm_up_runs_the_writer_now_or_hands_it_to_the_writer_thread(engine: InferenceEngine, tmp_path: Path) -> None:
+    """Without ``background`` the writer's warm-up runs inside ``warm_up``; with it, ``warm_up`` returns
+    after the codecs and the model and the writer runs when the background task does. Either way the
+    writer sees one synthetic image with the model's own prediction and leaves nothing behind."""
+    from pacs_ai.daemon.warmup import warm_up
+    from pacs_ai.write.results import write_results
+
+    calls: list[tuple[Any, ...]] = []
+
+    def writer(*args: Any) -> WrittenResults:
+        calls.append(args)
+        return write_results(*args)
+
+    timings = warm_up(engine, writer, tmp_path)
+    assert set(timings) == {"codecs", "model", "writer"} and len(calls) == 1
+    source, prepared, prediction, _ = calls[0]
+    assert source.Modality == "CR" and prediction.model_name == engine.model_name
+    assert list(tmp_path.iterdir()) == []
+
+    tasks: list[Any] = []
+    timings = warm_up(engine, writer, tmp_path, background=tasks.append)
+    assert set(timings) == {"codecs", "model"} and len(tasks) == 1 and len(calls) == 1
+    tasks[0]()
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []

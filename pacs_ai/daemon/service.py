@@ -356,14 +356,16 @@ class Service:
         thread.start()
 
     def _warm_up(self) -> None:
-        """Model, codecs and writers warmed before the first claim (in the worker's thread: the listener
-        is not held up)."""
+        """Model and codecs warmed before the first claim (in the worker's thread: the listener is not
+        held up); the result writer warms up in the worker's writer thread meanwhile."""
         from pacs_ai.daemon.warmup import warm_up
 
         assert self.worker is not None
         started = time.monotonic()
         try:
-            timings = warm_up(self.worker.engine, self.worker.writer, self.config.storage.results)
+            timings = warm_up(
+                self.worker.engine, self.worker.writer, self.config.storage.results, background=self.worker.warm_writer
+            )
             log.info(
                 "worker warmed up in %.2f s (%s)",
                 time.monotonic() - started,

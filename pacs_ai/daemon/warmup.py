@@ -7,6 +7,8 @@ decoding), highdicom's SR templates, OpenCV's
 colour maps and fonts, PNG encoding. ``warm_up`` runs one small synthetic radiograph through exactly
 the path a job takes (``dicom_to_gray`` for each transfer syntax an encoder is installed for, then
 ``prepare``, ``engine.predict`` and the result writer into a temporary folder that is removed again).
+The daemon hands the writer's part to the worker's writer thread (``background``), so the first job is
+claimed once the model and the codecs are warm, and is decoded and classified while the writer warms up.
 
 Nothing it does can fail start-up: a step that fails is logged and skipped (the job that needs it will
 report the real error).
@@ -19,6 +21,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +82,19 @@ def _encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def warm_up(engine: Any, writer: Any, scratch_dir: Path) -> dict[str, float]:
-    """Run one synthetic image through decode, preprocess, model and writer; returns seconds per step."""
+def warm_up(
+    engine: Any,
+    writer: Any,
+    scratch_dir: Path,
+    background: Callable[[Callable[[], None]], None] | None = None,
+) -> dict[str, float]:
+    """Run one synthetic image through decode, preprocess, model and writer; returns seconds per step.
+
+    ``background``: when given (the worker's ``warm_writer``), the result writer's warm-up is handed to it
+    instead of run here: the writer thread warms up while the first job is claimed, decoded and put
+    through the model, and that job's results are written after it (``writer`` is then absent from the
+    timings).
+    """
     timings: dict[str, float] = {}
     source = synthetic_radiograph()
     gray = None
@@ -96,17 +110,28 @@ def warm_up(engine: Any, writer: Any, scratch_dir: Path) -> dict[str, float]:
     timings["codecs"] = time.perf_counter() - t
     if gray is None:
         return timings
-    folder = Path(tempfile.mkdtemp(prefix=".warm-up-", dir=scratch_dir))
     try:
         t = time.perf_counter()
         prepared = prepare(gray, engine.spec)
         prediction = engine.predict([prepared])[0]
         timings["model"] = time.perf_counter() - t
-        t = time.perf_counter()
-        writer(source, prepared, prediction, folder)
-        timings["writer"] = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - the first real job will report the problem
-        log.warning("warm-up of the model and result writer failed: %s: %s", type(exc).__name__, exc)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("warm-up of the model failed: %s: %s", type(exc).__name__, exc)
+        return timings
+
+    def warm_writer() -> float:
+        folder = Path(tempfile.mkdtemp(prefix=".warm-up-", dir=scratch_dir))
+        t = time.perf_counter()
+        try:
+            writer(source, prepared, prediction, folder)
+        except Exception as exc:  # noqa: BLE001 - the first real job will report the problem
+            log.warning("warm-up of the result writer failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return time.perf_counter() - t
+
+    if background is None:
+        timings["writer"] = warm_writer()
+    else:
+        background(lambda: log.info("result writer warmed up in %.2f s", warm_writer()))
     return timings

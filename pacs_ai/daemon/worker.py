@@ -190,6 +190,11 @@ class Worker:
             self._stop = None
         return total
 
+    def warm_writer(self, task: Callable[[], None]) -> None:
+        """Run ``task`` (the result writer's warm-up) in the writer thread; the first batch's results are
+        written after it."""
+        self._writing.append(self._writer_pool.submit(task))
+
     def _wait_for_writes(self) -> None:
         """Block until the results of the previous batch are written and their jobs completed."""
         for future in self._writing:
