@@ -152,8 +152,9 @@ def test_the_serve_process_does_not_import_torch() -> None:
 
 
 def test_each_command_is_built_from_its_own_module_alone() -> None:
-    """``pacs-ai serve`` imports only its own module before starting the worker child (no pynetdicom,
-    SQLAlchemy or pydicom yet), and every command still parses when only its module is registered."""
+    """``pacs-ai serve`` imports only its own module and validates its configuration (routing included)
+    before starting the worker child, without pynetdicom, SQLAlchemy or pydicom yet; every command still
+    parses when only its module is registered."""
     from pacs_ai.cli import COMMANDS, build_parser
 
     def commands(parser: argparse.ArgumentParser) -> set[str]:
@@ -167,6 +168,9 @@ def test_each_command_is_built_from_its_own_module_alone() -> None:
         "import sys\n"
         "from pacs_ai.cli import build_parser, COMMANDS\n"
         "build_parser((COMMANDS['serve'],))\n"
+        "from pacs_ai.cli.serve import require_model_folders\n"
+        "from pacs_ai.config import load_config\n"
+        "require_model_folders(load_config(None))  # what serve does before it starts the worker child\n"
         "print(sorted(m for m in ('pynetdicom', 'sqlalchemy', 'pydicom', 'numpy') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pydicom
+if TYPE_CHECKING:  # `pacs-ai serve` validates routing before it starts its worker: pydicom is not loaded yet
+    import pydicom
 
 __all__ = ["GENERIC_TERMS", "SOURCES", "SYNONYMS", "BodyPart", "normalise_term", "resolve_body_part"]
 

@@ -25,10 +25,12 @@ import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacs_ai.config import RoutingRuleConfig
-from pacs_ai.route.facts import ImageFacts
+
+if TYPE_CHECKING:  # config validation imports this module; the facts (and pydicom) only the worker
+    from pacs_ai.route.facts import ImageFacts
 
 __all__ = ["ANALYSE", "SKIP", "UNKNOWN", "Check", "Decision", "Router", "RoutingRule", "resolve_sop_class"]
 
