@@ -149,23 +149,60 @@ def test_one_thread_rule() -> None:
     assert thread_count(0, reserve=cores + 5) == 1
 
 
-def test_a_batch_of_one_image_runs_on_its_own_thread_count() -> None:
-    """``single_image_threads`` applies to a batch of one image, ``threads`` to larger batches, the same
-    probabilities either way; 0 means ``threads``."""
+def test_a_batch_of_one_image_adds_only_the_cores_idle_at_that_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of one image runs on ``threads`` plus the cores idle right now, up to
+    ``single_image_threads``; larger batches on ``threads``; the same probabilities either way."""
+    import pacs_ai.infer.engine as engine_module
+
     base = engine_for("resnet50")
-    engine = InferenceEngine([model_folder("resnet50")], device="cpu", threads=1, single_image_threads=2)
+    engine = InferenceEngine([model_folder("resnet50")], device="cpu", threads=1, single_image_threads=3)
     try:
         images = prepared_images(engine, 2)
-        one = engine.predict(images[:1])
-        assert torch.get_num_threads() == 2
+        seen = {}
+        for idle, expected in ((5, 3), (1, 2), (0, 1), (None, 1)):
+            monkeypatch.setattr(engine_module, "idle_cores", lambda idle=idle: idle)
+            seen[idle] = engine.predict(images[:1])[0].probability
+            assert torch.get_num_threads() == expected, (idle, expected)
         two = engine.predict(images)
         assert torch.get_num_threads() == 1
-        assert one[0].probability == pytest.approx(two[0].probability, rel=1e-5)
-        assert engine.describe()["single_image_threads"] == 2
+        assert all(p == pytest.approx(two[0].probability, rel=1e-5) for p in seen.values())
+        assert engine.describe()["single_image_threads"] == 3
         assert base.single_image_threads == base.threads == 1
     finally:
         engine.close()
         torch.set_num_threads(1)
+
+
+def test_idle_cores_reads_the_kernels_runnable_task_count(tmp_path: Path) -> None:
+    """``/proc/loadavg``'s ``running/total`` field: the caller counts as running; a busy child process
+    takes a core; an unreadable or malformed file gives None."""
+    import subprocess
+    import sys
+    import time
+
+    from pacs_ai.infer.device import default_threads, idle_cores
+
+    fake = tmp_path / "loadavg"
+    fake.write_text("0.50 0.40 0.30 1/80 12345\n")
+    assert idle_cores(fake) == default_threads() - 1
+    fake.write_text(f"9.0 9.0 9.0 {default_threads() + 4}/80 12345\n")
+    assert idle_cores(fake) == 0
+    fake.write_text("garbage\n")
+    assert idle_cores(fake) is None
+    assert idle_cores(tmp_path / "missing") is None
+    now = idle_cores()
+    assert now is not None and 0 <= now <= default_threads() - 1
+    if default_threads() < 2:
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while idle_cores() > default_threads() - 2:  # type: ignore[operator]
+            assert time.monotonic() < deadline, "a busy child never showed up as running"
+            time.sleep(0.05)
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 # -- real images -----------------------------------------------------------------------------------

@@ -13,12 +13,21 @@ mask), less the cores ``reserve``d for other work (the listener keeps one) and a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from pacs_ai.errors import ConfigError
 
-__all__ = ["DEVICE_CHOICES", "autocast_dtype", "configure_threads", "default_threads", "select_device", "thread_count"]
+__all__ = [
+    "DEVICE_CHOICES",
+    "autocast_dtype",
+    "configure_threads",
+    "default_threads",
+    "idle_cores",
+    "select_device",
+    "thread_count",
+]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -50,6 +59,21 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+def idle_cores(loadavg: Path = Path("/proc/loadavg")) -> int | None:
+    """Cores of this process's affinity mask that no runnable task holds right now, or None where the
+    kernel does not say (not Linux).
+
+    Linux's ``/proc/loadavg`` fourth field is ``running/total`` (``proc(5)``): the tasks runnable at this
+    instant, the calling thread included, so ``default_threads() - running`` cores are free besides the
+    one the caller runs on. A snapshot, not an average: a task may start a moment later.
+    """
+    try:
+        running = int(loadavg.read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0, default_threads() - running)
 
 
 def thread_count(threads: int | None = 0, *, reserve: int = 0) -> int:

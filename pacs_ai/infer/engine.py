@@ -39,7 +39,7 @@ from torch import nn
 from pacs_ai.errors import ModelError
 from pacs_ai.explain.fracture_map import MapExplainer
 from pacs_ai.explain.gradcam import CamExplainer, freeze
-from pacs_ai.infer.device import autocast_dtype, configure_threads, select_device
+from pacs_ai.infer.device import autocast_dtype, configure_threads, idle_cores, select_device
 from pacs_ai.infer.model_card import ModelCard, load_model_folder
 from pacs_ai.infer.preprocess import InputSpec, Prepared
 
@@ -108,9 +108,12 @@ class InferenceEngine:
         single_image_threads: int = 0,
     ) -> None:
         """``threads``: torch's CPU threads (``pacs_ai.infer.device.thread_count``); ``single_image_threads``:
-        the CPU threads for a batch of one image (0: ``threads``). A worker beside the listener keeps a
-        core free for receiving during bursts, but a lone image arrives when the listener is idle: ResNet-50
-        at 512 px takes 0.34 s on one core and 0.20 s on two of the project's CPU (``bench_latency``)."""
+        the most CPU threads for a batch of one image (0: ``threads``). A worker beside the listener keeps
+        a core free for receiving during bursts, but a lone image usually arrives when the listener is
+        idle: ResNet-50 at 512 px takes 0.34 s on one core and 0.20 s on two of the project's CPU. Only
+        cores idle at that moment are added (``idle_cores``): with another process busy on the second
+        core the two-thread forward took 1.84 s, its second thread starved (torch's OpenMP threads wait
+        for each other at every operator)."""
         paths = [Path(model_paths)] if isinstance(model_paths, (str, Path)) else [Path(p) for p in model_paths]
         if not paths:
             raise ModelError("no model folder given")
@@ -193,10 +196,17 @@ class InferenceEngine:
         out: list[Prediction] = []
         with self._lock:
             if self.device.type == "cpu":  # process-wide: set for every batch (a shadow engine may differ)
-                configure_threads(self.single_image_threads if len(items) == 1 else self.threads)
+                configure_threads(self._threads_for(len(items)))
             for start in range(0, len(items), self.batch_size):
                 out.extend(self._predict_chunk(items[start : start + self.batch_size], with_cam))
         return out
+
+    def _threads_for(self, images: int) -> int:
+        """``threads``, or for a single image up to ``single_image_threads`` as far as cores are idle now."""
+        if images != 1 or self.single_image_threads <= self.threads:
+            return self.threads
+        idle = idle_cores()
+        return self.threads if idle is None else min(self.single_image_threads, self.threads + idle)
 
     def _forward_only(self, member: _Member, x: torch.Tensor) -> torch.Tensor:
         try:
