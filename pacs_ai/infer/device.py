@@ -13,6 +13,7 @@ mask), less the cores ``reserve``d for other work (the listener keeps one) and a
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -61,19 +62,30 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def idle_cores(loadavg: Path = Path("/proc/loadavg")) -> int | None:
-    """Cores of this process's affinity mask that no runnable task holds right now, or None where the
-    kernel does not say (not Linux).
+def idle_cores(loadavg: Path = Path("/proc/loadavg"), *, samples: int = 10, interval_s: float = 0.002) -> int | None:
+    """Cores of this process's affinity mask that no runnable task holds, or None where the kernel does
+    not say (not Linux).
 
-    Linux's ``/proc/loadavg`` fourth field is ``running/total`` (``proc(5)``): the tasks runnable at this
+    Linux's ``/proc/loadavg`` fourth field is ``running/total`` (``proc(5)``): the tasks runnable at that
     instant, the calling thread included, so ``default_threads() - running`` cores are free besides the
-    one the caller runs on. A snapshot, not an average: a task may start a moment later.
+    one the caller runs on. The fewest running tasks of up to ``samples`` reads ``interval_s`` apart
+    counts (it stops at the first read where the caller runs alone), so that a task that runs for a
+    moment (a poll, a log write) does not hide a core that is free, while a process that keeps a core
+    busy shows in every read (then the reads cost ``samples * interval_s``).
     """
-    try:
-        running = int(loadavg.read_text().split()[3].split("/")[0])
-    except (OSError, IndexError, ValueError):
-        return None
-    return max(0, default_threads() - running)
+    fewest: int | None = None
+    for i in range(max(1, samples)):
+        if i:
+            time.sleep(interval_s)
+        try:
+            running = int(loadavg.read_text().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return None
+        fewest = running if fewest is None else min(fewest, running)
+        if fewest <= 1:
+            break
+    assert fewest is not None
+    return max(0, default_threads() - fewest)
 
 
 def thread_count(threads: int | None = 0, *, reserve: int = 0) -> int:
