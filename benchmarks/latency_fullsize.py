@@ -338,11 +338,15 @@ def run(args: Any) -> int:
         # burst in one association
         time.sleep(1.0)
         expected = set().union(*(results_of(p) for p in burst))
+        processes = burst_processes(daemon.proc.pid, pacs.process.pid if pacs.process else None)
+        cpu_before = cpu_seconds(processes)
         burst_sent = time.time()
         result = send_files(daemon.port, burst, timeout=120)
         acked = sum(1 for s in result.sent if s.status == 0)
         ingest_s = time.time() - burst_sent
         ok = watch.wait_for(expected, args.timeout)
+        cpu_after = cpu_seconds(processes)
+        burst_wall = time.time() - burst_sent
         arrivals = [max(watch.arrived.get(u, float("nan")) for u in results_of(p)) for p in burst]
         done_at = [a for a in arrivals if a == a]
         last = max(done_at) if done_at else float("nan")
@@ -352,6 +356,8 @@ def run(args: Any) -> int:
             "ingest_s": round(ingest_s, 2), "seconds": round(last - burst_sent, 2),
             "rate_img_s": round(burst_rate, 2),
             "ratio_to_bare": round(burst_rate / rate["median_img_s"], 3),
+            "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 1) for k in cpu_after},
+            "cpu_wall_s": round(burst_wall, 1),
         }
         figures["peak_rss_mb"] = round(daemon.peak_rss_kb / 1024)
     finally:
@@ -393,6 +399,34 @@ def _daemon_overrides(args: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+def burst_processes(serve_pid: int, orthanc_pid: int | None) -> dict[str, int]:
+    """The processes whose CPU time the burst report shows: serve, its worker child, Orthanc, this one."""
+    found = {"serve (listener, deliveries)": serve_pid, "benchmark (sender, watcher)": os.getpid()}
+    try:
+        children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
+    except OSError:
+        children = []
+    if children:
+        found["worker child"] = int(children[0])
+    if orthanc_pid is not None:
+        found["Orthanc"] = orthanc_pid
+    return found
+
+
+def cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds of each process and its waited-for children so far (``/proc/PID/stat``
+    fields 14-17, ``proc(5)``); dcmtk's ``storescu`` is not used in the burst. Missing processes read 0."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, pid in processes.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = sum(int(v) for v in fields[11:15]) / tick
+        except (OSError, IndexError, ValueError):
+            out[name] = 0.0
+    return out
+
+
 def report(f: dict[str, Any]) -> None:
     print()
     print(f"full-size end-to-end latency: storescu C-STORE -> SC and SR stored in Orthanc; model {f['model']}; "
@@ -422,4 +456,9 @@ def report(f: dict[str, Any]) -> None:
     print(f"burst: {b['delivered']}/{b['n']} full-size images (3 encodings in turn) in one association, acknowledged "
           f"in {b['ingest_s']} s; results in Orthanc after {b['seconds']} s: {b['rate_img_s']} img/s = "
           f"{b['ratio_to_bare']:.2f}x the bare forward + heat map rate ({bare:.1f} img/s, same run)")
+    cpu = b.get("cpu_s") or {}
+    if cpu:
+        total, wall = sum(cpu.values()), b["cpu_wall_s"]
+        print(f"CPU seconds during the burst ({wall} s on {f['cores']} cores = {wall * f['cores']:.0f} core-seconds): "
+              + ", ".join(f"{k} {v}" for k, v in cpu.items()) + f"; busy {total / (wall * f['cores']):.0%}")
     print(f"daemon peak RSS (serve + worker child): {f['peak_rss_mb']} MB")
