@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -137,18 +138,23 @@ def test_daemon_processes_and_delivers_without_waiting_for_its_poll_intervals(tm
         dest.stop()
 
 
+def modules_loaded_by(code: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` a fresh interpreter has imported after running ``code``."""
+    probe = code + f"\nimport json, sys\nprint(json.dumps(sorted(m for m in {names!r} if m in sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded: list[str] = json.loads(out.stdout)
+    return loaded
+
+
 def test_the_serve_process_does_not_import_torch() -> None:
     """The listener's process starts in about a second: torch (seconds, hundreds of MB) is the worker's."""
     code = (
-        "import sys\n"
         "from pacs_ai.cli import build_parser\n"
         "build_parser()  # every sub-command's module\n"
         "import pacs_ai.daemon.service, pacs_ai.receive.listener, pacs_ai.send.deliveries\n"
-        "print('torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert modules_loaded_by(code, ("torch",)) == []
 
 
 def test_each_command_is_built_from_its_own_module_alone() -> None:
@@ -165,16 +171,12 @@ def test_each_command_is_built_from_its_own_module_alone() -> None:
     for command, module in COMMANDS.items():
         assert command in commands(build_parser((module,))), (command, module)
     code = (
-        "import sys\n"
         "from pacs_ai.cli import build_parser, COMMANDS\n"
         "build_parser((COMMANDS['serve'],))\n"
         "from pacs_ai.cli.serve import require_model_folders\n"
         "from pacs_ai.config import load_config\n"
         "require_model_folders(load_config(None))  # what serve does before it starts the worker child\n"
-        "print(sorted(m for m in ('pynetdicom', 'sqlalchemy', 'pydicom', 'numpy') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert modules_loaded_by(code, ("pynetdicom", "sqlalchemy", "pydicom", "numpy")) == []
     shown = subprocess.run([sys.executable, "-m", "pacs_ai", "echo", "--help"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "usage: pacs-ai echo" in shown.stdout, shown.stderr
