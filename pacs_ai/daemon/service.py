@@ -118,8 +118,9 @@ def model_labels(folder: Path) -> dict[str, str]:
 
 def torch_threads(config: Config, roles: Roles, *, single_image: bool = False) -> int:
     """CPU threads for inference: as configured, else all cores less one kept for the listener
-    (``pacs_ai.infer.device.thread_count``); for a batch of one image (``single_image``) all cores
-    unless configured: the listener has received it and is idle."""
+    (``pacs_ai.infer.device.thread_count``); for a batch of one image (``single_image``) at most all
+    cores unless configured: the listener has usually received it and is idle (the engine adds only the
+    cores idle at that moment)."""
     from pacs_ai.infer.device import thread_count
 
     beside = (roles.listener or roles.beside_listener) and not single_image

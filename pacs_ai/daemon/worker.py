@@ -52,9 +52,9 @@ GIL_SWITCH_INTERVAL_S = 0.0002
 
 torch releases the interpreter lock inside each operator but takes it back between operators; while the
 loader or writer thread runs Python (pydicom, highdicom's SR), the forward thread waits up to the switch
-interval for it at every operator (CPython's default 5 ms). On the project's 2-core VM a ResNet-50 forward
-at 512 px (one thread) took 0.34 s alone, 1.34 s beside a busy Python thread at 5 ms, 0.43 s at 0.2 ms,
-while the Python thread kept its own speed (30 M loop turns/s either way)."""
+interval for it at every operator (CPython's default 5 ms). On the project's 2-core VM the bundled
+ResNet-50 at 512 px (one thread) took 0.36 s alone, 1.40 s beside a thread running Python at 5 ms and
+0.44 s at 0.2 ms, the Python thread at about the same speed either way (``benchmarks/bench_switch_interval.py``)."""
 
 ResultWriter = Callable[[pydicom.Dataset, Prepared, Prediction, Path], WrittenResults]
 """``writer(source_dataset, prepared, prediction, folder) -> WrittenResults`` (the files it wrote, its timings)."""
