@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     full.add_argument("--bare-batches", type=int, default=10, help="batches timed for the bare forward + CAM rate")
     full.add_argument("--threads", type=int, default=0,
                       help="torch threads of the worker and of the bare rate (0: the daemon's default)")
+    full.add_argument("--associations", type=int, default=0,
+                      help="[delivery] associations of the daemon (0: its default)")
     full.add_argument("--model", type=Path, default=None,
                       help="model folder for the full-size mode (default: the bundled models/reference)")
     args = ap.parse_args(argv)

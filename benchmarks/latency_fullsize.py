@@ -237,6 +237,7 @@ def run(args: Any) -> int:
         return 0
     from pydicom import dcmread
 
+    from pacs_ai.config import default_config
     from pacs_ai.infer.model_card import load_card
     from pacs_ai.write.uids import derive_uid
     from support.common import copies
@@ -253,6 +254,7 @@ def run(args: Any) -> int:
         "model": f"{card.name} {card.version} ({card.architecture}, {card.input.size} px)",
         "cores": cores,
         "worker_threads": worker_threads,
+        "associations": args.associations or default_config().delivery.associations,
         "loadavg_start": os.getloadavg(),
         "nice": os.nice(0),
     }
@@ -394,7 +396,8 @@ def _daemon_overrides(args: Any) -> dict[str, dict[str, Any]]:
     return {
         "model": {"batch_size": args.batch_size, "threads": args.threads},
         "worker": {"poll_interval_s": d.worker.poll_interval_s, "lease_seconds": 300.0, "max_attempts": 3},
-        "delivery": {"poll_interval_s": d.delivery.poll_interval_s, "timeout_s": 30.0},
+        "delivery": {"poll_interval_s": d.delivery.poll_interval_s, "timeout_s": 30.0,
+                     "associations": args.associations or d.delivery.associations},
         "logging": {"level": "INFO"},
     }
 
@@ -430,7 +433,8 @@ def cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
 def report(f: dict[str, Any]) -> None:
     print()
     print(f"full-size end-to-end latency: storescu C-STORE -> SC and SR stored in Orthanc; model {f['model']}; "
-          f"{f['cores']} cores, worker {f['worker_threads']} torch thread(s); load average at start "
+          f"{f['cores']} cores, worker {f['worker_threads']} torch thread(s), {f.get('associations', 1)} association(s) per "
+          f"destination; load average at start "
           f"{f['loadavg_start'][0]:.2f}, at end {f['loadavg_end'][0]:.2f}; nice {f['nice']}")
     print(f"first image after start: {f['first_image_s']} s (sent when the listener answered C-ECHO, "
           f"{f['listener_ready_s']} s after the daemon was spawned; worker warm {f.get('worker_warm_s')} s after spawn)")

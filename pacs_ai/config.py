@@ -101,6 +101,9 @@ class DeliveryConfig:
     timeout_s: float = 30.0
     calling_ae_title: str = ""
     keep_open_s: float = 5.0
+    associations: int = 1
+    """Associations per destination used at once for one job's result objects (2: SC and SR side by
+    side, each association kept open like the first); 1 = one association, the objects in turn."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,7 @@ def _check_value(key: str, value: Any) -> None:
     ):
         raise ConfigError(key, f"must be a DICOM AE title of 1 to 16 characters, not {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        positive = ("max_associations", "batch_size", "max_attempts", "lease_seconds", "timeout_s", "busy_timeout_s")
+        positive = ("max_associations", "batch_size", "max_attempts", "lease_seconds", "timeout_s", "busy_timeout_s", "associations")
         if name in positive and value <= 0:
             raise ConfigError(key, f"must be greater than 0, not {value}")
         if value < 0:

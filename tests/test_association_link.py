@@ -64,7 +64,9 @@ class FakeClock:
         return self.now
 
 
-def _setup(tmp_path: Path, scp: DestSCP, results: list[dict[str, Any]], keep_open_s: float = 30.0) -> tuple[JobStore, DeliveryProcessor, list[int]]:
+def _setup(
+    tmp_path: Path, scp: DestSCP, results: list[dict[str, Any]], keep_open_s: float = 30.0, associations: int = 1
+) -> tuple[JobStore, DeliveryProcessor, list[int]]:
     store = JobStore(
         f"sqlite:///{tmp_path / 'jobs.db'}", delivery_policy=RetryPolicy(3, 0.0, 0.0), upgrade=True
     )
@@ -78,7 +80,7 @@ def _setup(tmp_path: Path, scp: DestSCP, results: list[dict[str, Any]], keep_ope
         ).job_id)
     dest = Destination(name="pacs", ae_title=scp.ae_title, host="127.0.0.1", port=scp.port)
     proc = DeliveryProcessor(store, [dest], tmp_path / "outbox", calling_ae_title="PACSAI", owner="d1", timeout_s=10,
-                             batch_size=2, keep_open_s=keep_open_s)
+                             batch_size=2, keep_open_s=keep_open_s, associations=associations)
     return store, proc, ids
 
 
@@ -104,7 +106,7 @@ def test_a_burst_goes_over_one_association_released_once_idle(tmp_path: Path, re
     with DestSCP() as scp:
         store, proc, ids = _setup(tmp_path, scp, results)
         clock = FakeClock()
-        proc.links["pacs"].clock = clock
+        proc.links["pacs"][0].clock = clock
         _finish(store, ids[:3], results, ids)
         _deliver_all(proc)  # rounds of batch_size 2: the association outlives a round
         _finish(store, ids[3:], results, ids)
@@ -115,13 +117,13 @@ def test_a_burst_goes_over_one_association_released_once_idle(tmp_path: Path, re
         assert {s.sop_instance_uid for s in stored} == _expected(results) and len(stored) == 2 * JOBS
         assert [s.sop_class_uid for s in stored] == [SECONDARY_CAPTURE, COMPREHENSIVE_3D_SR] * JOBS
         assert scp.associations() == 1 and {s.association for s in stored} == {1}
-        assert scp.associations_ended == [] and proc.links["pacs"].is_established
+        assert scp.associations_ended == [] and proc.links["pacs"][0].is_established
 
         assert proc.release_idle() == 0  # used 0 s ago
         clock.now += 30.5
         assert proc.release_idle() == 1
         assert scp.wait_for(lambda d: d.associations_ended == [(1, "released")], timeout=10)
-        assert not proc.links["pacs"].is_open
+        assert not proc.links["pacs"][0].is_open
 
 
 def test_keep_open_zero_releases_after_every_job(tmp_path: Path, results: list[dict[str, Any]]) -> None:
@@ -130,7 +132,7 @@ def test_keep_open_zero_releases_after_every_job(tmp_path: Path, results: list[d
         _finish(store, ids, results[:2], ids)
         _deliver_all(proc)
         assert scp.wait_for(lambda d: len(d.associations_ended) == 2, timeout=10)
-        assert scp.associations_ended == [(1, "released"), (2, "released")] and not proc.links["pacs"].is_open
+        assert scp.associations_ended == [(1, "released"), (2, "released")] and not proc.links["pacs"][0].is_open
         assert [s.association for s in scp.stored()] == [1, 1, 2, 2]
 
 
@@ -143,7 +145,7 @@ def test_an_association_the_peer_dropped_while_idle_is_opened_again(tmp_path: Pa
         assert scp.drop_associations() == 1  # the PACS closes the idle association
         assert scp.wait_for(lambda d: d.associations_ended == [(1, "aborted")], timeout=10)
         deadline = time.monotonic() + 10
-        while proc.links["pacs"].is_established and time.monotonic() < deadline:
+        while proc.links["pacs"][0].is_established and time.monotonic() < deadline:
             time.sleep(0.02)  # the A-ABORT reaches the sender's reactor thread
         _finish(store, ids[2:], results, ids)
         _deliver_all(proc)
@@ -188,4 +190,90 @@ def test_a_refusal_on_a_kept_association_is_recorded_and_the_association_stays(t
         assert by_job[ids[0]].state == by_job[ids[2]].state == DeliveryState.DONE
         bad = by_job[ids[1]]
         assert bad.state == DeliveryState.DEAD and bad.delivered_objects() == {"sc"}
-        assert scp.associations() == 1 and proc.links["pacs"].is_established
+        assert scp.associations() == 1 and proc.links["pacs"][0].is_established
+
+
+# -- two associations at once ---------------------------------------------------------------------------
+
+
+def test_side_by_side_each_job_sends_its_sc_and_sr_on_two_kept_associations(tmp_path: Path, results: list[dict[str, Any]]) -> None:
+    """``associations=2``: every job's SC and SR arrive on two different associations, the same two for the
+    whole burst, both kept open and both released once idle; nothing lost or sent twice."""
+    with DestSCP() as scp:
+        store, proc, ids = _setup(tmp_path, scp, results, associations=2)
+        clock = FakeClock()
+        for link in proc.links["pacs"]:
+            link.clock = clock
+        _finish(store, ids, results, ids)
+        _deliver_all(proc)
+        deliveries = store.list_deliveries()
+        assert {d.state for d in deliveries} == {DeliveryState.DONE}
+        assert all(d.delivered_objects() == {"sc", "sr"} for d in deliveries)
+        stored = scp.stored()
+        assert {s.sop_instance_uid for s in stored} == _expected(results) and len(stored) == 2 * JOBS
+        on = {s.sop_instance_uid: s.association for s in stored}
+        for r in results:
+            assert on[r["sc_sop_instance_uid"]] != on[r["sr_sop_instance_uid"]], "SC and SR on one association"
+        assert scp.associations() == 2 and scp.associations_ended == []
+        clock.now += 30.5
+        assert proc.release_idle() == 2
+        assert scp.wait_for(lambda d: sorted(d.associations_ended) == [(1, "released"), (2, "released")], timeout=10)
+        proc.close()
+
+
+def test_side_by_side_a_refused_sr_is_recorded_while_its_sc_is_delivered(tmp_path: Path, results: list[dict[str, Any]]) -> None:
+    """An SR refused (0xC000) on the second association: its SC, stored on the first, counts as
+    delivered; the SR does not; the other jobs are delivered whole."""
+    with DestSCP() as scp:
+        store, proc, ids = _setup(tmp_path, scp, results[:3], associations=2)
+        refused = results[1]["sr_sop_instance_uid"]
+        scp.refuse(lambda ds: str(ds.SOPInstanceUID) == refused, 0xC000)
+        _finish(store, ids, results[:3], ids)
+        _deliver_all(proc)
+        by_job = {d.job_id: d for d in store.list_deliveries()}
+        assert by_job[ids[0]].state == by_job[ids[2]].state == DeliveryState.DONE
+        bad = by_job[ids[1]]
+        assert bad.state == DeliveryState.DEAD and bad.delivered_objects() == {"sc"}
+        assert refused not in {s.sop_instance_uid for s in scp.stored()}
+        proc.close()
+
+
+def test_a_pacs_that_takes_one_association_gets_everything_over_one(tmp_path: Path, results: list[dict[str, Any]]) -> None:
+    """A PACS that rejects a second association (one per calling AE title): the first job's SR goes over
+    the first association after all, and later jobs use that one only; every object stored once."""
+    with DestSCP(maximum_associations=1) as scp:
+        store, proc, ids = _setup(tmp_path, scp, results, associations=2)
+        _finish(store, ids, results, ids)
+        _deliver_all(proc)
+        deliveries = store.list_deliveries()
+        assert {d.state for d in deliveries} == {DeliveryState.DONE}
+        assert all(d.attempts == 1 for d in deliveries), "no delivery failed because of the refused association"
+        stored = scp.stored()
+        assert {s.sop_instance_uid for s in stored} == _expected(results) and len(stored) == 2 * JOBS
+        assert {s.association for s in stored} == {1}
+        proc.close()
+
+
+def test_an_object_the_peer_confirmed_is_recorded_before_the_next_one_is_answered(tmp_path: Path, results: list[dict[str, Any]]) -> None:
+    """While the PACS holds the SR (its C-STORE not answered yet), the SC it already confirmed is recorded
+    in the job store: a crash at that moment makes the retry send only the SR."""
+    with DestSCP() as scp:
+        store, proc, ids = _setup(tmp_path, scp, results[:1])
+        sr = results[0]["sr_sop_instance_uid"]
+        hold = scp.hold(lambda ds: str(ds.SOPInstanceUID) == sr)
+        _finish(store, ids, results[:1], ids)
+        import threading
+
+        sender = threading.Thread(target=proc.run_once, daemon=True)
+        sender.start()
+        try:
+            assert hold.entered.wait(30), "the SR never reached the PACS"
+            (delivery,) = store.list_deliveries()
+            assert delivery.state == DeliveryState.SENDING and delivery.delivered_objects() == {"sc"}
+        finally:
+            hold.release(store=True)
+        sender.join(30)
+        _deliver_all(proc)
+        (delivery,) = store.list_deliveries()
+        assert delivery.state == DeliveryState.DONE and delivery.delivered_objects() == {"sc", "sr"}
+        proc.close()

@@ -309,6 +309,7 @@ class Service:
             observer=self.observer,
             studies=self.studies.studies if self.studies is not None else None,
             keep_open_s=delivery.keep_open_s,
+            associations=delivery.associations,
         )
 
     def _build_studies(self) -> StudyProcessor | None:

@@ -433,6 +433,20 @@ class JobStore:
         with self.db.write() as conn:
             return leases.extend(self.db, conn, DELIVERY_LEASES, delivery_id, owner, lease_seconds, now)
 
+    def record_stored_objects(self, delivery_id: int, owner: str, objects: dict[str, dict[str, Any]]) -> None:
+        """Record objects the destination has confirmed while the delivery is still under way (its state
+        and lease unchanged), as ``complete_delivery`` records them: if the sender dies before the
+        delivery completes, the retry sends only the objects not recorded (``Delivery.delivered_objects``).
+
+        Raises LeaseLostError when ``owner`` no longer holds the delivery.
+        """
+        now = self.now()
+        with self.db.write() as conn:
+            row = leases.owned(self.db, conn, DELIVERY_LEASES, delivery_id, owner, "record the objects of")
+            merged = merge_objects(row.objects, objects, now, dead=False)
+            table = DELIVERY_LEASES.table
+            conn.execute(table.update().where(table.c.id == delivery_id).values(objects=merged, updated_at=now))
+
     def complete_delivery(self, delivery_id: int, owner: str, objects: dict[str, dict[str, Any]] | None = None) -> None:
         """Mark a delivery done; ``objects`` says as what each object went (``{"sc": {"sop_class_uid": ...}}``)."""
         now = self.now()

@@ -167,6 +167,8 @@ def send_objects(
     on_object_stored: Callable[[ObjectOutcome], None] | None = None,
     on_all_stored: Callable[[], None] | None = None,
     link: AssociationLink | None = None,
+    on_associated: Callable[[], None] | None = None,
+    propose_for: Sequence[OutgoingObject] | None = None,
 ) -> list[ObjectOutcome]:
     """C-STORE ``objects`` to ``destination`` over one association; one outcome per object, in order.
 
@@ -178,12 +180,15 @@ def send_objects(
     With a ``link`` (``pacs_ai.send.link``) the association is the link's: reused when it is still open
     with the same contexts, and kept open afterwards instead of released. When a reused association turns
     out to be gone (the peer dropped it while it was idle), the objects not yet stored are sent again on a
-    new one, once.
+    new one, once. ``on_associated()`` is called once, as soon as an association is established (before
+    the first C-STORE). ``propose_for``: the objects whose presentation contexts are proposed (default
+    ``objects``): associations that share a job's objects propose the same contexts, so any of them can
+    carry any object and stays reusable for the next job.
     """
     name = destination.name
     if not objects:
         return []
-    contexts = propose(objects)
+    contexts = propose(propose_for if propose_for is not None else objects)
     if len(contexts) > MAX_CONTEXTS:
         raise DeliveryError(name, f"{len(contexts)} presentation contexts needed, at most {MAX_CONTEXTS}", permanent=True)
     where = _where(destination)
@@ -195,6 +200,8 @@ def send_objects(
         except ContextsRefused:
             return [_refused_all(obj, where) for obj in objects]
         try:
+            if on_associated is not None:
+                on_associated()
             outcomes = _send_all(assoc, objects, where, on_object_stored)
             if on_all_stored is not None and all(o.stored for o in outcomes):
                 on_all_stored()
@@ -217,6 +224,9 @@ def send_objects(
                 results[obj.key] = _refused_all(obj, where)
             break
         try:
+            if on_associated is not None:
+                on_associated()
+                on_associated = None
             outcomes = _send_all(assoc, pending, where, on_object_stored)
         except BaseException:
             link.discard(assoc, abort=True)

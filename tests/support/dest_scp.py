@@ -133,6 +133,9 @@ class DestSCP:
     """SOP classes whose presentation contexts are rejected (e.g. ``{COMPREHENSIVE_3D_SR}``)."""
     ssl_context: ssl.SSLContext | None = None
     """A TLS server context: the destination speaks DICOM TLS (mutual when it requires client certificates)."""
+    maximum_associations: int = 10
+    """Associations accepted at once; more are rejected (A-ASSOCIATE-RJ, local limit exceeded), as a PACS
+    that allows one association per calling AE title does."""
     received: list[Received] = field(default_factory=list)
     datasets: dict[str, Dataset] = field(default_factory=dict)
 
@@ -203,6 +206,7 @@ class DestSCP:
             return self
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0
+        ae.maximum_associations = self.maximum_associations
         ae.network_timeout = 30
         ae.acse_timeout = 30
         ae.dimse_timeout = 30
