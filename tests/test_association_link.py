@@ -102,6 +102,17 @@ def _expected(results: list[dict[str, Any]]) -> set[str]:
     return {r[k] for r in results for k in ("sc_sop_instance_uid", "sr_sop_instance_uid")}
 
 
+def _all_delivered_at_first_attempt(store: JobStore, scp: DestSCP, results: list[dict[str, Any]]) -> list[Any]:
+    """Every delivery done without a failed attempt, every result object stored exactly once; the
+    objects the PACS stored, in order."""
+    deliveries = store.list_deliveries()
+    assert {d.state for d in deliveries} == {DeliveryState.DONE}
+    assert all(d.attempts == 1 for d in deliveries), [d.last_error for d in deliveries if d.attempts != 1]
+    stored = scp.stored()
+    assert {s.sop_instance_uid for s in stored} == _expected(results) and len(stored) == 2 * len(results)
+    return stored
+
+
 def test_a_burst_goes_over_one_association_released_once_idle(tmp_path: Path, results: list[dict[str, Any]]) -> None:
     with DestSCP() as scp:
         store, proc, ids = _setup(tmp_path, scp, results)
@@ -149,11 +160,7 @@ def test_an_association_the_peer_dropped_while_idle_is_opened_again(tmp_path: Pa
             time.sleep(0.02)  # the A-ABORT reaches the sender's reactor thread
         _finish(store, ids[2:], results, ids)
         _deliver_all(proc)
-        deliveries = store.list_deliveries()
-        assert {d.state for d in deliveries} == {DeliveryState.DONE}
-        assert all(d.attempts == 1 for d in deliveries), "no delivery failed on the dropped association"
-        stored = scp.stored()
-        assert {s.sop_instance_uid for s in stored} == _expected(results) and len(stored) == 2 * JOBS
+        stored = _all_delivered_at_first_attempt(store, scp, results)  # none failed on the dropped association
         assert scp.associations() == 2 and {s.association for s in stored[4:]} == {2}
 
 
@@ -167,21 +174,21 @@ def test_an_association_the_peer_drops_at_the_next_c_store_is_opened_again(tmp_p
         scp.abort_on(lambda ds: str(ds.SOPInstanceUID) == victim)
         _finish(store, ids[1:], results, ids)
         _deliver_all(proc)
-        deliveries = store.list_deliveries()
-        assert {d.state for d in deliveries} == {DeliveryState.DONE}
-        assert all(d.attempts == 1 for d in deliveries)
-        stored = scp.stored()
         # Nothing lost, nothing twice: the SC the peer never answered was sent again on association 2.
-        assert {s.sop_instance_uid for s in stored} == _expected(results) and len(stored) == 2 * JOBS
+        stored = _all_delivered_at_first_attempt(store, scp, results)
         assert next(s.association for s in stored if s.sop_instance_uid == victim) == 2
         assert scp.associations() == 2 and (1, "aborted") in scp.associations_ended
 
 
-def test_a_refusal_on_a_kept_association_is_recorded_and_the_association_stays(tmp_path: Path, results: list[dict[str, Any]]) -> None:
-    """Delivered only on the peer's success: an SR refused with 0xC000 on the shared association is not
-    recorded as delivered (its SC is), and the next jobs still go over the same association."""
+@pytest.mark.parametrize("associations", [1, 2], ids=["one-association", "side-by-side"])
+def test_a_refusal_on_a_kept_association_is_recorded_and_the_association_stays(
+    tmp_path: Path, results: list[dict[str, Any]], associations: int
+) -> None:
+    """Delivered only on the peer's success: an SR refused with 0xC000 on a kept association (the shared
+    one, or with two associations the second) is not recorded as delivered (its SC is), and the next jobs
+    still go over the same association(s)."""
     with DestSCP() as scp:
-        store, proc, ids = _setup(tmp_path, scp, results[:3])
+        store, proc, ids = _setup(tmp_path, scp, results[:3], associations=associations)
         refused = results[1]["sr_sop_instance_uid"]
         scp.refuse(lambda ds: str(ds.SOPInstanceUID) == refused, 0xC000)
         _finish(store, ids, results[:3], ids)
@@ -190,7 +197,9 @@ def test_a_refusal_on_a_kept_association_is_recorded_and_the_association_stays(t
         assert by_job[ids[0]].state == by_job[ids[2]].state == DeliveryState.DONE
         bad = by_job[ids[1]]
         assert bad.state == DeliveryState.DEAD and bad.delivered_objects() == {"sc"}
-        assert scp.associations() == 1 and proc.links["pacs"][0].is_established
+        assert refused not in {s.sop_instance_uid for s in scp.stored()}
+        assert scp.associations() == associations and all(link.is_established for link in proc.links["pacs"])
+        proc.close()
 
 
 # -- two associations at once ---------------------------------------------------------------------------
@@ -221,23 +230,6 @@ def test_side_by_side_each_job_sends_its_sc_and_sr_on_two_kept_associations(tmp_
         proc.close()
 
 
-def test_side_by_side_a_refused_sr_is_recorded_while_its_sc_is_delivered(tmp_path: Path, results: list[dict[str, Any]]) -> None:
-    """An SR refused (0xC000) on the second association: its SC, stored on the first, counts as
-    delivered; the SR does not; the other jobs are delivered whole."""
-    with DestSCP() as scp:
-        store, proc, ids = _setup(tmp_path, scp, results[:3], associations=2)
-        refused = results[1]["sr_sop_instance_uid"]
-        scp.refuse(lambda ds: str(ds.SOPInstanceUID) == refused, 0xC000)
-        _finish(store, ids, results[:3], ids)
-        _deliver_all(proc)
-        by_job = {d.job_id: d for d in store.list_deliveries()}
-        assert by_job[ids[0]].state == by_job[ids[2]].state == DeliveryState.DONE
-        bad = by_job[ids[1]]
-        assert bad.state == DeliveryState.DEAD and bad.delivered_objects() == {"sc"}
-        assert refused not in {s.sop_instance_uid for s in scp.stored()}
-        proc.close()
-
-
 def test_a_pacs_that_takes_one_association_gets_everything_over_one(tmp_path: Path, results: list[dict[str, Any]]) -> None:
     """A PACS that rejects a second association (one per calling AE title): the first job's SR goes over
     the first association after all, and later jobs use that one only; every object stored once."""
@@ -245,11 +237,7 @@ def test_a_pacs_that_takes_one_association_gets_everything_over_one(tmp_path: Pa
         store, proc, ids = _setup(tmp_path, scp, results, associations=2)
         _finish(store, ids, results, ids)
         _deliver_all(proc)
-        deliveries = store.list_deliveries()
-        assert {d.state for d in deliveries} == {DeliveryState.DONE}
-        assert all(d.attempts == 1 for d in deliveries), "no delivery failed because of the refused association"
-        stored = scp.stored()
-        assert {s.sop_instance_uid for s in stored} == _expected(results) and len(stored) == 2 * JOBS
+        stored = _all_delivered_at_first_attempt(store, scp, results)  # none failed on the refused association
         assert {s.association for s in stored} == {1}
         proc.close()
 
