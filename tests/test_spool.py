@@ -142,6 +142,26 @@ def test_remove_stale_temp(tmp_path: Path) -> None:
     assert not stale.exists() and fresh.exists() and stored.path.exists()
 
 
+def test_remove_stale_temp_of_writers_that_are_gone(tmp_path: Path) -> None:
+    """With ``writer_alive`` a temporary file goes at once when its writer's process has ended (a listener
+    killed mid-write), not when the writer still runs (this process); other names only by age."""
+    import subprocess
+    import sys
+
+    spool = Spool(tmp_path)
+    stored = spool.store(UID, b"x")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    orphan = stored.path.parent / f".{stored.path.name}.{ended.pid}.a1b2c3d4e5f6.tmp"
+    ours = stored.path.parent / f".{stored.path.name}.{os.getpid()}.a1b2c3d4e5f7.tmp"
+    odd = stored.path.parent / ".not-our-naming.tmp"
+    for f in (orphan, ours, odd):
+        f.write_bytes(b"partial")
+    alive = {os.getpid()}
+    assert spool.remove_stale_temp(writer_alive=alive.__contains__) == 1
+    assert not orphan.exists() and ours.exists() and odd.exists() and stored.path.exists()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(min_size=1, max_size=80).filter(lambda u: u.strip().rstrip("\x00").strip()))
 def test_any_uid_maps_to_a_file_directly_in_a_bucket(uid: str) -> None:

@@ -196,9 +196,13 @@ class Service:
         from pacs_ai.store.spool import Spool
 
         tls = self.config.listener.tls
+        spool = Spool(self.config.storage.spool)
+        removed = spool.remove_stale_temp(writer_alive=_pid_alive)
+        if removed:
+            log.warning("removed %d partial file(s) a stopped listener left in the spool (never acknowledged)", removed)
         listener = Listener(
             self.config.listener,
-            Spool(self.config.storage.spool),
+            spool,
             self.jobs,
             observer=self.observer,
             ssl_context=server_context(tls) if tls else None,

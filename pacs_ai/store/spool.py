@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,17 +69,36 @@ class Spool:
         write_atomic(path, data)
         return StoredFile(path=path, sha256=sha256, size=len(data))
 
-    def remove_stale_temp(self, older_than_s: float = 3600.0) -> int:
-        """Delete temporary files left by a crash in the middle of a write; returns how many."""
+    def remove_stale_temp(
+        self, older_than_s: float = 3600.0, *, writer_alive: Callable[[int], bool] | None = None
+    ) -> int:
+        """Delete temporary files left by a crash in the middle of a write; returns how many.
+
+        A temporary file (``.<name>.<pid>.<hex>.tmp``, ``pacs_ai.store.atomic.temp_path``) goes when it is
+        older than ``older_than_s``, or, with ``writer_alive``, when the process that wrote it is gone
+        (``writer_alive(pid)`` false): what a listener killed during a write left (that C-STORE was never
+        acknowledged, so its sender sends the image again). With listeners on several hosts sharing one
+        spool a live writer elsewhere with the same pid number could lose its file in that moment; its
+        C-STORE then fails and is sent again.
+        """
         removed = 0
         cutoff = time.time() - older_than_s
         if not self.root.is_dir():
             return 0
         for tmp in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
             try:
-                if tmp.stat().st_mtime < cutoff:
+                gone = writer_alive is not None and not writer_alive(_writer_pid(tmp))
+            except ValueError:  # not our naming: only the age counts
+                gone = False
+            try:
+                if gone or tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
                     removed += 1
             except OSError:
                 continue
         return removed
+
+
+def _writer_pid(tmp: Path) -> int:
+    """The writer's pid in a temporary file's name ``.<name>.<pid>.<hex>.tmp`` (ValueError if none)."""
+    return int(tmp.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)[1])
