@@ -340,7 +340,7 @@ def run(args: Any) -> int:
         # burst in one association
         time.sleep(1.0)
         expected = set().union(*(results_of(p) for p in burst))
-        processes = burst_processes(daemon.proc.pid, pacs.process.pid if pacs.process else None)
+        processes = burst_processes(daemon, pacs.process.pid if pacs.process else None)
         cpu_before = cpu_seconds(processes)
         burst_sent = time.time()
         result = send_files(daemon.port, burst, timeout=120)
@@ -402,15 +402,13 @@ def _daemon_overrides(args: Any) -> dict[str, dict[str, Any]]:
     }
 
 
-def burst_processes(serve_pid: int, orthanc_pid: int | None) -> dict[str, int]:
-    """The processes whose CPU time the burst report shows: serve, its worker child, Orthanc, this one."""
-    found = {"serve (listener, deliveries)": serve_pid, "benchmark (sender, watcher)": os.getpid()}
-    try:
-        children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
-    except OSError:
-        children = []
+def burst_processes(daemon: Any, orthanc_pid: int | None) -> dict[str, int]:
+    """The processes whose CPU time the burst report shows: serve (``daemon``, the harness's Daemon), its
+    worker child, Orthanc, this one."""
+    found = {"serve (listener, deliveries)": daemon.proc.pid, "benchmark (sender, watcher)": os.getpid()}
+    children = daemon.children()
     if children:
-        found["worker child"] = int(children[0])
+        found["worker child"] = children[0]
     if orthanc_pid is not None:
         found["Orthanc"] = orthanc_pid
     return found

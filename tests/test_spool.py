@@ -157,6 +157,9 @@ def test_remove_stale_temp_of_writers_that_are_gone(tmp_path: Path) -> None:
     odd = stored.path.parent / ".not-our-naming.tmp"
     for f in (orphan, ours, odd):
         f.write_bytes(b"partial")
+    from pacs_ai.store.atomic import temp_path, temp_writer_pid
+
+    assert temp_writer_pid(temp_path(stored.path)) == os.getpid()  # the names write_atomic makes
     alive = {os.getpid()}
     assert spool.remove_stale_temp(writer_alive=alive.__contains__) == 1
     assert not orphan.exists() and ours.exists() and odd.exists() and stored.path.exists()

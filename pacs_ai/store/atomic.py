@@ -23,7 +23,15 @@ from pathlib import Path
 
 from pacs_ai.errors import StorageError
 
-__all__ = ["TEMP_SUFFIX", "describe_os_error", "fsync_dir", "temp_path", "write_atomic", "write_atomic_with"]
+__all__ = [
+    "TEMP_SUFFIX",
+    "describe_os_error",
+    "fsync_dir",
+    "temp_path",
+    "temp_writer_pid",
+    "write_atomic",
+    "write_atomic_with",
+]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -59,6 +67,15 @@ def temp_path(path: Path) -> Path:
     """A fresh temporary name next to ``path``: ``.<name>.<pid>.<random hex>.tmp``."""
     path = Path(path)
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+
+
+def temp_writer_pid(tmp: Path) -> int:
+    """The pid of the process that made the temporary file ``tmp`` (a :func:`temp_path` name
+    ``.<name>.<pid>.<hex>.tmp``); raises ValueError for any other name."""
+    name = Path(tmp).name
+    if not name.endswith(TEMP_SUFFIX):
+        raise ValueError(f"not a temporary file name: {name}")
+    return int(name[: -len(TEMP_SUFFIX)].rsplit(".", 2)[1])
 
 
 def _unlink_quietly(path: Path) -> None:

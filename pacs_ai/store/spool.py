@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_ai.errors import StorageError
-from pacs_ai.store.atomic import TEMP_SUFFIX, describe_os_error, fsync_dir, write_atomic
+from pacs_ai.store.atomic import TEMP_SUFFIX, describe_os_error, fsync_dir, temp_writer_pid, write_atomic
 
 _CLEAN_UID = re.compile(r"^[0-9.]{1,64}$")
 
@@ -87,7 +87,7 @@ class Spool:
             return 0
         for tmp in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
             try:
-                gone = writer_alive is not None and not writer_alive(_writer_pid(tmp))
+                gone = writer_alive is not None and not writer_alive(temp_writer_pid(tmp))
             except ValueError:  # not our naming: only the age counts
                 gone = False
             try:
@@ -97,8 +97,3 @@ class Spool:
             except OSError:
                 continue
         return removed
-
-
-def _writer_pid(tmp: Path) -> int:
-    """The writer's pid in a temporary file's name ``.<name>.<pid>.<hex>.tmp`` (ValueError if none)."""
-    return int(tmp.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)[1])
