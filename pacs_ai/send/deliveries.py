@@ -407,10 +407,15 @@ class DeliveryProcessor:
             return
         objects = [outgoing_object(name, key, path) for key, path in missing.items()]
         stored: dict[str, dict[str, Any]] = {}
+        confirming = threading.Lock()  # side-by-side lanes confirm from two threads
 
         def confirmed(outcome: ObjectOutcome) -> None:
-            stored[outcome.key] = outcome.to_dict()
-            if len(objects) > 1:  # recorded at once: a crash before the others are confirmed resends only them
+            with confirming:
+                stored[outcome.key] = outcome.to_dict()
+                others_unconfirmed = len(stored) < len(objects)
+            # Recorded at once while others are unconfirmed (a crash then resends only those); the last
+            # one is recorded with the whole delivery.
+            if others_unconfirmed:
                 try:
                     self.jobs.record_stored_objects(delivery.id, self.owner, {outcome.key: outcome.to_dict()})
                 except PacsAiError as exc:  # e.g. the lease was lost: completing the delivery will say so
@@ -420,8 +425,7 @@ class DeliveryProcessor:
             if on_stored is not None:
                 on_stored(stored)
 
-        lanes = self.links.get(name) or []
-        lanes = lanes[: max(1, min(len(lanes), len(objects)))]
+        lanes = self.links[name][: len(objects)]
 
         def send(
             group: Sequence[OutgoingObject],
@@ -443,7 +447,7 @@ class DeliveryProcessor:
             )
 
         if len(lanes) <= 1 or self._side_lanes is None or name in self._one_association:
-            outcomes = send(objects, lanes[0] if lanes else None, all_stored)
+            outcomes = send(objects, lanes[0], all_stored)
         else:
             outcomes = self._send_side_by_side(name, objects, lanes, send)
             if all(o.stored for o in outcomes):
